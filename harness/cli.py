@@ -1,0 +1,121 @@
+"""The ``specwan`` command line.
+
+Each subcommand is an entry of :data:`COMMANDS`: a function that adds its arguments to a
+parser and a function that runs it with the parsed arguments and returns an exit status.
+Errors a user can fix print one line, ``specwan: error: ...``, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from harness.models import ModelFetchError
+from harness.pairs import DEFAULT_PAIR, PairError, check_vocabularies, ensure_pair, load_pair, pair_names
+
+PROG = "specwan"
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+class UsageError(RuntimeError):
+    """A command's input is wrong in a way argparse cannot see."""
+
+
+# ---- fetch ---------------------------------------------------------------------------------
+
+
+def _fetch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pair", default=DEFAULT_PAIR, help=f"pair name or YAML file (default: {DEFAULT_PAIR})")
+    p.add_argument("--home", default=None, help="cache root (default: $SPECWAN_HOME or the user cache dir)")
+    p.add_argument(
+        "--pip-args",
+        default=None,
+        help="extra pip arguments, e.g. '--no-index --find-links DIR' (added to $SPECWAN_PIP_ARGS)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    pair = load_pair(args.pair)
+    paths = ensure_pair(pair, home=args.home, pip_args=args.pip_args, progress=not args.quiet)
+    fingerprint = check_vocabularies(pair, paths)
+    for role, path in paths.items():
+        print(f"{role}: {path if path is not None else '(no file: ' + pair.roles()[role].engine + ' engine)'}")
+    if fingerprint is not None:
+        print(f"vocabulary: shared, fingerprint {fingerprint}")
+    else:
+        print("vocabulary: checked when the engines load")
+    return 0
+
+
+# ---- pairs ---------------------------------------------------------------------------------
+
+
+def _pairs_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    names = pair_names()
+    if not names:
+        raise UsageError("no pair files found (looked in conf/pair; set SPECWAN_CONF to the conf directory)")
+    width = max(len(n) for n in names)
+    for name in names:
+        try:
+            description = load_pair(name).description
+        except PairError as e:
+            description = f"(broken: {e})"
+        mark = " (default)" if name == DEFAULT_PAIR and "(default)" not in description else ""
+        print(f"{name:<{width}}  {description}{mark}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "fetch": Command("fetch and verify a pair's model files, and check their vocabularies", _fetch_args, _fetch),
+    "pairs": Command("list the draft/target pairs", _pairs_args, _pairs),
+}
+
+#: error types whose message is enough for the user: printed as one line, exit status 2
+USER_ERRORS: tuple[type[BaseException], ...] = (ModelFetchError, PairError, UsageError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Benchmarking suite for cloud-edge speculative decoding")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    errors = USER_ERRORS
+    try:
+        from systems.engines import EngineError
+
+        errors = (*errors, EngineError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return args._run(args)
+    except errors as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

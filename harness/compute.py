@@ -1,0 +1,55 @@
+"""Devices that run model work for a role: instantly, priced by a profile, or on a thread."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+from systems.api import Op
+
+T = TypeVar("T")
+
+
+class InstantCompute:
+    """Runs work at once and charges no time (conformance runs, no clock of interest)."""
+
+    async def run(self, op: Op, fn: Callable[[], T]) -> T:
+        result = fn()
+        await asyncio.sleep(0)
+        return result
+
+
+class ModelledCompute:
+    """Runs work at once, then advances the clock by its modelled cost (virtual time).
+
+    One device does one thing at a time: concurrent work queues on it.
+    """
+
+    def __init__(self, cost: Callable[[Op], float]):
+        self.cost = cost
+        self._lock: asyncio.Lock | None = None
+        self.busy = 0.0
+
+    async def run(self, op: Op, fn: Callable[[], T]) -> T:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            result = fn()
+            seconds = float(self.cost(op))
+            self.busy += seconds
+            await asyncio.sleep(seconds)
+            return result
+
+
+class ThreadCompute:
+    """Runs work on one worker thread so the event loop keeps serving the link (wall time)."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+
+    async def run(self, op: Op, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,127 @@
+"""Run a system in one process: a cloud policy, edge policies, an in-process link.
+
+This is the runner the conformance suite uses, and the core of virtual-time runs: the real
+engines compute real tokens, the link carries real encoded messages, and time is either
+virtual (devices and the link are priced by profiles) or the wall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from harness.clock import LoopClock, run
+from harness.compute import InstantCompute, ModelledCompute
+from harness.link import CloudEnd, LinkProfile
+from systems.api import CloudContext, Drafter, EdgeContext, GenerationRequest, Op, SystemSpec, get_system
+from systems.engines.base import Engine
+from systems.records import RequestRecord, RoundRecord
+
+
+class RequestRecorder:
+    """Collects one request's rounds and the time each output token was emitted."""
+
+    def __init__(self, clock: LoopClock):
+        self.clock = clock
+        self.rounds: list[RoundRecord] = []
+        self.token_times: list[float] = []
+        self.tokens: list[int] = []
+        self.on_round: Callable[[RoundRecord], None] | None = None
+
+    def round(self, record: RoundRecord) -> None:
+        self.rounds.append(record)
+        if self.on_round is not None:
+            self.on_round(record)
+
+    def emit(self, tokens: Sequence[int]) -> None:
+        now = self.clock.now()
+        self.tokens.extend(int(t) for t in tokens)
+        self.token_times.extend([now] * len(tokens))
+
+
+@dataclass
+class RunOptions:
+    """How to run: virtual time or wall, the link, device costs, clients, seeds."""
+
+    virtual: bool = True
+    link: LinkProfile = field(default_factory=LinkProfile)
+    edge_cost: Callable[[Op], float] | None = None  # None: model work costs no time
+    cloud_cost: Callable[[Op], float] | None = None
+    clients: int = 1  # edge devices running concurrently, each with its own link
+    q_dtype: str = "float32"
+    on_round: Callable[[RoundRecord], None] | None = None
+
+
+def run_system(
+    system: str | SystemSpec,
+    draft: Engine | None,
+    target: Engine | None,
+    requests: Sequence[GenerationRequest],
+    config: dict | None = None,
+    options: RunOptions | None = None,
+) -> list[RequestRecord]:
+    """Serve ``requests`` with a system in this process; returns one record per request."""
+    spec = get_system(system) if isinstance(system, str) else system
+    options = options or RunOptions()
+    cfg = spec.make_config(config)
+    return run(_serve(spec, cfg, draft, target, list(requests), options), options.virtual)
+
+
+def _compute(cost):
+    return InstantCompute() if cost is None else ModelledCompute(cost)
+
+
+async def _serve(spec: SystemSpec, cfg, draft, target, requests, options: RunOptions) -> list[RequestRecord]:
+    clock = LoopClock()
+    cloud_end = CloudEnd()
+    cloud_task = None
+    if spec.cloud_cls is not None:
+        cloud = spec.cloud_cls(cfg)
+        cloud_ctx = CloudContext(target, clock, _compute(options.cloud_cost), cloud_end)
+        cloud_task = asyncio.get_running_loop().create_task(cloud.serve(cloud_ctx))
+
+    records: dict[int, RequestRecord] = {}
+
+    async def client(index: int) -> None:
+        link = cloud_end.new_link(options.link)
+        compute = _compute(options.edge_cost)
+        policy = spec.edge_cls(cfg)
+        for i in range(index, len(requests), options.clients):
+            req = requests[i]
+            session = f"c{index}-{req.request_id}"
+            cloud_end.route(session, link)
+            recorder = RequestRecorder(clock)
+            recorder.on_round = options.on_round
+            rng = np.random.default_rng(req.seed)
+            drafter = Drafter(draft, req.sampling, rng, options.q_dtype) if draft is not None else None
+            ctx = EdgeContext(session, clock, compute, link.edge_end(session), recorder, drafter, rng)
+            start, up0, down0 = clock.now(), link.up.bytes, link.down.bytes
+            output = await policy.generate(req, ctx)
+            if output != recorder.tokens:
+                raise RuntimeError(f"{spec.name}: returned tokens differ from the emitted ones")
+            records[i] = RequestRecord(
+                request_id=req.request_id, system=spec.name, prompt_tokens=len(req.prompt),
+                output_tokens=output, start=start, end=clock.now(), token_times=recorder.token_times,
+                rounds=recorder.rounds, bytes_up=link.up.bytes - up0, bytes_down=link.down.bytes - down0,
+            )
+
+    clients = asyncio.gather(*(client(i) for i in range(min(options.clients, max(1, len(requests))))))
+    try:
+        if cloud_task is None:
+            await clients
+        else:
+            done, _ = await asyncio.wait({clients, cloud_task}, return_when=asyncio.FIRST_COMPLETED)
+            if cloud_task in done:
+                clients.cancel()
+                cloud_task.result()
+                raise RuntimeError(f"{spec.name}: the cloud policy stopped while requests were in flight")
+            clients.result()
+    finally:
+        if cloud_task is not None:
+            cloud_task.cancel()
+            await asyncio.gather(cloud_task, return_exceptions=True)
+    return [records[i] for i in range(len(requests))]
+

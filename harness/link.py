@@ -1,0 +1,116 @@
+"""The in-process link: real message encoding, modelled delay and rate, FIFO per direction.
+
+Messages are encoded to their wire bytes and decoded on the other side, so a policy can
+never pass objects by reference and every byte count is real. Delivery time per message is
+``start + bytes * 8 / rate + one_way_delay``, where ``start`` waits for the previous
+message in the same direction to finish serializing (one FIFO queue per direction). A
+profile with no delay and no rate limit delivers at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from systems.api import Envelope
+from systems.messages import Message, decode, encode
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """Delay and rate of a link; None rate means unlimited. Overhead is per-message framing."""
+
+    name: str = "instant"
+    rtt_s: float = 0.0
+    up_bps: float | None = None
+    down_bps: float | None = None
+    overhead_bytes: int = 0
+
+    def transfer_time(self, nbytes: int, direction: str) -> float:
+        """Seconds to deliver ``nbytes`` on an idle link in one direction."""
+        rate = self.up_bps if direction == "up" else self.down_bps
+        serialize = 0.0 if rate is None else (nbytes + self.overhead_bytes) * 8.0 / rate
+        return serialize + self.rtt_s / 2.0
+
+
+class _Direction:
+    def __init__(self, profile: LinkProfile, name: str):
+        self.profile, self.name = profile, name
+        self._free_at = 0.0
+        self.bytes = 0
+        self.messages = 0
+
+    def send(self, msg: Message, deliver) -> int:
+        loop = asyncio.get_running_loop()
+        data = encode(msg)
+        now = loop.time()
+        rate = self.profile.up_bps if self.name == "up" else self.profile.down_bps
+        start = max(now, self._free_at)
+        self._free_at = start + (0.0 if rate is None else (len(data) + self.profile.overhead_bytes) * 8.0 / rate)
+        arrive = self._free_at + self.profile.rtt_s / 2.0
+        self.bytes += len(data)
+        self.messages += 1
+
+        def land():
+            deliver(Envelope(decode(data), len(data), now, loop.time()))
+
+        if arrive <= now:
+            loop.call_soon(land)
+        else:
+            loop.call_at(arrive, land)
+        return len(data)
+
+
+class InProcessLink:
+    """One edge device's link to the cloud; many edge sessions may share it."""
+
+    def __init__(self, profile: LinkProfile, cloud_inbox: asyncio.Queue):
+        self.profile = profile
+        self.up = _Direction(profile, "up")
+        self.down = _Direction(profile, "down")
+        self._cloud_inbox = cloud_inbox
+        self._edge_inboxes: dict[str, asyncio.Queue] = {}
+
+    def edge_end(self, session: str) -> "EdgeEnd":
+        inbox: asyncio.Queue = asyncio.Queue()
+        self._edge_inboxes[session] = inbox
+        return EdgeEnd(self, session, inbox)
+
+    def deliver_down(self, env: Envelope) -> None:
+        inbox = self._edge_inboxes.get(env.msg.session)
+        if inbox is not None:
+            inbox.put_nowait(env)
+
+
+class EdgeEnd:
+    """The edge side of a session on an in-process link."""
+
+    def __init__(self, link: InProcessLink, session: str, inbox: asyncio.Queue):
+        self.link, self.session, self.inbox = link, session, inbox
+
+    async def send(self, msg: Message) -> int:
+        return self.link.up.send(msg, self.link._cloud_inbox.put_nowait)
+
+    async def recv(self) -> Envelope:
+        return await self.inbox.get()
+
+
+class CloudEnd:
+    """The cloud side: one inbox for every session, replies routed to the sender's link."""
+
+    def __init__(self):
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self._routes: dict[str, InProcessLink] = {}
+
+    def new_link(self, profile: LinkProfile) -> InProcessLink:
+        return InProcessLink(profile, self.inbox)
+
+    def route(self, session: str, link: InProcessLink) -> None:
+        self._routes[session] = link
+
+    async def send(self, msg: Message) -> int:
+        link = self._routes[msg.session]
+        return link.down.send(msg, link.deliver_down)
+
+    async def recv(self) -> Envelope:
+        return await self.inbox.get()

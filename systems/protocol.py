@@ -1,0 +1,465 @@
+"""Shared mechanics of speculative plug-ins: the edge session and the verifying server.
+
+These are not algorithms; they are the bookkeeping every system needs and must get right
+identically: which tokens are committed, which speculative tokens survive a verdict,
+what crossed the link, and the round records. A plug-in decides *when* to draft, upload,
+verify and (in the cloud) what to verify next; it calls these helpers to do it.
+
+Speculation beyond a pending verification (PipeSD's proactive tokens, PicoSpec's
+pre-drafts) follows one rule on both sides: tokens drafted on top of a pending window
+survive its verdict only if the verdict's token equals the first of them. Uploads name the
+window they were drafted on top of (``parent``), so the cloud drops them when it does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from systems.api import (
+    CloudContext,
+    CloudPolicy,
+    DraftToken,
+    EdgeContext,
+    Envelope,
+    GenerationRequest,
+    Op,
+    Verifier,
+    prefix_digest,
+    verify_batch,
+)
+from systems.messages import CloseSession, OpenSession, Upload, Verdict
+from systems.records import RoundRecord
+from systems.sampling import SamplingParams, resample_sparse
+
+
+class ProtocolError(RuntimeError):
+    """Edge and cloud disagree about the committed prefix, or a message is out of order."""
+
+
+def choose_rule(params: SamplingParams, verification: str) -> str:
+    """The acceptance rule for a sampling setting and a plug-in's verification mode.
+
+    ``verification`` is "full" (full draft distributions travel; rejection sampling) or
+    "sparse" (ids and q(x) scalars up, top-K down). Greedy decoding uses the greedy rule in
+    either case, since token ids are all it needs.
+    """
+    if verification not in ("full", "sparse"):
+        raise ValueError(f"verification must be 'full' or 'sparse', got {verification!r}")
+    if params.greedy:
+        return "greedy"
+    return "rejection" if verification == "full" else "sparse"
+
+
+@dataclass
+class _Window:
+    start: float | None = None
+    drafted: int = 0
+    uploaded: int = 0
+    n_uploads: int = 0
+    bytes_up: int = 0
+    t_draft: float = 0.0
+    t_last_sent: float | None = None
+
+
+class SpeculativeEdge:
+    """Edge-side session for one request: drafting, uploads, verdicts, emission, records."""
+
+    def __init__(self, ctx: EdgeContext, request: GenerationRequest, rule: str, sparse_k: int = 10):
+        if ctx.drafter is None or ctx.link is None:
+            raise ValueError("a speculative edge needs a drafter and a link")
+        self.ctx, self.request, self.rule, self.sparse_k = ctx, request, rule, sparse_k
+        self.drafter = ctx.drafter
+        self.output: list[int] = []
+        self.done = False
+        self.window = 0  # the verification window being drafted
+        self._windows: dict[int, _Window] = {0: _Window()}
+        self.in_flight: list[int] = []  # windows sent for verification, verdict pending
+        self._dead: set[int] = set()
+        self._fixed: list[int] = []  # decided tokens the cloud has not been told yet
+        self._sent_upto = 0  # absolute position after the last uploaded draft token
+        self._inbox: asyncio.Queue[Envelope] = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
+        stops = set(request.stop_ids) | set(self.drafter.engine.eos_token_ids)
+        self._stops = frozenset(stops)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def open(self) -> None:
+        req, p = self.request, self.request.sampling
+        msg = OpenSession(self.ctx.session, list(req.prompt), p.temperature, p.top_k, p.top_p,
+                          self.rule, self.sparse_k, req.seed)
+        await self.ctx.link.send(msg)
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self.drafter.start(req.prompt)
+        self._sent_upto = self.drafter.position
+        await self.ctx.compute.run(Op("prefill", len(req.prompt), 0), self.drafter.prefill)
+
+    async def close(self) -> None:
+        # Windows still awaiting verdicts (speculation past the end) are answered but unused.
+        while self.in_flight:
+            env = await self._next_envelope()
+            self.in_flight.pop(0)
+            self._record(env.msg, env, [], discarded=True)
+        await self.ctx.link.send(CloseSession(self.ctx.session))
+        if self._reader:
+            self._reader.cancel()
+        self.drafter.close()
+
+    async def _read(self) -> None:
+        while True:
+            await self._inbox.put(await self.ctx.link.recv())
+
+    async def _next_envelope(self) -> Envelope:
+        return await self._inbox.get()
+
+    # ---- drafting and uploads ------------------------------------------------------------
+    @property
+    def remaining(self) -> int:
+        """Tokens still allowed in the output."""
+        return self.request.max_new_tokens - len(self.output)
+
+    @property
+    def speculative(self) -> list[DraftToken]:
+        """Drafted tokens not yet settled by a verdict."""
+        return self.drafter.pending
+
+    @property
+    def unsent(self) -> int:
+        """Drafted tokens not yet uploaded."""
+        return self.drafter.position - self._sent_upto
+
+    def is_stop(self, token: int) -> bool:
+        return token in self._stops
+
+    async def draft(self) -> DraftToken:
+        """Draft one token on the edge device, charged to the current window."""
+        w = self._windows[self.window]
+        t0 = self.ctx.clock.now()
+        if w.start is None:
+            w.start = t0
+        d = await self.ctx.compute.run(Op("draft", 1, self.drafter.position), self.drafter.draft)
+        w.drafted += 1
+        w.t_draft += self.ctx.clock.now() - t0
+        return d
+
+    async def upload(self, n: int | None = None, verify: bool = False) -> int:
+        """Upload the next ``n`` drafted tokens (all unsent by default); returns bytes sent.
+
+        With ``verify`` the cloud verifies everything of this window it holds; the window is
+        closed and later drafting belongs to the next one.
+        """
+        n = self.unsent if n is None else n
+        if n < 0 or n > self.unsent:
+            raise ValueError(f"cannot upload {n} tokens: {self.unsent} drafted and unsent")
+        offset = len(self.drafter.pending) - self.unsent
+        drafts = self.drafter.pending[offset : offset + n]
+        fixed, self._fixed = self._fixed, []
+        msg = Upload(
+            self.ctx.session,
+            round=self.window,
+            start=self._sent_upto - len(fixed),
+            tokens=fixed + [d.token for d in drafts],
+            parent=self.in_flight[-1] if self.in_flight else -1,
+            n_fixed=len(fixed),
+            verify=verify,
+        )
+        if self.rule == "rejection":
+            msg.q_rows = np.stack([d.q for d in drafts]).astype(self.drafter.q_dtype) if drafts else None
+        elif self.rule == "sparse":
+            msg.q_token = [d.q_token for d in drafts]
+        nbytes = await self.ctx.link.send(msg)
+        self._sent_upto += n
+        w = self._windows[self.window]
+        if w.start is None:
+            w.start = self.ctx.clock.now()
+        w.uploaded += n
+        w.n_uploads += 1
+        w.bytes_up += nbytes
+        w.t_last_sent = self.ctx.clock.now()
+        if verify:
+            self.in_flight.append(self.window)
+            self.window += 1
+            self._windows[self.window] = _Window()
+        return nbytes
+
+    # ---- verdicts --------------------------------------------------------------------------
+    def verdict_ready(self) -> bool:
+        return not self._inbox.empty()
+
+    async def next_verdict(self) -> tuple[Verdict, Envelope]:
+        """The next verdict for a live window; stale answers for discarded ones are recorded."""
+        while True:
+            env = await self._next_envelope()
+            v = env.msg
+            if not isinstance(v, Verdict):
+                raise ProtocolError(f"expected a verdict, got {type(v).__name__}")
+            if not self.in_flight or v.round != self.in_flight[0]:
+                raise ProtocolError(f"verdict for window {v.round}, expected {self.in_flight[:1]}")
+            self.in_flight.pop(0)
+            if v.round in self._dead or v.stale:
+                self._record(v, env, [], discarded=True)
+                continue
+            return v, env
+
+    def apply(self, v: Verdict, env: Envelope) -> list[int]:
+        """Commit a verdict: emit its tokens, settle speculation, check agreement, record."""
+        token, resampled = v.token, False
+        if token is None:  # sparse rule, rejection: resample the correction here
+            q_row = self.drafter.pending[v.n_accepted].q
+            token = resample_sparse(v.topk_ids, v.topk_probs, q_row, self.ctx.rng)
+            resampled = True
+        accepted = [d.token for d in self.drafter.pending[: v.n_accepted]]
+        # A correction the edge resampled is unknown to the cloud, which has dropped what was
+        # drafted beyond it; so must the edge. The correction goes up as a fixed token.
+        survive = self.drafter.apply(v.base, v.n_accepted, token, keep_speculation=not resampled)
+        if resampled:
+            self._fixed = [token]
+        if not survive:
+            self._dead.update(self.in_flight)
+            self._sent_upto = self.drafter.position
+        emitted = []
+        for t in accepted + [token]:
+            if self.done:
+                break
+            emitted.append(t)
+            self.output.append(t)
+            if self.is_stop(t) or len(self.output) >= self.request.max_new_tokens:
+                self.done = True
+        self.ctx.recorder.emit(emitted)
+        edge_digest = prefix_digest(self.drafter.committed_tokens()[: v.committed])
+        self._record(v, env, emitted, edge_digest=edge_digest)
+        if v.digest and edge_digest != v.digest:
+            raise ProtocolError(
+                f"edge and cloud disagree on the committed prefix after window {v.round} "
+                f"(edge {edge_digest}, cloud {v.digest})"
+            )
+        return emitted
+
+    def _record(self, v: Verdict, env: Envelope, emitted: Sequence[int], edge_digest: str = "",
+                discarded: bool = False) -> None:
+        w = self._windows.pop(v.round)
+        now = self.ctx.clock.now()
+        accepted = 0 if discarded else v.n_accepted
+        self.ctx.recorder.round(RoundRecord(
+            request_id=self.request.request_id,
+            round=v.round,
+            start=w.start if w.start is not None else now,
+            end=now,
+            drafted=w.drafted,
+            uploaded=w.uploaded,
+            verified=0 if discarded else v.n_verified,
+            accepted=accepted,
+            emitted=len(emitted),
+            wasted=w.drafted - accepted,
+            n_uploads=w.n_uploads,
+            bytes_up=w.bytes_up,
+            bytes_down=env.nbytes,
+            t_draft=w.t_draft,
+            t_uplink=(v.t_arrived - w.t_last_sent) if w.t_last_sent is not None and v.t_arrived else None,
+            t_queue=v.t_queue,
+            t_verify=v.t_verify,
+            t_downlink=env.t_recv - env.t_sent,
+            batch_size=v.batch_size,
+            committed=self.drafter.committed,
+            edge_digest=edge_digest,
+            cloud_digest=v.digest,
+            extra={"discarded": True} if discarded else {},
+        ))
+
+
+# ---- the cloud ---------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    token: int
+    round: int
+    fixed: bool
+    q_token: float | None = None
+    q_row: np.ndarray | None = None
+
+
+@dataclass
+class CloudSession:
+    """Cloud state of one edge session: the verifier and the buffered uploads."""
+
+    name: str
+    verifier: Verifier
+    tokens: list[int]  # committed sequence as the event loop knows it
+    buffer: dict[int, _Entry] = field(default_factory=dict)
+    dead: set[int] = field(default_factory=set)  # windows discarded
+    killed: set[int] = field(default_factory=set)  # windows whose verdict voided what was drafted on top
+    closed: bool = False
+
+
+@dataclass
+class Job:
+    """Queued cloud work: a prefill or the verification of one window."""
+
+    kind: str
+    session: str
+    round: int = -1
+    end: int = 0
+    t_arrived: float = 0.0
+
+
+class VerifyingCloud(CloudPolicy):
+    """Generic verification server: buffers uploads, verifies windows in arrival order.
+
+    Scheduling is in :meth:`take_batch`; the default serves one job at a time, first come
+    first served. Batching or deadline-aware plug-ins override it.
+    """
+
+    async def serve(self, ctx: CloudContext) -> None:
+        self.ctx = ctx
+        self.sessions: dict[str, CloudSession] = {}
+        self.jobs: list[Job] = []
+        self._wake = asyncio.Event()
+        worker = asyncio.get_running_loop().create_task(self._work())
+        try:
+            while True:
+                env = await ctx.link.recv()
+                self.handle(env)
+                if worker.done():
+                    worker.result()
+        finally:
+            worker.cancel()
+
+    def take_batch(self) -> list[Job]:
+        """Pick the jobs for the next forward pass; default FCFS, one job."""
+        return [self.jobs.pop(0)]
+
+    # ---- arrivals (event loop only: never touches the model) ----------------------------
+    def handle(self, env: Envelope) -> None:
+        msg = env.msg
+        if isinstance(msg, OpenSession):
+            params = SamplingParams(msg.temperature, msg.top_k, msg.top_p)
+            verifier = Verifier(self.ctx.engine, params, np.random.default_rng(msg.seed + 1), msg.rule, msg.sparse_k)
+            verifier.start(msg.prompt)
+            self.sessions[msg.session] = CloudSession(msg.session, verifier, list(msg.prompt))
+            self._enqueue(Job("prefill", msg.session, t_arrived=env.t_recv))
+        elif isinstance(msg, Upload):
+            self._buffer(self.sessions[msg.session], msg)
+            if msg.verify:
+                self._enqueue(Job("verify", msg.session, msg.round, msg.start + len(msg.tokens), env.t_recv))
+        elif isinstance(msg, CloseSession):
+            sess = self.sessions.pop(msg.session, None)
+            if sess is not None:
+                sess.closed = True
+                sess.verifier.close()
+        else:
+            raise ProtocolError(f"unexpected message {type(msg).__name__} at the verifier")
+
+    def _enqueue(self, job: Job) -> None:
+        self.jobs.append(job)
+        self._wake.set()
+
+    def _buffer(self, sess: CloudSession, msg: Upload) -> None:
+        if msg.parent in sess.killed or msg.parent in sess.dead or msg.round in sess.dead:
+            sess.dead.add(msg.round)
+            return
+        committed = len(sess.tokens)
+        for i, tok in enumerate(msg.tokens):
+            pos = msg.start + i
+            fixed = i < msg.n_fixed
+            if pos < committed:
+                if tok != sess.tokens[pos]:  # drafted on a prefix the verdict replaced
+                    sess.dead.add(msg.round)
+                    self._drop_from(sess, pos)
+                    return
+                continue
+            j = i - msg.n_fixed
+            sess.buffer[pos] = _Entry(
+                tok, msg.round, fixed,
+                q_token=None if fixed or msg.q_token is None else float(msg.q_token[j]),
+                q_row=None if fixed or msg.q_rows is None else msg.q_rows[j],
+            )
+
+    def _drop_from(self, sess: CloudSession, pos: int) -> None:
+        for p in [p for p in sess.buffer if p >= pos]:
+            sess.dead.add(sess.buffer.pop(p).round)
+
+    # ---- the worker ----------------------------------------------------------------------
+    async def _work(self) -> None:
+        while True:
+            while not self.jobs:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = self.take_batch()
+            await self.run_batch(batch)
+
+    async def run_batch(self, batch: Sequence[Job]) -> None:
+        for job in [j for j in batch if j.kind == "prefill"]:
+            sess = self.sessions.get(job.session)
+            if sess is not None:
+                await self.ctx.compute.run(Op("prefill", len(sess.tokens), 0), sess.verifier.prefill)
+        items, ready = [], []
+        for job in [j for j in batch if j.kind == "verify"]:
+            sess = self.sessions.get(job.session)
+            if sess is None:
+                continue
+            block = self._block(sess, job)
+            if block is None:
+                await self._send(sess, job, Verdict(sess.name, job.round, len(sess.tokens), 0, 0, None,
+                                                    stale=True, committed=len(sess.tokens), t_arrived=job.t_arrived))
+                continue
+            tokens, q_token, q_rows = block
+            items.append((sess.verifier, tokens, q_token, q_rows))
+            ready.append((sess, job, len(sess.tokens), tokens))
+        if not items:
+            return
+        t0 = self.ctx.clock.now()
+        context = sum(len(s.tokens) for s, *_ in ready)
+        op = Op("verify", max(len(t) for *_, t in ready), context, batch=len(items))
+        outcomes = await self.ctx.compute.run(op, lambda: verify_batch(items))
+        t_verify = self.ctx.clock.now() - t0
+        for (sess, job, base, tokens), out in zip(ready, outcomes):
+            self._commit(sess, job, base, tokens, out)
+            await self._send(sess, job, Verdict(
+                sess.name, job.round, base, len(tokens), out.n_accepted, out.token,
+                list(out.topk_ids), list(out.topk_probs), committed=len(sess.tokens),
+                digest=prefix_digest(sess.tokens), t_arrived=job.t_arrived,
+                t_queue=t0 - job.t_arrived, t_verify=t_verify, batch_size=len(items)))
+
+    def _block(self, sess: CloudSession, job: Job):
+        """The draft tokens a verification job covers, or None if its window was discarded."""
+        if job.round in sess.dead:
+            return None
+        pos = len(sess.tokens)
+        while pos in sess.buffer and sess.buffer[pos].fixed:  # corrections decided by the edge
+            entry = sess.buffer.pop(pos)
+            sess.verifier.append([entry.token])
+            sess.tokens.append(entry.token)
+            pos += 1
+        if job.end < pos:
+            return None
+        entries = [sess.buffer.get(p) for p in range(pos, job.end)]
+        if any(e is None or e.round != job.round or e.fixed for e in entries):
+            return None
+        tokens = [e.token for e in entries]
+        q_token = [e.q_token for e in entries]
+        q_rows = np.stack([e.q_row for e in entries]) if entries and entries[0].q_row is not None else None
+        return tokens, q_token, q_rows
+
+    def _commit(self, sess: CloudSession, job: Job, base: int, tokens: Sequence[int], out) -> None:
+        for p in range(base, base + len(tokens)):
+            sess.buffer.pop(p, None)
+        sess.tokens[base:] = list(tokens[: out.n_accepted])
+        pos = base + out.n_accepted
+        if out.token is not None:
+            sess.tokens.append(out.token)
+        if out.n_accepted < len(tokens) or out.token is None:
+            # Rejection: whatever was drafted on top of this window is void.
+            sess.killed.add(job.round)
+            self._drop_from(sess, pos)
+            return
+        entry = sess.buffer.pop(pos, None)
+        if entry is not None and entry.token != out.token:
+            sess.killed.add(job.round)
+            sess.dead.add(entry.round)
+            self._drop_from(sess, pos)
+
+    async def _send(self, sess: CloudSession, job: Job, verdict: Verdict) -> None:
+        if not sess.closed:
+            await self.ctx.link.send(verdict)
