@@ -63,5 +63,15 @@ def run(coro, virtual: bool):
     try:
         return loop.run_until_complete(coro)
     finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
+        _cancel_all(loop)
         loop.close()
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is left (after an error) so no task outlives its loop."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())

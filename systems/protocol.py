@@ -77,10 +77,11 @@ class SpeculativeEdge:
         self.done = False
         self.window = 0  # the verification window being drafted
         self._windows: dict[int, _Window] = {0: _Window()}
-        self.in_flight: list[int] = []  # windows sent for verification, verdict pending
+        self._in_flight: list[int] = []  # windows sent for verification, verdict pending
         self._dead: set[int] = set()
         self._fixed: list[int] = []  # decided tokens the cloud has not been told yet
         self._sent_upto = 0  # absolute position after the last uploaded draft token
+        self._in_window = 0  # tokens uploaded in the open window
         self._inbox: asyncio.Queue[Envelope] = asyncio.Queue()
         self._reader: asyncio.Task | None = None
         stops = set(request.stop_ids) | set(self.drafter.engine.eos_token_ids)
@@ -99,9 +100,9 @@ class SpeculativeEdge:
 
     async def close(self) -> None:
         # Windows still awaiting verdicts (speculation past the end) are answered but unused.
-        while self.in_flight:
+        while self._in_flight:
             env = await self._next_envelope()
-            self.in_flight.pop(0)
+            self._in_flight.pop(0)
             self._record(env.msg, env, [], discarded=True)
         await self.ctx.link.send(CloseSession(self.ctx.session))
         if self._reader:
@@ -130,6 +131,16 @@ class SpeculativeEdge:
     def unsent(self) -> int:
         """Drafted tokens not yet uploaded."""
         return self.drafter.position - self._sent_upto
+
+    @property
+    def awaiting(self) -> list[int]:
+        """Windows sent for verification whose verdict is pending and still matters."""
+        return [r for r in self._in_flight if r not in self._dead]
+
+    @property
+    def window_size(self) -> int:
+        """Draft tokens in the open window (uploaded or not)."""
+        return self._in_window + self.unsent
 
     def is_stop(self, token: int) -> bool:
         return token in self._stops
@@ -162,7 +173,7 @@ class SpeculativeEdge:
             round=self.window,
             start=self._sent_upto - len(fixed),
             tokens=fixed + [d.token for d in drafts],
-            parent=self.in_flight[-1] if self.in_flight else -1,
+            parent=self.awaiting[-1] if self.awaiting else -1,
             n_fixed=len(fixed),
             verify=verify,
         )
@@ -172,6 +183,7 @@ class SpeculativeEdge:
             msg.q_token = [d.q_token for d in drafts]
         nbytes = await self.ctx.link.send(msg)
         self._sent_upto += n
+        self._in_window += n
         w = self._windows[self.window]
         if w.start is None:
             w.start = self.ctx.clock.now()
@@ -180,9 +192,10 @@ class SpeculativeEdge:
         w.bytes_up += nbytes
         w.t_last_sent = self.ctx.clock.now()
         if verify:
-            self.in_flight.append(self.window)
+            self._in_flight.append(self.window)
             self.window += 1
             self._windows[self.window] = _Window()
+            self._in_window = 0
         return nbytes
 
     # ---- verdicts --------------------------------------------------------------------------
@@ -191,14 +204,16 @@ class SpeculativeEdge:
 
     async def next_verdict(self) -> tuple[Verdict, Envelope]:
         """The next verdict for a live window; stale answers for discarded ones are recorded."""
+        if not self.awaiting:
+            raise ProtocolError("no verification is pending: upload with verify=True first")
         while True:
             env = await self._next_envelope()
             v = env.msg
             if not isinstance(v, Verdict):
                 raise ProtocolError(f"expected a verdict, got {type(v).__name__}")
-            if not self.in_flight or v.round != self.in_flight[0]:
-                raise ProtocolError(f"verdict for window {v.round}, expected {self.in_flight[:1]}")
-            self.in_flight.pop(0)
+            if not self._in_flight or v.round != self._in_flight[0]:
+                raise ProtocolError(f"verdict for window {v.round}, expected {self._in_flight[:1]}")
+            self._in_flight.pop(0)
             if v.round in self._dead or v.stale:
                 self._record(v, env, [], discarded=True)
                 continue
@@ -218,8 +233,9 @@ class SpeculativeEdge:
         if resampled:
             self._fixed = [token]
         if not survive:
-            self._dead.update(self.in_flight)
+            self._dead.update(self._in_flight)
             self._sent_upto = self.drafter.position
+            self._restart_window()
         emitted = []
         for t in accepted + [token]:
             if self.done:
@@ -237,6 +253,14 @@ class SpeculativeEdge:
                 f"(edge {edge_digest}, cloud {v.digest})"
             )
         return emitted
+
+    def _restart_window(self) -> None:
+        """After a discard the open window's uploads are void at the cloud: continue in a
+        fresh window id, carrying the work already spent (it shows up as waste)."""
+        old = self._windows.pop(self.window)
+        self.window += 1
+        self._windows[self.window] = _Window(old.start, old.drafted, 0, old.n_uploads, old.bytes_up, old.t_draft)
+        self._in_window = 0
 
     def _record(self, v: Verdict, env: Envelope, emitted: Sequence[int], edge_digest: str = "",
                 discarded: bool = False) -> None:

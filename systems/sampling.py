@@ -69,7 +69,8 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     if params.top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
         cum = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cum, params.top_p * cum[-1])) + 1]
+        # the smallest set whose mass reaches top_p (a hair of tolerance for float round-off)
+        keep = order[: int(np.searchsorted(cum, params.top_p * cum[-1] - 1e-12)) + 1]
         mask = np.zeros_like(probs, dtype=bool)
         mask[keep] = True
         probs = np.where(mask, probs, 0.0)

