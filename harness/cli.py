@@ -78,9 +78,22 @@ def _pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from harness import bench
+
+    bench.add_arguments(p)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from harness import bench
+
+    return bench.run(args)
+
+
 COMMANDS: dict[str, Command] = {
     "fetch": Command("fetch and verify a pair's model files, and check their vocabularies", _fetch_args, _fetch),
     "pairs": Command("list the draft/target pairs", _pairs_args, _pairs),
+    "bench": Command("run every system on a pair over a few prompts and compare", _bench_args, _bench),
 }
 
 #: error types whose message is enough for the user: printed as one line, exit status 2
@@ -102,9 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     errors = USER_ERRORS
     try:
+        from systems.api import UnknownSystemError
         from systems.engines import EngineError
 
-        errors = (*errors, EngineError)
+        errors = (*errors, EngineError, UnknownSystemError)
     except ImportError:  # pragma: no cover
         pass
     try:

@@ -151,15 +151,23 @@ class DraftToken:
     """A drafted token with its draft-side information.
 
     ``q`` is the processed draft distribution the token was sampled from (kept on the edge;
-    uploaded only when the acceptance rule needs it), ``q_token`` = q(token), ``confidence``
-    the largest softmax probability at temperature 1, ``logits`` the raw row.
+    uploaded only when the acceptance rule needs it); under greedy decoding it is one-hot
+    and left as None to spare a vocabulary-sized vector per token. ``q_token`` = q(token);
+    ``logits`` the raw row; :attr:`confidence` the largest softmax probability at
+    temperature 1, computed on first use.
     """
 
     token: int
     q_token: float
-    confidence: float
-    q: np.ndarray
+    q: np.ndarray | None
     logits: np.ndarray
+    _confidence: float | None = field(default=None, repr=False)
+
+    @property
+    def confidence(self) -> float:
+        if self._confidence is None:
+            self._confidence = confidence(self.logits)
+        return self._confidence
 
 
 def prefix_digest(tokens: Sequence[int]) -> str:
@@ -199,16 +207,17 @@ class Drafter:
 
     def draft(self) -> DraftToken:
         logits = self.session.next_logits()
-        q = probabilities(logits, self.params)
         if self.params.greedy:
-            token = int(np.argmax(q))
+            token, q, q_token = int(np.argmax(logits)), None, 1.0
         else:
+            q = probabilities(logits, self.params)
             if self.q_dtype != np.float64:
                 q = q.astype(self.q_dtype).astype(np.float64)
                 q /= q.sum()
             token = sample(q, self.rng)
+            q_token = float(q[token])
         self.session.extend([token])
-        d = DraftToken(token, float(q[token]), confidence(logits), q, logits)
+        d = DraftToken(token, q_token, q, logits)
         self.pending.append(d)
         return d
 

@@ -20,3 +20,19 @@ def draft_model_path(default_pair_paths) -> Path:
 @pytest.fixture(scope="session")
 def target_model_path(default_pair_paths) -> Path:
     return default_pair_paths["target"]
+
+
+_REPORT: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report():
+    """Figures a test measures and reports (acceptance, gaps): printed after the run."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT:
+        terminalreporter.section("measured figures")
+        for line in _REPORT:
+            terminalreporter.write_line(line)

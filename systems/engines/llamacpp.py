@@ -16,8 +16,10 @@ Not thread-safe: one engine is driven from one thread at a time.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +28,9 @@ import numpy as np
 from systems.engines.base import Engine, EngineError, EngineInfo, fingerprint_vocabulary
 
 try:
+    import jinja2.ext  # installed with llama-cpp-python
     import llama_cpp
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise EngineError("the llamacpp engine needs llama-cpp-python (pip install llama-cpp-python)") from exc
 
@@ -72,7 +76,9 @@ class LlamaCppEngine(Engine):
     ``kv_unified=True`` all sequences share one buffer, any mix of sequences decodes as one
     micro-batch, and a sequence may use any free cell. We use the unified buffer with
     ``n_ctx * n_seq_max`` cells, so every session can always reach ``n_ctx`` tokens (the
-    per-session limit is enforced here), and scoring several sessions is truly one pass.
+    per-session limit is enforced here), and scoring several sessions is truly one pass. The
+    price: attention scans the cells of every open session (masked), so it grows with the
+    total context in use rather than the session's own. ``kv_unified=False`` is available.
     """
 
     def __init__(
@@ -213,15 +219,15 @@ class LlamaCppEngine(Engine):
         if self._chat_template is None:
             return super().apply_chat_template(messages, add_generation_prompt)
         if self._jinja is None:
-            import json
-
-            import jinja2.ext
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
             env = ImmutableSandboxedEnvironment(
                 trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
             )
-            env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+
+            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+                return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+            env.filters["tojson"] = tojson
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self._jinja = env.from_string(self._chat_template)
 
         def raise_exception(message: str):
