@@ -22,7 +22,7 @@ from workloads.smoke import SMOKE_PROMPTS
 
 pytestmark = pytest.mark.slow
 NEAR_TIE = 0.5
-MAX_NEW = 48
+MAX_NEW = 40
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,9 @@ def _requests(engine, n, max_new):
 
 def _divergences(target, prompt, output):
     """Positions where ``output`` differs from the target's sequential greedy choice given the
-    same prefix (one token per forward pass), with the top-2 logit gap there."""
+    same prefix (one token per forward pass), with the top-2 logit gap there. With none, the
+    output *is* the target's sequential greedy decode (it ends where that decode ends: at
+    EOS, which is its own greedy choice, or at the limit)."""
     session = target.new_session()
     try:
         logits = session.prefill(list(prompt))
@@ -62,15 +64,16 @@ def _divergences(target, prompt, output):
 
 def test_vanilla_on_llamacpp_pair_differs_only_at_near_ties(llama_pair, report):
     draft, target = llama_pair
-    reqs = _requests(target, len(SMOKE_PROMPTS), MAX_NEW)
+    reqs = _requests(target, 4, MAX_NEW)
     records = run_system("vanilla", draft, target, reqs, {"gamma": 4})
     identical, divergent = 0, []
     for req, rec in zip(reqs, records):
         assert 0 < rec.n_tokens <= MAX_NEW
-        reference, _ = greedy_decode(target, req.prompt, MAX_NEW)
-        first = next((i for i, (a, b) in enumerate(zip(rec.output_tokens, reference)) if a != b), None)
-        identical += first is None and rec.output_tokens == reference
-        for pos, gap in _divergences(target, req.prompt, rec.output_tokens):
+        ends_early = rec.n_tokens < MAX_NEW
+        assert not ends_early or rec.output_tokens[-1] in target.eos_token_ids, "stopped before the limit without EOS"
+        found = _divergences(target, req.prompt, rec.output_tokens)
+        identical += not found
+        for pos, gap in found:
             divergent.append((req.request_id, pos, gap))
             assert gap <= NEAR_TIE, (f"{req.request_id}: speculative token at {pos} is not the target's choice "
                                      f"and the top-2 gap there is {gap:.3f} > {NEAR_TIE}")

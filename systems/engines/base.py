@@ -114,19 +114,19 @@ class Engine(ABC):
             if not session.tokens and block:
                 raise EngineError("the session is empty: prefill a prompt before scoring a block")
             cached = session._last_logits if session._n_eval == len(session.tokens) else None
-            session.tokens.extend(block)
-            pending = session.tokens[session._n_eval :]
+            pending = session.tokens[session._n_eval :] + block
             if not pending:
                 raise EngineError("nothing to score: the session is empty; prefill a prompt first")
             # row 0 comes from the cache when the context was fully evaluated before.
-            n_logits = len(block) + (0 if cached is not None else 1)
-            n_logits = min(n_logits, len(pending))
-            plans.append((session, pending, n_logits, cached))
-        outs = self._forward([(s._state, s._n_eval, p, n) for s, p, n, _ in plans])
+            n_logits = min(len(block) + (0 if cached is not None else 1), len(pending))
+            plans.append((session, block, pending, n_logits, cached))
+        # The sessions change only after the backend succeeded, so a failure leaves them as they were.
+        outs = self._forward([(s._state, s._n_eval, p, n) for s, _, p, n, _ in plans])
         results = []
-        for (session, pending, n_logits, cached), logits in zip(plans, outs):
+        for (session, block, pending, n_logits, cached), logits in zip(plans, outs):
             if logits.shape[0] != n_logits:
                 raise EngineError(f"backend returned {logits.shape[0]} logit rows, expected {n_logits}")
+            session.tokens.extend(block)
             session._n_eval += len(pending)
             session._last_logits = logits[-1]
             if cached is not None:
