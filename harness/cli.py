@@ -93,6 +93,8 @@ def _bench(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "fetch": Command("fetch and verify a pair's model files, and check their vocabularies", _fetch_args, _fetch),
     "pairs": Command("list the draft/target pairs", _pairs_args, _pairs),
+    "run": Command("run an experiment from the Hydra config (specwan run system=vanilla network=lan ...)",
+                   lambda p: p.add_argument("overrides", nargs="*"), lambda a: 0),
     "bench": Command("run every system on a pair over a few prompts and compare", _bench_args, _bench),
 }
 
@@ -111,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        # Hydra owns the command line of `run` (overrides, -m, --help, --cfg ...).
+        from harness import run
+
+        sys.argv = [f"{PROG} run", *argv[1:]]
+        run.main()
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     errors = USER_ERRORS

@@ -23,7 +23,7 @@ import hashlib
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 
@@ -442,9 +442,3 @@ def _fits(value, base) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, base)
 
-
-async def timed(clock: Clock, awaitable: Awaitable[T]) -> tuple[T, float]:
-    """Await and return (result, seconds elapsed on ``clock``)."""
-    t0 = clock.now()
-    result = await awaitable
-    return result, clock.now() - t0

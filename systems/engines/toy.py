@@ -79,16 +79,17 @@ class ToyEngine(Engine):
         self._cache[key] = out
         return out
 
-    # ---- tokenizer: "<t3><t1>" <-> [3, 1] ----------------------------------------
+    # ---- tokenizer: "<t3><t1>" <-> [3, 1]; other text maps byte-wise ----------------
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """Ids from "<t3><t1>" notation; any other text maps each UTF-8 byte to an id in
+        1..V-1 (never EOS), so dry runs can feed real prompts to the toy model."""
         parts = [p for p in text.replace(">", "> ").split() if p]
-        try:
+        if parts and all(p.startswith("<t") and p.endswith(">") and p[2:-1].isdigit() for p in parts):
             ids = [int(p[2:-1]) for p in parts]
-        except ValueError as exc:
-            raise EngineError(f"toy text must look like '<t3><t1>', got {text!r}") from exc
-        if any(not 0 <= i < self.info.vocab_size for i in ids):
-            raise EngineError(f"toy token id out of range 0..{self.info.vocab_size - 1} in {text!r}")
-        return ids
+            if any(not 0 <= i < self.info.vocab_size for i in ids):
+                raise EngineError(f"toy token id out of range 0..{self.info.vocab_size - 1} in {text!r}")
+            return ids
+        return [1 + b % (self.info.vocab_size - 1) for b in text.encode("utf-8")]
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return "".join(f"<t{int(t)}>" for t in tokens)

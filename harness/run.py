@@ -1,0 +1,149 @@
+"""The Hydra entry point: ``specwan run key=value ...`` (= ``python -m harness.run ...``).
+
+Composes ``conf/config.yaml`` with its groups (system, pair, network, device, workload),
+checks every choice before any model loads, runs the workload, and prints a summary.
+Multirun (``-m system=vanilla,cloud_only network=lan,slow_wan``) runs one job per
+combination; ``hydra/launcher=joblib`` runs them in parallel worker processes.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from harness.link import LinkProfile
+from harness.profiles import RoleProfile, role_profile
+from systems.api import GenerationRequest, SystemSpec, get_system
+from systems.sampling import SamplingParams
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+MODES = ("virtual", "wall")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, checked before any model is loaded."""
+
+    system: SystemSpec
+    system_config: object
+    pair: object
+    link: LinkProfile
+    edge: RoleProfile
+    cloud: RoleProfile
+    mode: str
+    sampling: SamplingParams
+
+
+def network_profile(node) -> LinkProfile:
+    """A link profile from a ``network`` config node (rates in Mbit/s, RTT in ms)."""
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    allowed = {"name", "rtt_ms", "up_mbps", "down_mbps", "overhead_bytes", "source"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"network: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
+    for key in ("rtt_ms", "up_mbps", "down_mbps"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+            raise ConfigError(f"network.{key} must be a non-negative number (or null for unlimited), got {value!r}")
+
+    def bps(mbps):
+        return None if mbps is None else float(mbps) * 1e6
+
+    return LinkProfile(str(data.get("name", "network")), float(data.get("rtt_ms") or 0.0) / 1e3,
+                       bps(data.get("up_mbps")), bps(data.get("down_mbps")), int(data.get("overhead_bytes") or 0))
+
+
+def system_params(cfg: DictConfig) -> dict:
+    params = cfg.system.get("params")
+    return {} if params is None else OmegaConf.to_container(params, resolve=True)
+
+
+def make_plan(cfg: DictConfig) -> Plan:
+    """Validate a composed config into a :class:`Plan`; every error names its key."""
+    from harness.pairs import pair_from_mapping
+
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens!r}")
+    if not isinstance(cfg.temperature, (int, float)) or cfg.temperature < 0:
+        raise ConfigError(f"temperature must be a number >= 0, got {cfg.temperature!r}")
+    system = get_system(cfg.system.name)
+    params = system_params(cfg)
+    try:
+        system_config = system.make_config(params)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc).replace(f"system={system.name}", f"system.params ({system.name})")) from exc
+    pair = pair_from_mapping(OmegaConf.to_container(cfg.pair, resolve=True), origin="pair (config)")
+    device = OmegaConf.to_container(cfg.device, resolve=True)
+    try:
+        edge, cloud = role_profile(device["edge"]), role_profile(device["cloud"])
+    except KeyError as exc:
+        raise ConfigError(f"device: missing the {exc.args[0]!r} profile") from exc
+    except ValueError as exc:
+        raise ConfigError(f"device: {exc}") from exc
+    return Plan(system, system_config, pair, network_profile(cfg.network), edge, cloud, cfg.mode,
+                SamplingParams(temperature=float(cfg.temperature)))
+
+
+def build_requests(cfg: DictConfig, target) -> list[GenerationRequest]:
+    """The workload's prompts as requests, rendered with the target's chat template."""
+    from workloads.smoke import SMOKE_PROMPTS
+
+    workload = cfg.workload
+    if workload.name != "smoke":
+        raise ConfigError(f"workload {workload.name!r} is not available yet; use workload=smoke")
+    prompts = SMOKE_PROMPTS[: int(workload.get("size") or len(SMOKE_PROMPTS))]
+    requests = []
+    for i, p in enumerate(prompts):
+        text = target.apply_chat_template([{"role": "user", "content": p["turns"][0]}]) \
+            if workload.get("chat_template", True) else p["turns"][0]
+        requests.append(GenerationRequest(p["id"], target.tokenize(text), int(cfg.max_new_tokens),
+                                          SamplingParams(temperature=float(cfg.temperature)), seed=int(cfg.seed) + i))
+    return requests
+
+
+def execute(cfg: DictConfig) -> list:
+    """Run one configuration: plan, load the pair, serve the workload, print the summary."""
+    from harness.inprocess import RunOptions, run_system
+    from harness.pairs import ensure_pair, open_engines
+
+    plan = make_plan(cfg)
+    if plan.mode == "wall":
+        raise ConfigError("mode=wall is not available in this version; use mode=virtual")
+    paths = ensure_pair(plan.pair)
+    draft, target = open_engines(plan.pair, paths)
+    requests = build_requests(cfg, target)
+    options = RunOptions(virtual=True, link=plan.link, edge_cost=plan.edge.cost, cloud_cost=plan.cloud.cost)
+    records = run_system(plan.system, draft, target, requests, system_params(cfg), options)
+    tokens = sum(r.n_tokens for r in records)
+    seconds = sum(r.e2e for r in records)
+    verified = sum(sum(x.verified for x in r.rounds) for r in records)
+    accepted = sum(r.accepted for r in records)
+    print(f"{plan.system.name} on {plan.link.name} ({plan.mode} time; edge {plan.edge.name} [{plan.edge.kind}], "
+          f"cloud {plan.cloud.name} [{plan.cloud.kind}]): {tokens} tokens, "
+          f"{1e3 * seconds / max(1, tokens):.1f} ms/token (modelled), "
+          f"acceptance {accepted / verified:.3f}" if verified else
+          f"{plan.system.name} on {plan.link.name}: {tokens} tokens, {1e3 * seconds / max(1, tokens):.1f} ms/token (modelled)")
+    return records
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        execute(cfg)
+    except ConfigError as exc:
+        print(f"specwan run: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The Hydra app: config errors are caught and named before any model loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+
+from harness.run import CONF_DIR, ConfigError, make_plan
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_default_config_plans():
+    plan = make_plan(_compose())
+    assert plan.system.name == "vanilla" and plan.mode == "virtual"
+    assert plan.edge.kind in ("declared", "measured") and plan.cloud.cost
+    assert plan.link.name == "loopback"
+
+
+@pytest.mark.parametrize("system", ["vanilla", "edge_only", "cloud_only"])
+@pytest.mark.parametrize("network", ["loopback", "lan", "wan_50ms_10mbit", "slow_wan", "pipesd_s1"])
+def test_every_shipped_option_plans(system, network):
+    plan = make_plan(_compose(f"system={system}", f"network={network}"))
+    assert plan.system.name == system and plan.link.name == network
+
+
+def test_unknown_group_option_lists_the_valid_ones():
+    with pytest.raises(MissingConfigException) as err:
+        _compose("system=vanila")
+    assert "vanilla" in str(err.value) and "cloud_only" in str(err.value)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("system.params.gamma=four", "gamma"),
+    ("+system.params.gammma=4", "gammma"),
+    ("mode=fast", "mode"),
+    ("max_new_tokens=0", "max_new_tokens"),
+    ("network.rtt_ms=-5", "network.rtt_ms"),
+    ("device.edge.step_s=-1", "step_s"),
+])
+def test_wrong_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        make_plan(_compose(override))
+
+
+def test_cli_reports_a_config_error_in_one_line():
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "run", "pair=toy", "system.params.gamma=x"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "system.params (vanilla): key 'gamma' must be int" in out.stderr
+
+
+def test_virtual_run_on_the_toy_pair(capsys):
+    from harness.run import execute
+
+    records = execute(_compose("pair=toy", "network=wan_50ms_10mbit", "workload.chat_template=false",
+                               "workload.size=2", "max_new_tokens=16"))
+    assert len(records) == 2 and all(r.n_tokens > 0 for r in records)
+    assert "ms/token (modelled)" in capsys.readouterr().out
