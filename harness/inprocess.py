@@ -16,7 +16,18 @@ import numpy as np
 from harness.clock import LoopClock, run
 from harness.compute import InstantCompute, ModelledCompute
 from harness.link import CloudEnd, LinkProfile
-from systems.api import CloudContext, Drafter, EdgeContext, GenerationRequest, Op, SystemSpec, get_system
+from systems.api import (
+    CloudContext,
+    Compute,
+    Drafter,
+    EdgeContext,
+    EdgeLink,
+    EdgePolicy,
+    GenerationRequest,
+    Op,
+    SystemSpec,
+    get_system,
+)
 from systems.engines.base import Engine
 from systems.records import RequestRecord, RoundRecord
 
@@ -70,6 +81,45 @@ def run_system(
     return run(_serve(spec, cfg, draft, target, list(requests), options), options.virtual)
 
 
+async def serve_request(
+    spec: SystemSpec,
+    policy: EdgePolicy,
+    req: GenerationRequest,
+    *,
+    session: str,
+    clock: LoopClock,
+    compute: Compute,
+    link: EdgeLink | None,
+    draft: Engine | None,
+    recorder: RequestRecorder | None = None,
+    q_dtype: str = "float32",
+    traffic: Callable[[], tuple[int, int]] | None = None,
+) -> RequestRecord:
+    """Serve one request with an edge device's policy; its record.
+
+    The per-request part of every edge device, shared by the in-process runner and the
+    wall-mode edge client (:mod:`harness.edge_client`): a drafter seeded by the request, the
+    policy's context, and the record. ``traffic()`` gives the device link's (bytes up, bytes
+    down) so far; the record holds what this request added. Pass ``recorder`` to keep hold of
+    what was emitted if the request fails.
+    """
+    recorder = recorder if recorder is not None else RequestRecorder(clock)
+    rng = np.random.default_rng(req.seed)
+    drafter = Drafter(draft, req.sampling, rng, q_dtype) if draft is not None else None
+    ctx = EdgeContext(session, clock, compute, link, recorder, drafter, rng)
+    traffic = traffic or (lambda: (0, 0))
+    start, (up0, down0) = clock.now(), traffic()
+    output = await policy.generate(req, ctx)
+    if output != recorder.tokens:
+        raise RuntimeError(f"{spec.name}: returned tokens differ from the emitted ones")
+    up1, down1 = traffic()
+    return RequestRecord(
+        request_id=req.request_id, system=spec.name, prompt_tokens=len(req.prompt),
+        output_tokens=output, start=start, end=clock.now(), token_times=recorder.token_times,
+        rounds=recorder.rounds, bytes_up=up1 - up0, bytes_down=down1 - down0,
+    )
+
+
 def _compute(cost):
     return InstantCompute() if cost is None else ModelledCompute(cost)
 
@@ -95,17 +145,10 @@ async def _serve(spec: SystemSpec, cfg, draft, target, requests, options: RunOpt
             cloud_end.route(session, link)
             recorder = RequestRecorder(clock)
             recorder.on_round = options.on_round
-            rng = np.random.default_rng(req.seed)
-            drafter = Drafter(draft, req.sampling, rng, options.q_dtype) if draft is not None else None
-            ctx = EdgeContext(session, clock, compute, link.edge_end(session), recorder, drafter, rng)
-            start, up0, down0 = clock.now(), link.up.bytes, link.down.bytes
-            output = await policy.generate(req, ctx)
-            if output != recorder.tokens:
-                raise RuntimeError(f"{spec.name}: returned tokens differ from the emitted ones")
-            records[i] = RequestRecord(
-                request_id=req.request_id, system=spec.name, prompt_tokens=len(req.prompt),
-                output_tokens=output, start=start, end=clock.now(), token_times=recorder.token_times,
-                rounds=recorder.rounds, bytes_up=link.up.bytes - up0, bytes_down=link.down.bytes - down0,
+            records[i] = await serve_request(
+                spec, policy, req, session=session, clock=clock, compute=compute,
+                link=link.edge_end(session), draft=draft, recorder=recorder, q_dtype=options.q_dtype,
+                traffic=lambda link=link: (link.up.bytes, link.down.bytes),
             )
 
     clients = asyncio.gather(*(client(i) for i in range(min(options.clients, max(1, len(requests))))))
