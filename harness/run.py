@@ -111,10 +111,15 @@ def build_requests(cfg: DictConfig, target) -> list[GenerationRequest]:
     return requests
 
 
-def execute(cfg: DictConfig) -> list:
-    """Run one configuration: plan, load the pair, serve the workload, print the summary."""
+def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
+    """Run one configuration: plan, load the pair, serve the workload, write and summarise.
+
+    With ``run_dir`` the records go to that run folder as each request finishes; a rerun
+    into the same folder skips the requests already recorded.
+    """
     from harness.inprocess import RunOptions, run_system
     from harness.pairs import ensure_pair, open_engines
+    from harness.results import RunWriter, build_manifest
 
     plan = make_plan(cfg)
     if plan.mode == "wall":
@@ -123,23 +128,46 @@ def execute(cfg: DictConfig) -> list:
     draft, target = open_engines(plan.pair, paths)
     requests = build_requests(cfg, target)
     options = RunOptions(virtual=True, link=plan.link, edge_cost=plan.edge.cost, cloud_cost=plan.cloud.cost)
-    records = run_system(plan.system, draft, target, requests, system_params(cfg), options)
+    context = {"system": plan.system.name, "pair": plan.pair.name, "network": plan.link.name,
+               "workload": str(cfg.workload.name), "clock": plan.mode, "seed": int(cfg.seed)}
+    writer = None
+    if run_dir is not None:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        manifest = build_manifest(config, {"clock": plan.mode, "device_profiles": {
+            "edge": plan.edge.as_dict(), "cloud": plan.cloud.as_dict()}, "link": {"backend": "model (in-process)"}},
+            models=paths)
+        writer = RunWriter(run_dir, manifest)
+        done = writer.done_keys()
+        requests = [r for r in requests if writer.key({**context, "prompt_id": r.request_id}, r.request_id) not in done]
+    records = []
+    try:
+        # one request at a time, so each is on disk as soon as it finishes
+        for req in requests:
+            (rec,) = run_system(plan.system, draft, target, [req], system_params(cfg), options)
+            records.append(rec)
+            if writer is not None:
+                writer.append(rec, {**context, "prompt_id": req.request_id})
+    finally:
+        if writer is not None:
+            writer.close()
     tokens = sum(r.n_tokens for r in records)
     seconds = sum(r.e2e for r in records)
     verified = sum(sum(x.verified for x in r.rounds) for r in records)
     accepted = sum(r.accepted for r in records)
+    where = f" -> {run_dir}" if run_dir is not None else ""
+    acceptance = f", acceptance {accepted / verified:.3f}" if verified else ""
     print(f"{plan.system.name} on {plan.link.name} ({plan.mode} time; edge {plan.edge.name} [{plan.edge.kind}], "
-          f"cloud {plan.cloud.name} [{plan.cloud.kind}]): {tokens} tokens, "
-          f"{1e3 * seconds / max(1, tokens):.1f} ms/token (modelled), "
-          f"acceptance {accepted / verified:.3f}" if verified else
-          f"{plan.system.name} on {plan.link.name}: {tokens} tokens, {1e3 * seconds / max(1, tokens):.1f} ms/token (modelled)")
+          f"cloud {plan.cloud.name} [{plan.cloud.kind}]): {len(records)} requests, {tokens} tokens, "
+          f"{1e3 * seconds / max(1, tokens):.1f} ms/token (modelled){acceptance}{where}")
     return records
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     try:
-        execute(cfg)
+        execute(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     except ConfigError as exc:
         print(f"specwan run: error: {exc}", file=sys.stderr)
         sys.exit(2)

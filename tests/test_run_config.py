@@ -64,3 +64,24 @@ def test_virtual_run_on_the_toy_pair(capsys):
                                "workload.size=2", "max_new_tokens=16"))
     assert len(records) == 2 and all(r.n_tokens > 0 for r in records)
     assert "ms/token (modelled)" in capsys.readouterr().out
+
+
+def test_run_writes_records_and_resumes(tmp_path, capsys):
+    import pandas as pd
+
+    from harness.run import execute
+
+    cfg = _compose("pair=toy", "workload.chat_template=false", "workload.size=3", "max_new_tokens=8")
+    assert len(execute(cfg, run_dir=tmp_path)) == 3
+    assert len(pd.read_parquet(tmp_path / "requests.parquet")) == 3
+    assert execute(cfg, run_dir=tmp_path) == []  # everything already recorded: nothing recomputed
+    assert len(pd.read_parquet(tmp_path / "requests.parquet")) == 3
+
+
+def test_multirun_with_the_joblib_launcher(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "harness.run", "-m", "hydra/launcher=joblib", "pair=toy",
+                          "workload.chat_template=false", "workload.size=1", "max_new_tokens=4",
+                          "system=vanilla,cloud_only", f"out={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = sorted(p.parent.name for p in tmp_path.glob("multirun-*/*/requests.parquet"))
+    assert len(runs) == 2 and any("vanilla" in r for r in runs) and any("cloud_only" in r for r in runs)
