@@ -90,11 +90,28 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    from harness import calibrate
+
+    calibrate.add_arguments(p)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from harness import calibrate
+
+    try:
+        return calibrate.run(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
 COMMANDS: dict[str, Command] = {
     "fetch": Command("fetch and verify a pair's model files, and check their vocabularies", _fetch_args, _fetch),
     "pairs": Command("list the draft/target pairs", _pairs_args, _pairs),
     "run": Command("run an experiment from the Hydra config (specwan run system=vanilla network=lan ...)",
                    lambda p: p.add_argument("overrides", nargs="*"), lambda a: 0),
+    "calibrate": Command("measure this machine's model costs and write a measured device profile",
+                         _calibrate_args, _calibrate),
     "bench": Command("run every system on a pair over a few prompts and compare", _bench_args, _bench),
 }
 

@@ -2,14 +2,20 @@
 
 Messages are encoded to their wire bytes and decoded on the other side, so a policy can
 never pass objects by reference and every byte count is real. Delivery time per message is
-``start + bytes * 8 / rate + one_way_delay``, where ``start`` waits for the previous
-message in the same direction to finish serializing (one FIFO queue per direction). A
-profile with no delay and no rate limit delivers at once.
+``start + bytes * 8 / rate + one_way_delay (+ jitter) (+ retransmissions)``, where
+``start`` waits for the previous message in the same direction to finish serializing (one
+FIFO queue per direction, as on one TCP connection: no reordering, so a delayed message
+holds back the ones behind it). Loss is per MSS-sized segment; a lost segment costs one
+retransmission timeout (Linux's minimum RTO, 200 ms, or RTT + 4 x jitter if larger).
+Jitter is Gaussian on the one-way delay, clipped at zero, seeded. A profile with no delay
+and no rate limit delivers at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+from collections import deque
 from dataclasses import dataclass
 
 from systems.api import Envelope
@@ -25,6 +31,15 @@ class LinkProfile:
     up_bps: float | None = None
     down_bps: float | None = None
     overhead_bytes: int = 0
+    jitter_s: float = 0.0  # standard deviation of the one-way delay
+    loss: float = 0.0  # probability that a segment is lost (and retransmitted)
+    mss: int = 1448
+    rto_min_s: float = 0.2
+    seed: int = 0
+
+    @property
+    def rto_s(self) -> float:
+        return max(self.rto_min_s, self.rtt_s + 4 * self.jitter_s)
 
     def transfer_time(self, nbytes: int, direction: str) -> float:
         """Seconds to deliver ``nbytes`` on an idle link in one direction."""
@@ -36,6 +51,10 @@ class LinkProfile:
 class _Direction:
     def __init__(self, profile: LinkProfile, name: str):
         self.profile, self.name = profile, name
+        self._rng = random.Random(f"{profile.seed}-{name}")
+        self._last_arrival = 0.0
+        self._in_flight: deque = deque()
+        self.retransmissions = 0
         self._free_at = 0.0
         self.bytes = 0
         self.messages = 0
@@ -48,17 +67,35 @@ class _Direction:
         start = max(now, self._free_at)
         self._free_at = start + (0.0 if rate is None else (len(data) + self.profile.overhead_bytes) * 8.0 / rate)
         arrive = self._free_at + self.profile.rtt_s / 2.0
+        if self.profile.jitter_s > 0:
+            arrive += max(-self.profile.rtt_s / 2.0, self._rng.gauss(0.0, self.profile.jitter_s))
+        if self.profile.loss > 0:
+            segments = max(1, -(-(len(data) + self.profile.overhead_bytes) // self.profile.mss))
+            lost = sum(self._rng.random() < self.profile.loss for _ in range(segments))
+            self.retransmissions += lost
+            arrive += lost * self.profile.rto_s
+        arrive = max(arrive, self._last_arrival)  # one stream: no overtaking
+        self._last_arrival = arrive
         self.bytes += len(data)
         self.messages += 1
-
-        def land():
-            deliver(Envelope(decode(data), len(data), now, loop.time()))
-
-        if arrive <= now:
-            loop.call_soon(land)
-        else:
-            loop.call_at(arrive, land)
+        self._in_flight.append((arrive, data, now, deliver))
+        if len(self._in_flight) == 1:
+            self._schedule(loop)
         return len(data)
+
+    def _schedule(self, loop) -> None:
+        # Messages land strictly in order: only the head of the queue has a timer.
+        arrive = self._in_flight[0][0]
+        if arrive <= loop.time():
+            loop.call_soon(self._land, loop)
+        else:
+            loop.call_at(arrive, self._land, loop)
+
+    def _land(self, loop) -> None:
+        _, data, sent, deliver = self._in_flight.popleft()
+        deliver(Envelope(decode(data), len(data), sent, loop.time()))
+        if self._in_flight:
+            self._schedule(loop)
 
 
 class InProcessLink:

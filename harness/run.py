@@ -45,11 +45,14 @@ class Plan:
 def network_profile(node) -> LinkProfile:
     """A link profile from a ``network`` config node (rates in Mbit/s, RTT in ms)."""
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    allowed = {"name", "rtt_ms", "up_mbps", "down_mbps", "overhead_bytes", "source"}
+    allowed = {"name", "rtt_ms", "up_mbps", "down_mbps", "overhead_bytes", "jitter_ms", "loss", "source"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"network: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
-    for key in ("rtt_ms", "up_mbps", "down_mbps"):
+    loss = data.get("loss") or 0.0
+    if not isinstance(loss, (int, float)) or not 0.0 <= loss < 1.0:
+        raise ConfigError(f"network.loss must be a probability in [0, 1), got {loss!r}")
+    for key in ("rtt_ms", "up_mbps", "down_mbps", "jitter_ms"):
         value = data.get(key)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
             raise ConfigError(f"network.{key} must be a non-negative number (or null for unlimited), got {value!r}")
@@ -58,7 +61,8 @@ def network_profile(node) -> LinkProfile:
         return None if mbps is None else float(mbps) * 1e6
 
     return LinkProfile(str(data.get("name", "network")), float(data.get("rtt_ms") or 0.0) / 1e3,
-                       bps(data.get("up_mbps")), bps(data.get("down_mbps")), int(data.get("overhead_bytes") or 0))
+                       bps(data.get("up_mbps")), bps(data.get("down_mbps")), int(data.get("overhead_bytes") or 0),
+                       jitter_s=float(data.get("jitter_ms") or 0.0) / 1e3, loss=float(loss))
 
 
 def system_params(cfg: DictConfig) -> dict:

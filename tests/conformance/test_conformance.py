@@ -42,6 +42,8 @@ LINKS = [
     (LinkProfile(), None, None),
     (LinkProfile("wan", rtt_s=0.08, up_bps=2e6, down_bps=2e7, overhead_bytes=40), lambda op: 0.03 * op.tokens,
      lambda op: 0.01 + 0.002 * op.tokens * op.batch),
+    (LinkProfile("lossy", rtt_s=0.06, up_bps=5e6, down_bps=2e7, jitter_s=0.01, loss=0.05, seed=7),
+     lambda op: 0.02, lambda op: 0.005 * op.tokens),
 ]
 PROMPTS = [[1, 2, 3], [5], [7, 7, 2, 4, 1, 3, 6]]
 

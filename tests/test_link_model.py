@@ -1,0 +1,61 @@
+"""The in-process link model: serialization, delay, FIFO, jitter and loss, in virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+
+import pytest
+
+from harness.clock import run
+from harness.link import CloudEnd, LinkProfile
+from systems.messages import Upload
+
+
+def _deliveries(profile: LinkProfile, sizes: list[int], gap: float = 0.0) -> list[float]:
+    """Send messages of about ``sizes`` bytes edge -> cloud; return each delivery delay."""
+
+    async def go():
+        cloud = CloudEnd()
+        link = cloud.new_link(profile)
+        edge = link.edge_end("s")
+        loop = asyncio.get_running_loop()
+        sent = []
+        for n in sizes:
+            sent.append(loop.time())
+            await edge.send(Upload("s", round=0, start=0, tokens=[1] * max(0, n // 2)))
+            if gap:
+                await asyncio.sleep(gap)
+        return [(await cloud.recv()).t_recv - t for t in sent]
+
+    return run(go(), virtual=True)
+
+
+def test_delay_and_rate():
+    p = LinkProfile("wan", rtt_s=0.05, up_bps=10e6, down_bps=10e6)
+    (one,) = _deliveries(p, [100_000])
+    nbytes = len(__import__("systems.messages", fromlist=["encode"]).encode(
+        Upload("s", round=0, start=0, tokens=[1] * 50_000)))
+    assert one == pytest.approx(0.025 + nbytes * 8 / 10e6, rel=1e-9)
+
+
+def test_fifo_queueing_back_to_back():
+    p = LinkProfile("wan", rtt_s=0.02, up_bps=1e6)
+    d = _deliveries(p, [10_000, 10_000, 10_000])
+    assert d[0] < d[1] < d[2]  # each waits for the previous one to serialize
+
+
+def test_jitter_spread_and_no_reordering():
+    p = LinkProfile("jit", rtt_s=0.1, jitter_s=0.01, seed=3)
+    d = _deliveries(p, [10] * 400, gap=0.05)
+    assert statistics.pstdev(d) == pytest.approx(0.01, rel=0.25)
+    assert statistics.mean(d) == pytest.approx(0.05, abs=0.003)
+
+
+def test_loss_costs_retransmission_timeouts():
+    clean = _deliveries(LinkProfile("c", rtt_s=0.05, up_bps=1e7), [20_000] * 50, gap=1.0)
+    lossy = _deliveries(LinkProfile("l", rtt_s=0.05, up_bps=1e7, loss=0.05, seed=1), [20_000] * 50, gap=1.0)
+    extra = [b - a for a, b in zip(clean, lossy)]
+    assert all(x >= -1e-12 for x in extra) and max(extra) >= 0.2  # a lost segment costs >= one RTO
+    assert all(abs(x / 0.2 - round(x / 0.2)) < 1e-6 for x in extra)
+
