@@ -1,0 +1,192 @@
+"""The edge process of wall mode: one edge device running a system's edge policy.
+
+It loads the draft model, opens one gRPC stream to the cloud (its requests' sessions share
+it), serves the requests one after another, and appends one JSON line per finished request
+to ``--out`` (the fields of :class:`systems.records.RequestRecord`, rounds included),
+flushed at once, so a crash loses at most the request in flight. If the link to the cloud
+breaks (the cloud stopped or died) or a request fails, that request is written with
+``error`` set and the client stops with a message and exit status 1.
+
+::
+
+    python -m harness.edge_client --pair toy --system vanilla --grpc 127.0.0.1:50051 \\
+        --requests requests.jsonl --out records.jsonl
+
+The requests file holds one JSON object per line with the fields of
+:class:`systems.api.GenerationRequest` (``sampling`` as a mapping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from systems.api import GenerationRequest, SystemSpec
+from systems.records import RequestRecord
+
+
+async def _cancel(task: asyncio.Task, tries: int = 5, wait_s: float = 0.5) -> None:
+    """Cancel a policy task; again if its clean-up awaits something that will never come."""
+    for _ in range(tries):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.wait({task}, timeout=wait_s)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: no "never retrieved" noise
+
+
+async def run_edge(
+    spec: SystemSpec,
+    cfg,
+    draft,
+    requests: Sequence[GenerationRequest],
+    out,
+    *,
+    address: str | None,
+    device: str = "edge",
+    q_dtype: str = "float32",
+) -> tuple[int, str | None]:
+    """Serve ``requests`` in order, writing each record to ``out``; ``(finished, error)``."""
+    from harness.clock import LoopClock
+    from harness.inprocess import RequestRecorder, serve_request
+    from harness.transport.grpc_link import GrpcEdgeLink, LinkClosedError
+    from harness.wall import WallCompute, record_to_json
+
+    loop = asyncio.get_running_loop()
+
+    def quiet_link_errors(loop, context):
+        # A policy's own reader task dies with the link; the request's failure says why.
+        if not isinstance(context.get("exception"), LinkClosedError):
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(quiet_link_errors)
+    clock = LoopClock()
+    compute = WallCompute()
+    policy = spec.edge_cls(cfg)
+    link = None
+    finished = 0
+    try:
+        if spec.cloud_cls is not None:
+            if not address:
+                return 0, f"system {spec.name!r} needs a cloud: give --grpc HOST:PORT"
+            link = GrpcEdgeLink(address, system=spec.name, device=device,
+                                vocab_fingerprint=draft.info.vocab_fingerprint if draft is not None else "")
+            try:
+                await link.connect()
+            except LinkClosedError as e:
+                return 0, str(e)
+        traffic = (lambda: (link.up.bytes, link.down.bytes)) if link is not None else None
+        for req in requests:
+            session = f"{device}-{req.request_id}"
+            recorder = RequestRecorder(clock)
+            start = clock.now()
+            up0, down0 = traffic() if traffic else (0, 0)
+            task = asyncio.get_running_loop().create_task(serve_request(
+                spec, policy, req, session=session, clock=clock, compute=compute,
+                link=link.session(session) if link is not None else None, draft=draft,
+                recorder=recorder, q_dtype=q_dtype, traffic=traffic))
+            watch = {task}
+            broken = None
+            if link is not None:
+                broken = asyncio.get_running_loop().create_task(link.broken.wait())
+                watch.add(broken)
+            await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+            if broken is not None:
+                broken.cancel()
+            error = None
+            if task.done() and not task.cancelled() and task.exception() is None:
+                record = task.result()
+            else:
+                if task.done() and not task.cancelled() and not isinstance(task.exception(), LinkClosedError):
+                    e = task.exception()
+                    error = f"{type(e).__name__}: {e}"
+                else:
+                    error = (link.error if link is not None and link.error else "the request was cancelled")
+                await _cancel(task)
+                up1, down1 = traffic() if traffic else (0, 0)
+                record = RequestRecord(
+                    request_id=req.request_id, system=spec.name, prompt_tokens=len(req.prompt),
+                    output_tokens=list(recorder.tokens), start=start, end=clock.now(),
+                    token_times=list(recorder.token_times), rounds=list(recorder.rounds), error=error,
+                    bytes_up=up1 - up0, bytes_down=down1 - down0)
+            out.write(record_to_json(record) + "\n")
+            out.flush()
+            if link is not None:
+                link.release(session)
+            if error is not None:
+                return finished, f"request {req.request_id!r} failed: {error}"
+            finished += 1
+        return finished, None
+    finally:
+        if link is not None:
+            await link.close()
+        compute.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m harness.edge_client", description=__doc__.splitlines()[0])
+    ap.add_argument("--pair", required=True, help="pair name (conf/pair) or YAML file")
+    ap.add_argument("--system", required=True, help="registered system name")
+    ap.add_argument("--config", default="{}", help="system config overrides as a JSON object")
+    ap.add_argument("--grpc", default=None, help="the cloud's data plane, HOST:PORT")
+    ap.add_argument("--requests", required=True, type=Path, help="JSON lines of GenerationRequest fields")
+    ap.add_argument("--out", required=True, type=Path, help="append one JSON line per finished request here")
+    ap.add_argument("--device", default="edge", help="this edge device's name (prefixes its session names)")
+    ap.add_argument("--q-dtype", default="float32", help="precision of uploaded draft distributions")
+    ap.add_argument("--cpus", default=None, help="pin to these CPUs, e.g. '0' (skipped where impossible)")
+    args = ap.parse_args(argv)
+
+    from harness.wall import (
+        die_with_parent,
+        ensure_role_model,
+        open_role_engine,
+        parse_cpus,
+        pin_to,
+        request_from_json,
+    )
+
+    die_with_parent()
+    pin_to(parse_cpus(args.cpus))
+    from harness.pairs import load_pair
+    from systems.api import get_system
+
+    try:
+        spec = get_system(args.system)
+        overrides = json.loads(args.config)
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--config must be a JSON object, got {args.config!r}")
+        cfg = spec.make_config(overrides)
+        requests = [request_from_json(json.loads(line))
+                    for line in args.requests.read_text().splitlines() if line.strip()]
+        pair = load_pair(args.pair)
+        draft = open_role_engine(pair, "draft", ensure_role_model(pair, "draft"))
+    except Exception as e:
+        print(f"edge_client: error: {e}", file=sys.stderr)
+        return 2
+    # What start-up made (modules, the model's Python objects) lives to the end: keep it out of
+    # the cyclic collector's scans, which would otherwise run in the middle of rounds.
+    gc.collect()
+    gc.freeze()
+    try:
+        with open(args.out, "a") as out:
+            finished, error = asyncio.run(run_edge(spec, cfg, draft, requests, out, address=args.grpc,
+                                                   device=args.device, q_dtype=args.q_dtype))
+    finally:
+        if hasattr(draft, "close"):
+            draft.close()
+    if error is not None:
+        print(f"edge_client {args.device}: stopped after {finished} of {len(requests)} requests: {error}",
+              file=sys.stderr)
+        return 1
+    print(f"edge_client {args.device}: {finished} requests done", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

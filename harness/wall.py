@@ -1,0 +1,515 @@
+"""Wall mode: the cloud verifier and each edge drafter as separate OS processes.
+
+:func:`run_wall` starts ``python -m harness.cloud_server`` (the target, the system's cloud
+policy, the gRPC data plane and the FastAPI control plane), waits for its ready file and
+``/healthz``, refuses a cloud whose vocabulary differs from the draft's (``/info``), starts
+``clients`` edge processes (``python -m harness.edge_client``, requests split round-robin),
+waits, reads their records, and always stops every process it started: on success, error,
+timeout and Ctrl-C; SIGTERM first, SIGKILL after a grace period, each by its own pid (and
+process group). The children also ask the kernel to SIGTERM them should this process die
+without cleaning up (Linux ``PR_SET_PDEATHSIG``).
+
+Where the machine allows, each process is pinned to its own cores: the cloud to the upper
+half of the CPUs this process may use, the edges to the lower half (on 2 cores: cloud on
+core 1, edges on core 0). llama.cpp engines then get as many threads as cores.
+
+Time is the wall clock (``time.monotonic()`` on both sides of the loopback link). The helpers
+below are shared with the two process entry points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from harness.pairs import PairSpec, ensure_pair, load_pair, vocab_fingerprint
+from systems.api import GenerationRequest, get_system
+from systems.records import RequestRecord, RoundRecord
+from systems.sampling import SamplingParams
+
+PARENT_ENV = "SPECWAN_PARENT_PID"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GRACE_S = 5.0
+
+
+class WallRunError(RuntimeError):
+    """A wall-mode run failed; ``records`` holds what finished (and the failed requests)."""
+
+    def __init__(self, message: str, records: Sequence[RequestRecord] = (), workdir: Path | None = None):
+        super().__init__(message)
+        self.records = list(records)
+        self.workdir = workdir
+
+    @property
+    def failed(self) -> list[RequestRecord]:
+        return [r for r in self.records if r.error]
+
+
+# ---- helpers shared with the processes -------------------------------------------------------
+def pin_to(cpus: Sequence[int] | None) -> bool:
+    """Pin this process to ``cpus``; False (silently) where that is impossible."""
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return False
+    try:
+        os.sched_setaffinity(0, set(cpus))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def die_with_parent() -> None:
+    """When started by :func:`run_wall`: get SIGTERM if it dies; exit if it is gone already."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != int(parent):
+        sys.exit("specwan: the harness that started this process is gone")
+
+
+def parse_cpus(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    return [int(c) for c in text.split(",") if c.strip()]
+
+
+def open_role_engine(pair: PairSpec, role: str, path: Path | None):
+    """Build the engine of one side of a pair (the other side is never loaded)."""
+    from systems.engines import create_engine
+
+    spec = pair.roles()[role]
+    options = dict(spec.options)
+    if spec.engine == "toy":
+        options["role"] = role
+    else:
+        if path is None:
+            raise RuntimeError(f"pair {pair.name!r}: no model file for the {role} ({spec.engine} engine)")
+        options["model_path"] = str(path)
+    if spec.engine == "llamacpp" and "n_threads" not in options and hasattr(os, "sched_getaffinity"):
+        options["n_threads"] = len(os.sched_getaffinity(0))  # one thread per core we may use
+    return create_engine(spec.engine, **options)
+
+
+def ensure_role_model(pair: PairSpec, role: str) -> Path | None:
+    """The verified model file of one side (fetched if needed), None for a file-less engine."""
+    from harness.models import ensure_model
+
+    spec = pair.roles()[role]
+    return ensure_model(spec, progress=False) if spec.needs_file else None
+
+
+def request_to_json(req: GenerationRequest) -> dict:
+    d = dataclasses.asdict(req)
+    d["stop_ids"] = list(req.stop_ids)
+    return d
+
+
+def request_from_json(d: dict) -> GenerationRequest:
+    d = dict(d)
+    d["sampling"] = SamplingParams(**(d.get("sampling") or {}))
+    d["stop_ids"] = tuple(d.get("stop_ids") or ())
+    return GenerationRequest(**d)
+
+
+def _plain(o):
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+def record_to_json(rec: RequestRecord) -> str:
+    return json.dumps(dataclasses.asdict(rec), default=_plain)
+
+
+_RECORD_FIELDS = {f.name for f in dataclasses.fields(RequestRecord)}
+_ROUND_FIELDS = {f.name for f in dataclasses.fields(RoundRecord)}
+
+
+def record_from_json(text: str) -> RequestRecord:
+    d = json.loads(text)
+    rounds = [RoundRecord(**{k: v for k, v in r.items() if k in _ROUND_FIELDS}) for r in d.get("rounds", [])]
+    d = {k: v for k, v in d.items() if k in _RECORD_FIELDS}
+    d["rounds"] = rounds
+    return RequestRecord(**d)
+
+
+def read_records(path: Path) -> list[RequestRecord]:
+    """The records in an edge's output; a torn last line (a crash mid-write) is skipped."""
+    out = []
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(record_from_json(line))
+        except (ValueError, TypeError):
+            continue
+    return out
+
+
+def cpu_plan(clients: int) -> tuple[list[int] | None, list[list[int] | None]]:
+    """Cores for the cloud and for each edge: the cloud gets the upper half, the edges the lower."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None, [None] * clients
+    if len(cpus) < 2:
+        return None, [None] * clients
+    half = len(cpus) // 2
+    cloud, edge = cpus[half:], cpus[:half]
+    if clients <= len(edge):
+        per = len(edge) // clients
+        return cloud, [edge[i * per : (i + 1) * per] for i in range(clients)]
+    return cloud, [edge] * clients
+
+
+class WallCompute:
+    """Model work for a wall-mode process: on one worker thread, so the event loop keeps
+    serving the link (and stamps arrivals on time) while a model runs.
+
+    A hand-off to the thread and back costs two context switches (about 0.1-0.2 ms on a busy
+    2-core machine, paid per op). Work that took less than ``inline_below_s`` the last time
+    an op of the same shape ran is cheaper than that and runs on the loop itself, delaying
+    the loop by no more than that; prefills always go to the thread. With real models every
+    op takes milliseconds and goes to the thread; with the toy engine most run inline.
+    """
+
+    def __init__(self, inline_below_s: float = 0.5e-3):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.inline_below_s = inline_below_s
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._last: dict[tuple, float] = {}
+        self.inline = self.threaded = 0
+
+    @staticmethod
+    def _timed(fn):
+        t0 = time.perf_counter()
+        result = fn()
+        return result, time.perf_counter() - t0
+
+    async def run(self, op, fn):
+        import asyncio
+
+        key = (op.kind, op.tokens, op.batch)
+        last = self._last.get(key)
+        if op.kind != "prefill" and last is not None and last < self.inline_below_s:
+            self.inline += 1
+            result, seconds = self._timed(fn)
+            self._last[key] = seconds
+            await asyncio.sleep(0)  # let the loop see what arrived meanwhile
+            return result
+        self.threaded += 1
+        result, seconds = await asyncio.get_running_loop().run_in_executor(self._pool, self._timed, fn)
+        self._last[key] = seconds
+        return result
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---- processes -------------------------------------------------------------------------------
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 12) -> str:
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    " + t for t in text[-lines:])
+
+
+@dataclass
+class WallRun:
+    """What :func:`run_wall` started, handed to ``on_start`` (tests use it to inject faults)."""
+
+    workdir: Path
+    cloud: Child | None
+    edges: list[Child]
+    grpc_port: int | None = None
+    http_port: int | None = None
+    outputs: list[Path] = field(default_factory=list)
+
+    @property
+    def children(self) -> list[Child]:
+        return ([self.cloud] if self.cloud else []) + self.edges
+
+
+def _spawn(name: str, module: str, args: list[str], workdir: Path) -> Child:
+    log = workdir / f"{name}.log"
+    env = dict(os.environ)
+    env[PARENT_ENV] = str(os.getpid())
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL, stdout=f,
+                                stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT), start_new_session=True)
+    return Child(name, proc, log)
+
+
+def _signal(child: Child, sig: int) -> None:
+    """Signal a child and its process group (it leads its own); never anything else."""
+    for send in (lambda: os.killpg(child.pid, sig), lambda: os.kill(child.pid, sig)):
+        try:
+            send()
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_children(children: Sequence[Child], grace_s: float = GRACE_S) -> None:
+    """SIGTERM each live child, SIGKILL what is left after ``grace_s``; reap them all."""
+    live = [c for c in children if c.alive()]
+    for c in live:
+        _signal(c, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for c in live:
+        try:
+            c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for c in children:
+        if c.alive():
+            _signal(c, signal.SIGKILL)
+        try:
+            c.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        _signal(c, signal.SIGKILL)  # stragglers in its group, if it ever had any
+    left = [f"{c.name} (pid {c.pid})" for c in children if c.proc.returncode is None]
+    if left:
+        raise WallRunError(f"could not stop: {', '.join(left)}")
+
+
+def _http(port: int, path: str, method: str = "GET", timeout: float = 2.0) -> Any:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def _draft_fingerprint(pair: PairSpec, paths: dict) -> str:
+    fp = vocab_fingerprint(paths.get("draft"))
+    if fp is not None:
+        return fp
+    engine = open_role_engine(pair, "draft", paths.get("draft"))
+    try:
+        return engine.info.vocab_fingerprint
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def run_wall(
+    system: str,
+    pair: str | os.PathLike | PairSpec,
+    requests: Sequence[GenerationRequest],
+    config: dict | None = None,
+    clients: int = 1,
+    timeout_s: float = 600.0,
+    *,
+    workdir: str | os.PathLike | None = None,
+    pin: bool = True,
+    q_dtype: str = "float32",
+    on_start: Callable[[WallRun], None] | None = None,
+) -> list[RequestRecord]:
+    """Serve ``requests`` with a system across real processes on this host; one record per request.
+
+    ``pair`` is a pair name, a pair YAML file, or a :class:`PairSpec` read from one.
+    ``timeout_s`` bounds the whole run (start-up included). ``workdir`` keeps the request
+    files, the edges' JSON-lines outputs and every process's log (a temporary folder by
+    default, removed after the run unless edges ran and it failed). ``on_start`` is
+    called once every process is up. Raises :class:`WallRunError` (with the records of the
+    requests that finished, and of the failed ones) when anything fails.
+    """
+    spec = get_system(system)
+    spec.make_config(config)  # a bad config fails here, before any process starts
+    if clients < 1:
+        raise ValueError(f"clients must be >= 1, got {clients}")
+    pair_spec = pair if isinstance(pair, PairSpec) else load_pair(pair)
+    if pair_spec.origin is None:
+        raise ValueError("run_wall needs a pair read from a file (its processes load it by path)")
+    pair_arg = str(Path(pair_spec.origin).resolve())  # the children run in the repository root
+    requests = list(requests)
+    clients = max(1, min(clients, len(requests) or 1))
+    paths = ensure_pair(pair_spec, progress=False)  # fetch once, here, not in every child
+    draft_fp = _draft_fingerprint(pair_spec, paths)
+
+    own_dir = workdir is None
+    work = Path(tempfile.mkdtemp(prefix="specwan-wall-")) if own_dir else Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    cloud_cpus, edge_cpus = cpu_plan(clients) if pin else (None, [None] * clients)
+    common = ["--pair", pair_arg, "--system", spec.name, "--config", json.dumps(config or {})]
+    run = WallRun(work, None, [])
+    deadline = time.monotonic() + timeout_s
+    ok = False
+    try:
+        try:
+            if spec.cloud_cls is not None:
+                _start_cloud(run, common, cloud_cpus, deadline, spec.name, draft_fp)
+            for i in range(clients):
+                mine = requests[i::clients]
+                req_file, out = work / f"edge{i}.requests.jsonl", work / f"edge{i}.jsonl"
+                req_file.write_text("".join(json.dumps(request_to_json(r)) + "\n" for r in mine))
+                out.unlink(missing_ok=True)
+                args = [*common, "--requests", str(req_file), "--out", str(out), "--device", f"c{i}",
+                        "--q-dtype", q_dtype]
+                if run.grpc_port is not None:
+                    args += ["--grpc", f"127.0.0.1:{run.grpc_port}"]
+                if edge_cpus[i]:
+                    args += ["--cpus", ",".join(map(str, edge_cpus[i]))]
+                run.edges.append(_spawn(f"edge{i}", "harness.edge_client", args, work))
+                run.outputs.append(out)
+            if on_start is not None:
+                on_start(run)
+            problems = _wait_edges(run, deadline, timeout_s)
+            records = [r for out in run.outputs for r in read_records(out)]
+            if not problems:
+                problems = _stop_cloud(run)
+            finished = sum(1 for r in records if not r.error)
+            failed = [r for r in records if r.error]
+            if failed and not problems:
+                problems = ["an edge recorded a failed request"]
+            if problems or finished < len(requests):
+                lines = [f"wall run of {spec.name} failed: " + "; ".join(problems or ["requests are missing"])]
+                for r in failed:
+                    lines.append(f"  request {r.request_id!r} failed after {r.n_tokens} tokens: {r.error}")
+                lines.append(f"  {finished} of {len(requests)} requests finished, {len(failed)} failed, "
+                             f"{len(requests) - finished - len(failed)} not run")
+                lines.append(f"  logs and records: {work}")
+                raise WallRunError("\n".join(lines), _ordered(records, requests), work)
+            ok = True
+            return _ordered(records, requests)
+        finally:
+            stop_children(run.children)
+    finally:
+        if own_dir and (ok or not run.edges):  # keep a failed run's records and logs
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _start_cloud(run: WallRun, common: list[str], cpus, deadline: float, system: str, draft_fp: str) -> None:
+    ready = run.workdir / "cloud.ready.json"
+    ready.unlink(missing_ok=True)
+    args = [*common, "--grpc-port", "0", "--http-port", "0", "--ready-file", str(ready)]
+    if cpus:
+        args += ["--cpus", ",".join(map(str, cpus))]
+    run.cloud = cloud = _spawn("cloud", "harness.cloud_server", args, run.workdir)
+    info = None
+    while info is None:
+        if not cloud.alive():
+            raise WallRunError(f"the cloud process exited with code {cloud.proc.returncode} while starting:\n"
+                               f"{cloud.tail()}", workdir=run.workdir)
+        if time.monotonic() > deadline:
+            raise WallRunError(f"the cloud process did not become ready in time:\n{cloud.tail()}",
+                               workdir=run.workdir)
+        if ready.is_file():
+            try:
+                info = json.loads(ready.read_text())
+            except ValueError:
+                info = None  # written atomically, but be safe
+        if info is None:
+            time.sleep(0.05)
+    run.grpc_port, run.http_port = int(info["grpc_port"]), int(info["http_port"])
+    while True:
+        try:
+            if _http(run.http_port, "/healthz").get("status") == "ok":
+                break
+        except (OSError, ValueError):
+            pass
+        if not cloud.alive() or time.monotonic() > deadline:
+            raise WallRunError(f"the cloud's /healthz did not answer ok:\n{cloud.tail()}", workdir=run.workdir)
+        time.sleep(0.05)
+    about = _http(run.http_port, "/info")
+    if about.get("system") != system:
+        raise WallRunError(f"the cloud serves system {about.get('system')!r}, not {system!r}", workdir=run.workdir)
+    if about.get("vocab_fingerprint") != draft_fp:
+        raise WallRunError(
+            f"refusing to run: the cloud's target vocabulary ({about.get('model')}: "
+            f"{about.get('vocab_fingerprint')}) differs from the draft's ({draft_fp}); "
+            "speculative decoding needs one shared vocabulary", workdir=run.workdir)
+
+
+def _wait_edges(run: WallRun, deadline: float, timeout_s: float) -> list[str]:
+    """Wait for every edge to exit; what went wrong, as sentences."""
+    problems: list[str] = []
+    cloud_gone_at = None
+    while any(e.alive() for e in run.edges):
+        now = time.monotonic()
+        if now > deadline:
+            problems.append(f"timed out after {timeout_s:g} s")
+            break
+        if run.cloud is not None and not run.cloud.alive():
+            if cloud_gone_at is None:
+                cloud_gone_at = now
+            elif now - cloud_gone_at > GRACE_S:  # the edges should have noticed by now
+                break
+        time.sleep(0.02)
+    if run.cloud is not None and not run.cloud.alive():
+        code = run.cloud.proc.returncode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        problems.insert(0, f"the cloud process (pid {run.cloud.pid}) {how} while requests were in flight")
+        if code > 0:
+            problems.append("cloud log:\n" + run.cloud.tail())
+    for e in run.edges:
+        code = e.proc.poll()
+        if code is None:
+            problems.append(f"{e.name} (pid {e.pid}) did not finish")
+        elif code != 0:
+            said = [t for t in e.tail(50).splitlines() if t.strip().startswith("edge_client")]
+            problems.append(f"{e.name} (pid {e.pid}) exited with code {code}: "
+                            + (said[-1].strip() if said else "\n" + e.tail(8)))
+    return problems
+
+
+def _stop_cloud(run: WallRun) -> list[str]:
+    """Ask the cloud to shut down (it was healthy to the end); problems if it does not."""
+    if run.cloud is None:
+        return []
+    try:
+        _http(run.http_port, "/shutdown", method="POST")
+    except (OSError, ValueError):
+        pass
+    try:
+        code = run.cloud.proc.wait(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:
+        return []  # stop_children will terminate it
+    if code != 0:
+        return [f"the cloud process exited with code {code}:\n{run.cloud.tail()}"]
+    return []
+
+
+def _ordered(records: Sequence[RequestRecord], requests: Sequence[GenerationRequest]) -> list[RequestRecord]:
+    index = {r.request_id: i for i, r in enumerate(requests)}
+    return sorted(records, key=lambda r: index.get(r.request_id, len(index)))
