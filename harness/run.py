@@ -21,7 +21,7 @@ from systems.api import GenerationRequest, SystemSpec, get_system
 from systems.sampling import SamplingParams
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-MODES = ("virtual", "wall")
+MODES = ("virtual", "wall")  # wall: cloud and edge as separate processes, wall clock
 
 
 class ConfigError(ValueError):
@@ -126,31 +126,39 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
     from harness.results import RunWriter, build_manifest
 
     plan = make_plan(cfg)
-    if plan.mode == "wall":
-        raise ConfigError("mode=wall is not available in this version; use mode=virtual")
+    if plan.mode == "wall" and plan.link.name != "loopback":
+        raise ConfigError("mode=wall runs over loopback in this version (emulated WAN links come with the "
+                          "netem backends); use network=loopback, or mode=virtual for other networks")
     paths = ensure_pair(plan.pair)
-    draft, target = open_engines(plan.pair, paths)
-    requests = build_requests(cfg, target)
-    options = RunOptions(virtual=True, link=plan.link, edge_cost=plan.edge.cost, cloud_cost=plan.cloud.cost)
+    if plan.mode == "wall":
+        draft, target = _tokenizer_engine(plan.pair, paths), None
+    else:
+        draft, target = open_engines(plan.pair, paths)
+    requests = build_requests(cfg, target or draft)
     context = {"system": plan.system.name, "pair": plan.pair.name, "network": plan.link.name,
                "workload": str(cfg.workload.name), "clock": plan.mode, "seed": int(cfg.seed)}
     writer = None
     if run_dir is not None:
         config = OmegaConf.to_container(cfg, resolve=True)
-        manifest = build_manifest(config, {"clock": plan.mode, "device_profiles": {
-            "edge": plan.edge.as_dict(), "cloud": plan.cloud.as_dict()}, "link": {"backend": "model (in-process)"}},
-            models=paths)
+        link = {"backend": "model (in-process)"} if plan.mode == "virtual" else {"backend": "loopback (gRPC)"}
+        profiles = {"edge": plan.edge.as_dict(), "cloud": plan.cloud.as_dict()} if plan.mode == "virtual" else None
+        manifest = build_manifest(config, {"clock": plan.mode, "device_profiles": profiles, "link": link},
+                                  models=paths)
         writer = RunWriter(run_dir, manifest)
         done = writer.done_keys()
         requests = [r for r in requests if writer.key({**context, "prompt_id": r.request_id}, r.request_id) not in done]
     records = []
     try:
-        # one request at a time, so each is on disk as soon as it finishes
-        for req in requests:
-            (rec,) = run_system(plan.system, draft, target, [req], system_params(cfg), options)
-            records.append(rec)
-            if writer is not None:
-                writer.append(rec, {**context, "prompt_id": req.request_id})
+        if plan.mode == "wall":
+            records = _run_wall(plan, cfg, requests, writer, context)
+        else:
+            options = RunOptions(virtual=True, link=plan.link, edge_cost=plan.edge.cost, cloud_cost=plan.cloud.cost)
+            # one request at a time, so each is on disk as soon as it finishes
+            for req in requests:
+                (rec,) = run_system(plan.system, draft, target, [req], system_params(cfg), options)
+                records.append(rec)
+                if writer is not None:
+                    writer.append(rec, {**context, "prompt_id": req.request_id})
     finally:
         if writer is not None:
             writer.close()
@@ -160,9 +168,42 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
     accepted = sum(r.accepted for r in records)
     where = f" -> {run_dir}" if run_dir is not None else ""
     acceptance = f", acceptance {accepted / verified:.3f}" if verified else ""
-    print(f"{plan.system.name} on {plan.link.name} ({plan.mode} time; edge {plan.edge.name} [{plan.edge.kind}], "
-          f"cloud {plan.cloud.name} [{plan.cloud.kind}]): {len(records)} requests, {tokens} tokens, "
-          f"{1e3 * seconds / max(1, tokens):.1f} ms/token (modelled){acceptance}{where}")
+    devices = (f"edge {plan.edge.name} [{plan.edge.kind}], cloud {plan.cloud.name} [{plan.cloud.kind}]"
+               if plan.mode == "virtual" else "separate processes on this machine")
+    kind = "modelled" if plan.mode == "virtual" else "measured"
+    print(f"{plan.system.name} on {plan.link.name} ({plan.mode} time; {devices}): {len(records)} requests, "
+          f"{tokens} tokens, {1e3 * seconds / max(1, tokens):.1f} ms/token ({kind}){acceptance}{where}")
+    return records
+
+
+def _tokenizer_engine(pair, paths):
+    """The draft engine alone: enough to tokenize prompts (the vocabulary is shared)."""
+    from systems.engines import create_engine
+
+    spec = pair.roles()["draft"]
+    options = dict(spec.options)
+    if spec.engine == "toy":
+        options["role"] = "draft"
+    else:
+        options["model_path"] = str(paths["draft"])
+    return create_engine(spec.engine, **options)
+
+
+def _run_wall(plan: Plan, cfg: DictConfig, requests, writer, context) -> list:
+    """Serve the requests across real processes; record what finished even on failure."""
+    from harness.pairs import load_pair
+    from harness.wall import WallRunError, run_wall
+
+    try:
+        records = run_wall(plan.system.name, load_pair(str(cfg.pair.name)), requests, system_params(cfg))
+    except WallRunError as exc:
+        if writer is not None:
+            for rec in exc.records:
+                writer.append(rec, {**context, "prompt_id": rec.request_id})
+        raise
+    if writer is not None:
+        for rec in records:
+            writer.append(rec, {**context, "prompt_id": rec.request_id})
     return records
 
 
@@ -170,9 +211,11 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from harness.wall import WallRunError
+
     try:
         execute(cfg, run_dir=HydraConfig.get().runtime.output_dir)
-    except ConfigError as exc:
+    except (ConfigError, WallRunError) as exc:
         print(f"specwan run: error: {exc}", file=sys.stderr)
         sys.exit(2)
 

@@ -85,3 +85,22 @@ def test_multirun_with_the_joblib_launcher(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     runs = sorted(p.parent.name for p in tmp_path.glob("multirun-*/*/requests.parquet"))
     assert len(runs) == 2 and any("vanilla" in r for r in runs) and any("cloud_only" in r for r in runs)
+
+
+def test_wall_mode_matches_virtual_mode_tokens(tmp_path):
+    from harness.run import execute
+
+    common = ("pair=toy", "workload.chat_template=false", "workload.size=2", "max_new_tokens=12")
+    virtual = execute(_compose(*common))
+    wall = execute(_compose(*common, "mode=wall"), run_dir=tmp_path)
+    assert [r.output_tokens for r in wall] == [r.output_tokens for r in virtual]
+    import json
+
+    assert json.loads((tmp_path / "manifest.json").read_text())["clock"] == "wall"
+
+
+def test_wall_mode_refuses_a_shaped_network():
+    from harness.run import execute
+
+    with pytest.raises(ConfigError, match="network=loopback"):
+        execute(_compose("pair=toy", "mode=wall", "network=slow_wan"))
