@@ -59,19 +59,23 @@ def measure_role(engine, role: str, repeats: int) -> dict:
             s.close()
         out["prefill"][n] = _median_time(prefill, max(2, repeats // 2))
     for ctx in CONTEXTS:
+        # Decode steps as generation runs them: one new token per call, context growing.
         s = engine.new_session()
         s.prefill(_prompt(ctx))
-
-        def step(s=s, ctx=ctx):
-            s.score([42])
-            s.rollback(ctx)
-        step()
-        out["step"][ctx] = _median_time(step, repeats)
+        s.score([42])
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            s.score([43])
+            samples.append(time.perf_counter() - t0)
+        out["step"][ctx] = statistics.median(samples)
         s.close()
     if role == "cloud":
         ctx = CONTEXTS[0]
         s = engine.new_session()
         s.prefill(_prompt(ctx))
+        # After a rollback the last kept token is re-evaluated with the block, exactly as a
+        # verification after a verdict evaluates the correction token with the new drafts.
         for n in BLOCKS:
             def verify(s=s, n=n):
                 s.score(_prompt(n))
