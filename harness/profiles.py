@@ -25,6 +25,14 @@ class RoleProfile:
     verify_s_per_token: float = 0.0  # extra per verified token beyond one step
     step_s_per_ctx_token: float = 0.0  # growth of a step with context length
     batch_s_per_session: float = 0.0  # extra per additional session in a batched verification
+    # Power (optional; used by harness.energy): the modelled device draws ``active_w`` while
+    # it runs model work and ``idle_w`` otherwise (virtual time); ``tdp_w`` / ``hw_threads``
+    # price CPU-seconds in the wall-clock estimate. ``power_source`` says where they come from.
+    active_w: float | None = None
+    idle_w: float | None = None
+    tdp_w: float | None = None
+    hw_threads: int | None = None
+    power_source: str | None = None
 
     def __post_init__(self):
         if self.kind not in ("declared", "measured"):
@@ -33,6 +41,15 @@ class RoleProfile:
                            "batch_s_per_session"):
             if getattr(self, field_name) < 0:
                 raise ValueError(f"device profile {self.name!r}: {field_name} must be >= 0")
+        for field_name in ("active_w", "idle_w", "tdp_w"):
+            value = getattr(self, field_name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"device profile {self.name!r}: {field_name} must be a number >= 0 (or null), "
+                                 f"got {value!r}")
+        if self.hw_threads is not None and (isinstance(self.hw_threads, bool) or not isinstance(self.hw_threads, int)
+                                            or self.hw_threads < 1):
+            raise ValueError(f"device profile {self.name!r}: hw_threads must be an integer >= 1 (or null), "
+                             f"got {self.hw_threads!r}")
 
     def cost(self, op: Op) -> float:
         if op.kind == "prefill":

@@ -59,7 +59,10 @@ _JOURNAL_BYTES = b"specwan.journal_bytes"  # parquet metadata: "<requests.jsonl 
 
 CLOCKS = ("virtual", "wall")
 ENERGY_KINDS = ("measured", "estimated")
-ENERGY_NOT_MEASURED = "not measured in this version"
+ENERGY_NOT_MEASURED = "not measured: no energy meter or model for this run"
+_ENERGY_KEYS = ("edge_j", "cloud_j", "kind", "edge_kind", "cloud_kind", "edge_idle_j", "cloud_idle_j", "wasted_j",
+                "reason")
+_ROUND_ENERGY_J = ("energy_draft_j", "energy_wasted_j", "energy_verify_j", "energy_wait_j")
 
 # The run coordinates every row carries, with their types (all nullable).
 CONTEXT_FIELDS: dict[str, pa.DataType] = {
@@ -87,7 +90,7 @@ _COMPARED_MANIFEST_KEYS = ("schema_version", "clock", "device_profiles", "link.b
 
 KEY_PACKAGES = (
     "specwan", "torch", "llama-cpp-python", "transformers", "numpy",
-    "hydra-core", "grpcio", "pandas", "pyarrow",
+    "hydra-core", "grpcio", "pandas", "pyarrow", "nvidia-ml-py", "psutil",
 )
 
 _EXTRA_TYPES: dict[Any, pa.DataType] = {
@@ -148,6 +151,11 @@ _REQUEST_FIELDS: list[pa.Field] = [
     pa.field("energy_cloud_j", pa.float64()),
     pa.field("energy_kind", pa.string()),
     pa.field("energy_reason", pa.string()),
+    pa.field("energy_edge_kind", pa.string()),
+    pa.field("energy_cloud_kind", pa.string()),
+    pa.field("energy_edge_idle_j", pa.float64()),
+    pa.field("energy_cloud_idle_j", pa.float64()),
+    pa.field("energy_wasted_j", pa.float64()),
 ]
 
 _ROUND_FIELDS: list[pa.Field] = [
@@ -175,6 +183,12 @@ _ROUND_FIELDS: list[pa.Field] = [
     pa.field("edge_digest", pa.string(), nullable=False),
     pa.field("cloud_digest", pa.string(), nullable=False),
     pa.field("extra", pa.string(), nullable=False),  # RoundRecord.extra as a JSON object
+    pa.field("energy_draft_j", pa.float64()),
+    pa.field("energy_wasted_j", pa.float64()),
+    pa.field("energy_verify_j", pa.float64()),
+    pa.field("energy_wait_j", pa.float64()),
+    pa.field("energy_kind", pa.string()),
+    pa.field("energy_reason", pa.string()),
 ]
 
 
@@ -791,11 +805,13 @@ class RunWriter:
     ) -> tuple:
         """Record one finished request and its rounds; returns its key.
 
-        ``energy`` (optional): ``edge_j``, ``cloud_j``, ``kind`` ("measured" | "estimated"),
-        ``reason``; without it the energy columns are null with the reason
-        "not measured in this version". Appending a key already recorded without error raises;
-        a key recorded with an error may be appended again (a retry): the new row replaces the
-        old one in the tables (``attempt`` counts), the journal keeps both.
+        ``energy`` (optional, default ``record.energy``): ``edge_j``, ``cloud_j`` (joules),
+        ``kind`` ("measured" | "estimated", for both roles) or ``edge_kind`` / ``cloud_kind``,
+        ``edge_idle_j``, ``cloud_idle_j``, ``wasted_j``, ``reason``; without any, the energy
+        columns are null with the reason :data:`ENERGY_NOT_MEASURED`. Appending a key already
+        recorded without error raises; a key recorded with an error may be appended again (a
+        retry): the new row replaces the old one in the tables (``attempt`` counts), the
+        journal keeps both.
         """
         ctx = self.normalise_context(context, system=record.system)
         key = tuple(ctx.get(f) for f in self.key_fields) + (record.request_id,)
@@ -803,6 +819,7 @@ class RunWriter:
             raise ResultsError(f"request {key} is already recorded in {self.run_dir} (skip done_keys() on resume)")
         uid = uuid.uuid4().hex
         attempt = self._attempts.get(key, 0) + 1
+        energy = energy if energy is not None else record.energy
         request_row = {**ctx, **request_row_fields(record, energy), "attempt": attempt, "_uid": uid}
         round_rows = [{**ctx, **round_row_fields(r, record.request_id), "attempt": attempt, "_uid": uid}
                       for r in record.rounds]
@@ -882,13 +899,19 @@ def request_row_fields(record: RequestRecord, energy: Mapping[str, Any] | None =
     """The non-context columns of a request's row."""
     s = record.summary()
     energy = dict(energy or {})
-    unknown = set(energy) - {"edge_j", "cloud_j", "kind", "reason"}
+    unknown = set(energy) - set(_ENERGY_KEYS)
     if unknown:
-        raise ValueError(f"unknown energy field(s) {sorted(unknown)}; use edge_j, cloud_j, kind, reason")
-    kind = energy.get("kind")
-    if kind is not None and kind not in ENERGY_KINDS:
-        raise ValueError(f"energy kind must be one of {ENERGY_KINDS} or None, got {kind!r}")
+        raise ValueError(f"unknown energy field(s) {sorted(unknown)}; use {', '.join(_ENERGY_KEYS)}")
+    for key in ("kind", "edge_kind", "cloud_kind"):
+        if energy.get(key) is not None and energy[key] not in ENERGY_KINDS:
+            raise ValueError(f"energy {key} must be one of {ENERGY_KINDS} or None, got {energy[key]!r}")
     edge_j, cloud_j = _num(energy.get("edge_j")), _num(energy.get("cloud_j"))
+    # each role's kind (``kind`` stands for both when a role's own is not given); a null
+    # figure has no kind, and energy_kind is set only where the roles' kinds agree
+    edge_kind = energy.get("edge_kind", energy.get("kind")) if edge_j is not None else None
+    cloud_kind = energy.get("cloud_kind", energy.get("kind")) if cloud_j is not None else None
+    kinds = {edge_kind, cloud_kind} - {None}
+    kind = kinds.pop() if len(kinds) == 1 else None
     reason = energy.get("reason")
     if reason is None and (edge_j is None or cloud_j is None):
         reason = ENERGY_NOT_MEASURED
@@ -914,8 +937,13 @@ def request_row_fields(record: RequestRecord, energy: Mapping[str, Any] | None =
         "error": s["error"],
         "energy_edge_j": edge_j,
         "energy_cloud_j": cloud_j,
-        "energy_kind": kind if (edge_j is not None or cloud_j is not None) else None,
+        "energy_kind": kind,
         "energy_reason": reason,
+        "energy_edge_kind": edge_kind,
+        "energy_cloud_kind": cloud_kind,
+        "energy_edge_idle_j": _num(energy.get("edge_idle_j")) if edge_j is not None else None,
+        "energy_cloud_idle_j": _num(energy.get("cloud_idle_j")) if cloud_j is not None else None,
+        "energy_wasted_j": _num(energy.get("wasted_j")),
     }
 
 
@@ -928,8 +956,13 @@ def round_row_fields(record: RoundRecord, request_id: str | None = None) -> dict
     if request_id is not None:
         row["request_id"] = request_id
     row["extra"] = _dumps(row.get("extra") or {}, sort_keys=True)
-    for name in ("t_uplink", "t_queue", "t_verify", "t_downlink"):
+    for name in ("t_uplink", "t_queue", "t_verify", "t_downlink", *_ROUND_ENERGY_J):
         row[name] = _num(row[name])
+    if row["energy_kind"] is not None and row["energy_kind"] not in ENERGY_KINDS:
+        raise ValueError(f"round energy_kind must be one of {ENERGY_KINDS} or None, got {row['energy_kind']!r}")
+    if all(row[name] is None for name in _ROUND_ENERGY_J):
+        row["energy_kind"] = None
+        row["energy_reason"] = row["energy_reason"] or ENERGY_NOT_MEASURED
     return row
 
 

@@ -9,12 +9,13 @@ combination; ``hydra/launcher=joblib`` runs them in parallel worker processes.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from harness.energy.select import EnergyConfig, energy_config
 from harness.link import LinkProfile
 from harness.profiles import RoleProfile, role_profile
 from systems.api import GenerationRequest, SystemSpec, get_system
@@ -40,6 +41,8 @@ class Plan:
     cloud: RoleProfile
     mode: str
     sampling: SamplingParams
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    workload: object = None  # workloads.WorkloadSpec, checked here; its prompts load after the models
 
 
 def network_profile(node) -> LinkProfile:
@@ -94,25 +97,59 @@ def make_plan(cfg: DictConfig) -> Plan:
         raise ConfigError(f"device: missing the {exc.args[0]!r} profile") from exc
     except ValueError as exc:
         raise ConfigError(f"device: {exc}") from exc
+    energy_node = cfg.get("energy")
+    try:
+        energy = energy_config(None if energy_node is None else OmegaConf.to_container(energy_node, resolve=True))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc) if str(exc).startswith("energy") else f"energy: {exc}") from exc
+    from workloads import WorkloadError, workload_spec
+
+    try:
+        workload = workload_spec(cfg.workload)
+    except WorkloadError as exc:
+        raise ConfigError(str(exc)) from exc
     return Plan(system, system_config, pair, network_profile(cfg.network), edge, cloud, cfg.mode,
-                SamplingParams(temperature=float(cfg.temperature)))
+                SamplingParams(temperature=float(cfg.temperature)), energy, workload)
+
+
+WALL_ENERGY_REASON = ("mode=wall: energy is not metered per request in this version "
+                      "(the meters are in harness/energy)")
+
+
+def energy_plan(plan: Plan):
+    """The energy model of a virtual-time run (None in wall mode) and the manifest's entry per role."""
+    from harness.energy.virtual import VirtualEnergy
+
+    if plan.mode != "virtual":
+        return None, {role: {"kind": None, "source": None, "reason": WALL_ENERGY_REASON} for role in ("edge", "cloud")}
+    energy = VirtualEnergy.from_profiles(plan.edge, plan.cloud, plan.energy.mode)
+    return energy, energy.describe()
+
+
+def build_workload(cfg: DictConfig, target, progress: bool = True):
+    """The workload (``workloads.Workload``) and its first turns (``workloads.Turn``), rendered for ``target``.
+
+    Prompt sets are fetched and verified on first use. A multi-turn conversation's next turn
+    is ``workload.next_turn(turn, output_tokens, target)``, built from the model's own answer.
+    """
+    from workloads import WorkloadError, load_workload, workload_spec
+    from workloads.workload import describe
+
+    try:
+        workload = load_workload(workload_spec(cfg.workload), int(cfg.max_new_tokens),
+                                 SamplingParams(temperature=float(cfg.temperature)), seed=int(cfg.seed),
+                                 progress=progress)
+        turns = workload.first_turns(target)
+    except WorkloadError as exc:
+        raise ConfigError(str(exc)) from exc
+    if progress:
+        print(f"specwan: {describe(workload)}", file=sys.stderr, flush=True)
+    return workload, turns
 
 
 def build_requests(cfg: DictConfig, target) -> list[GenerationRequest]:
-    """The workload's prompts as requests, rendered with the target's chat template."""
-    from workloads.smoke import SMOKE_PROMPTS
-
-    workload = cfg.workload
-    if workload.name != "smoke":
-        raise ConfigError(f"workload {workload.name!r} is not available yet; use workload=smoke")
-    prompts = SMOKE_PROMPTS[: int(workload.get("size") or len(SMOKE_PROMPTS))]
-    requests = []
-    for i, p in enumerate(prompts):
-        text = target.apply_chat_template([{"role": "user", "content": p["turns"][0]}]) \
-            if workload.get("chat_template", True) else p["turns"][0]
-        requests.append(GenerationRequest(p["id"], target.tokenize(text), int(cfg.max_new_tokens),
-                                          SamplingParams(temperature=float(cfg.temperature)), seed=int(cfg.seed) + i))
-    return requests
+    """The workload's first-turn requests, rendered with the target's chat template."""
+    return [t.request for t in build_workload(cfg, target)[1]]
 
 
 def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
@@ -134,31 +171,35 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
         draft, target = _tokenizer_engine(plan.pair, paths), None
     else:
         draft, target = open_engines(plan.pair, paths)
-    requests = build_requests(cfg, target or draft)
+    _, turns = build_workload(cfg, target or draft)
+    requests = [t.request for t in turns]
+    rows = {t.request_id: t.context() for t in turns}  # each request's prompt_id and category
     context = {"system": plan.system.name, "pair": plan.pair.name, "network": plan.link.name,
                "workload": str(cfg.workload.name), "clock": plan.mode, "seed": int(cfg.seed)}
+    energy, energy_manifest = energy_plan(plan)
     writer = None
     if run_dir is not None:
         config = OmegaConf.to_container(cfg, resolve=True)
         link = {"backend": "model (in-process)"} if plan.mode == "virtual" else {"backend": "loopback (gRPC)"}
         profiles = {"edge": plan.edge.as_dict(), "cloud": plan.cloud.as_dict()} if plan.mode == "virtual" else None
-        manifest = build_manifest(config, {"clock": plan.mode, "device_profiles": profiles, "link": link},
-                                  models=paths)
+        manifest = build_manifest(config, {"clock": plan.mode, "device_profiles": profiles, "link": link,
+                                           "energy": energy_manifest}, models=paths)
         writer = RunWriter(run_dir, manifest)
         done = writer.done_keys()
-        requests = [r for r in requests if writer.key({**context, "prompt_id": r.request_id}, r.request_id) not in done]
+        requests = [r for r in requests if writer.key({**context, **rows[r.request_id]}, r.request_id) not in done]
     records = []
     try:
         if plan.mode == "wall":
-            records = _run_wall(plan, cfg, requests, writer, context)
+            records = _run_wall(plan, cfg, requests, writer, context, rows)
         else:
-            options = RunOptions(virtual=True, link=plan.link, edge_cost=plan.edge.cost, cloud_cost=plan.cloud.cost)
+            options = RunOptions(virtual=True, link=plan.link, edge_cost=plan.edge.cost, cloud_cost=plan.cloud.cost,
+                                 energy=energy)
             # one request at a time, so each is on disk as soon as it finishes
             for req in requests:
                 (rec,) = run_system(plan.system, draft, target, [req], system_params(cfg), options)
                 records.append(rec)
                 if writer is not None:
-                    writer.append(rec, {**context, "prompt_id": req.request_id})
+                    writer.append(rec, {**context, **rows[req.request_id]}, energy=rec.energy)
     finally:
         if writer is not None:
             writer.close()
@@ -173,6 +214,10 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
     kind = "modelled" if plan.mode == "virtual" else "measured"
     print(f"{plan.system.name} on {plan.link.name} ({plan.mode} time; {devices}): {len(records)} requests, "
           f"{tokens} tokens, {1e3 * seconds / max(1, tokens):.1f} ms/token ({kind}){acceptance}{where}")
+    if plan.mode == "virtual" and records:
+        from harness.energy.report import describe_per_token
+
+        print(f"  {describe_per_token(records)}")
     return records
 
 
@@ -189,21 +234,22 @@ def _tokenizer_engine(pair, paths):
     return create_engine(spec.engine, **options)
 
 
-def _run_wall(plan: Plan, cfg: DictConfig, requests, writer, context) -> list:
+def _run_wall(plan: Plan, cfg: DictConfig, requests, writer, context, rows) -> list:
     """Serve the requests across real processes; record what finished even on failure."""
     from harness.pairs import load_pair
     from harness.wall import WallRunError, run_wall
 
+    energy = {"reason": WALL_ENERGY_REASON}
     try:
         records = run_wall(plan.system.name, load_pair(str(cfg.pair.name)), requests, system_params(cfg))
     except WallRunError as exc:
         if writer is not None:
             for rec in exc.records:
-                writer.append(rec, {**context, "prompt_id": rec.request_id})
+                writer.append(rec, {**context, **rows[rec.request_id]}, energy=energy)
         raise
     if writer is not None:
         for rec in records:
-            writer.append(rec, {**context, "prompt_id": rec.request_id})
+            writer.append(rec, {**context, **rows[rec.request_id]}, energy=energy)
     return records
 
 

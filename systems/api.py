@@ -59,13 +59,15 @@ class Op:
 
     kind: "prefill" (a prompt), "draft" (one draft token), "verify" (a block of ``tokens``
     per session for ``batch`` sessions at total context ``context``), or "decode" (one
-    autoregressive target token).
+    autoregressive target token). ``sessions`` names the sessions the work serves, so a
+    shared device's time (and energy) can be attributed to them; empty when unknown.
     """
 
     kind: str
     tokens: int
     context: int
     batch: int = 1
+    sessions: tuple[str, ...] = ()
 
 
 class Compute(Protocol):

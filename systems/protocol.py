@@ -417,7 +417,8 @@ class VerifyingCloud(CloudPolicy):
         for job in [j for j in batch if j.kind == "prefill"]:
             sess = self.sessions.get(job.session)
             if sess is not None:
-                await self.ctx.compute.run(Op("prefill", len(sess.tokens), 0), sess.verifier.prefill)
+                await self.ctx.compute.run(Op("prefill", len(sess.tokens), 0, sessions=(sess.name,)),
+                                           sess.verifier.prefill)
         items, ready = [], []
         for job in [j for j in batch if j.kind == "verify"]:
             sess = self.sessions.get(job.session)
@@ -435,7 +436,8 @@ class VerifyingCloud(CloudPolicy):
             return
         t0 = self.ctx.clock.now()
         context = sum(len(s.tokens) for s, *_ in ready)
-        op = Op("verify", max(len(t) for *_, t in ready), context, batch=len(items))
+        op = Op("verify", max(len(t) for *_, t in ready), context, batch=len(items),
+                sessions=tuple(s.name for s, *_ in ready))
         outcomes = await self.ctx.compute.run(op, lambda: verify_batch(items))
         t_verify = self.ctx.clock.now() - t0
         for (sess, job, base, tokens), out in zip(ready, outcomes):

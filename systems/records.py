@@ -37,6 +37,13 @@ class RoundRecord:
     edge_digest: str = ""
     cloud_digest: str = ""
     extra: dict = field(default_factory=dict)
+    # Energy attributed to this round by the harness (joules; None when not attributed):
+    energy_draft_j: float | None = None  # edge, drafting this window's tokens (discarded ones included)
+    energy_wasted_j: float | None = None  # the part of energy_draft_j spent on tokens not accepted
+    energy_verify_j: float | None = None  # cloud, this round's share of its verification pass
+    energy_wait_j: float | None = None  # edge, idle while waiting for this round's verdict
+    energy_kind: str | None = None  # "measured" or "estimated"
+    energy_reason: str | None = None  # why figures are null
 
     def as_row(self) -> dict:
         return asdict(self)
@@ -57,6 +64,10 @@ class RequestRecord:
     error: str | None = None
     bytes_up: int = 0  # everything the request put on the link, set-up and tear-down included
     bytes_down: int = 0
+    # Energy, set by the harness: edge_j, cloud_j (joules), edge_kind, cloud_kind ("measured" |
+    # "estimated"), kind (the two kinds when they agree), edge_idle_j, cloud_idle_j, wasted_j,
+    # reason (why a figure is null). None: not metered at all.
+    energy: dict | None = None
 
     @property
     def n_tokens(self) -> int:

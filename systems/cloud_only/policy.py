@@ -76,7 +76,8 @@ class CloudOnlyCloud(CloudPolicy):
         try:
             session.extend(req.prompt)
             for index in range(req.max_new_tokens):
-                op = Op("prefill", len(req.prompt), 0) if index == 0 else Op("decode", 1, len(session))
+                op = (Op("prefill", len(req.prompt), 0, sessions=(req.session,)) if index == 0
+                      else Op("decode", 1, len(session), sessions=(req.session,)))
                 t0 = ctx.clock.now()
                 logits = await ctx.compute.run(op, session.next_logits)
                 token = sample(probabilities(logits, params), rng)
