@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +42,10 @@ async def _cancel(task: asyncio.Task, tries: int = 5, wait_s: float = 0.5) -> No
         task.exception()  # retrieved: no "never retrieved" noise
 
 
+CLOUD_PER_RUN_REASON = ("cloud: one process serves every request, so its energy is a whole-run figure "
+                        "(manifest.json, energy.cloud_run)")
+
+
 async def run_edge(
     spec: SystemSpec,
     cfg,
@@ -51,6 +56,7 @@ async def run_edge(
     address: str | None,
     device: str = "edge",
     q_dtype: str = "float32",
+    energy_mode: str = "auto",
 ) -> tuple[int, str | None]:
     """Serve ``requests`` in order, writing each record to ``out``; ``(finished, error)``."""
     from harness.clock import LoopClock
@@ -66,8 +72,13 @@ async def run_edge(
             loop.default_exception_handler(context)
 
     loop.set_exception_handler(quiet_link_errors)
+    from harness.energy.select import select_meter
+
     clock = LoopClock()
     compute = WallCompute()
+    # Energy of this edge process per request (energy=auto: NVML, RAPL, else the CPU-time
+    # estimate). The cloud serves every request from one process: its figure is per run.
+    meter = select_meter("edge", energy_mode, pid=os.getpid())
     policy = spec.edge_cls(cfg)
     link = None
     finished = 0
@@ -85,6 +96,7 @@ async def run_edge(
         for req in requests:
             session = f"{device}-{req.request_id}"
             recorder = RequestRecorder(clock)
+            meter.begin(req.request_id)
             start = clock.now()
             up0, down0 = traffic() if traffic else (0, 0)
             task = asyncio.get_running_loop().create_task(serve_request(
@@ -115,6 +127,10 @@ async def run_edge(
                     output_tokens=list(recorder.tokens), start=start, end=clock.now(),
                     token_times=list(recorder.token_times), rounds=list(recorder.rounds), error=error,
                     bytes_up=up1 - up0, bytes_down=down1 - down0)
+            reading = meter.end(req.request_id)
+            record.energy = {"edge_j": reading.joules, "edge_kind": reading.kind if reading.joules is not None else None,
+                             "cloud_j": None, "cloud_kind": None, "kind": None,
+                             "reason": (reading.reason or "") + CLOUD_PER_RUN_REASON}
             out.write(record_to_json(record) + "\n")
             out.flush()
             if link is not None:

@@ -112,8 +112,8 @@ def make_plan(cfg: DictConfig) -> Plan:
                 SamplingParams(temperature=float(cfg.temperature)), energy, workload)
 
 
-WALL_ENERGY_REASON = ("mode=wall: energy is not metered per request in this version "
-                      "(the meters are in harness/energy)")
+WALL_ENERGY_SOURCE = ("mode=wall: each process meters itself (energy=auto: NVML, RAPL, else its CPU time); "
+                      "the edge per request, the cloud per run (it serves every request from one process)")
 
 
 def energy_plan(plan: Plan):
@@ -121,7 +121,7 @@ def energy_plan(plan: Plan):
     from harness.energy.virtual import VirtualEnergy
 
     if plan.mode != "virtual":
-        return None, {role: {"kind": None, "source": None, "reason": WALL_ENERGY_REASON} for role in ("edge", "cloud")}
+        return None, {role: {"kind": None, "source": WALL_ENERGY_SOURCE, "reason": None} for role in ("edge", "cloud")}
     energy = VirtualEnergy.from_profiles(plan.edge, plan.cloud, plan.energy.mode)
     return energy, energy.describe()
 
@@ -171,13 +171,12 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
         draft, target = _tokenizer_engine(plan.pair, paths), None
     else:
         draft, target = open_engines(plan.pair, paths)
-    _, turns = build_workload(cfg, target or draft)
-    requests = [t.request for t in turns]
-    rows = {t.request_id: t.context() for t in turns}  # each request's prompt_id and category
+    engine = target or draft
+    workload, turns = build_workload(cfg, engine)
     context = {"system": plan.system.name, "pair": plan.pair.name, "network": plan.link.name,
                "workload": str(cfg.workload.name), "clock": plan.mode, "seed": int(cfg.seed)}
     energy, energy_manifest = energy_plan(plan)
-    writer = None
+    writer, done, done_outputs = None, set(), {}
     if run_dir is not None:
         config = OmegaConf.to_container(cfg, resolve=True)
         link = {"backend": "model (in-process)"} if plan.mode == "virtual" else {"backend": "loopback (gRPC)"}
@@ -186,20 +185,39 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
                                            "energy": energy_manifest}, models=paths)
         writer = RunWriter(run_dir, manifest)
         done = writer.done_keys()
-        requests = [r for r in requests if writer.key({**context, **rows[r.request_id]}, r.request_id) not in done]
+        if done:  # resuming: a later turn is built from the recorded answer of the one before
+            from harness.results import load_run
+
+            _, previous, _ = load_run(run_dir)
+            done_outputs = {rid: list(ids) for rid, ids in zip(previous["request_id"], previous["output_ids"])}
     records = []
     try:
-        if plan.mode == "wall":
-            records = _run_wall(plan, cfg, requests, writer, context, rows)
-        else:
-            options = RunOptions(virtual=True, link=plan.link, edge_cost=plan.edge.cost, cloud_cost=plan.cloud.cost,
-                                 energy=energy)
-            # one request at a time, so each is on disk as soon as it finishes
-            for req in requests:
-                (rec,) = run_system(plan.system, draft, target, [req], system_params(cfg), options)
-                records.append(rec)
-                if writer is not None:
-                    writer.append(rec, {**context, **rows[req.request_id]}, energy=rec.energy)
+        wave = list(turns)
+        while wave:
+            todo, later = [], []
+            for t in wave:
+                if writer is not None and writer.key({**context, **t.context()}, t.request_id) in done:
+                    if (out := done_outputs.get(t.request_id)) is not None and (
+                            nxt := workload.next_turn(t, out, engine)) is not None:
+                        later.append(nxt)
+                else:
+                    todo.append(t)
+            if plan.mode == "wall":
+                served = _run_wall(plan, cfg, todo, writer, context)
+            else:
+                options = RunOptions(virtual=True, link=plan.link, edge_cost=plan.edge.cost,
+                                     cloud_cost=plan.cloud.cost, energy=energy)
+                served = []
+                for t in todo:  # one request at a time, so each is on disk as soon as it finishes
+                    (rec,) = run_system(plan.system, draft, target, [t.request], system_params(cfg), options)
+                    served.append(rec)
+                    if writer is not None:
+                        writer.append(rec, {**context, **t.context()}, energy=rec.energy)
+            records += served
+            # multi-turn prompts: the next turn carries this system's own answer
+            later += [nxt for t, rec in zip(todo, served)
+                      if (nxt := workload.next_turn(t, rec.output_tokens, engine)) is not None]
+            wave = later
     finally:
         if writer is not None:
             writer.close()
@@ -234,22 +252,28 @@ def _tokenizer_engine(pair, paths):
     return create_engine(spec.engine, **options)
 
 
-def _run_wall(plan: Plan, cfg: DictConfig, requests, writer, context, rows) -> list:
-    """Serve the requests across real processes; record what finished even on failure."""
+def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context) -> list:
+    """Serve the turns' requests across real processes; record what finished even on failure."""
     from harness.pairs import load_pair
     from harness.wall import WallRunError, run_wall
 
-    energy = {"reason": WALL_ENERGY_REASON}
+    if not turns:
+        return []
+    rows = {t.request_id: t.context() for t in turns}
+    started = []
     try:
-        records = run_wall(plan.system.name, load_pair(str(cfg.pair.name)), requests, system_params(cfg))
+        records = run_wall(plan.system.name, load_pair(str(cfg.pair.name)), [t.request for t in turns],
+                           system_params(cfg), on_start=started.append)
     except WallRunError as exc:
         if writer is not None:
             for rec in exc.records:
-                writer.append(rec, {**context, **rows[rec.request_id]}, energy=energy)
+                writer.append(rec, {**context, **rows[rec.request_id]}, energy=rec.energy)
         raise
     if writer is not None:
         for rec in records:
-            writer.append(rec, {**context, **rows[rec.request_id]}, energy=energy)
+            writer.append(rec, {**context, **rows[rec.request_id]}, energy=rec.energy)
+        if started and started[0].energy:
+            writer.update_manifest({"energy": started[0].energy})
     return records
 
 

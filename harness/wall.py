@@ -261,6 +261,7 @@ class WallRun:
     grpc_port: int | None = None
     http_port: int | None = None
     outputs: list[Path] = field(default_factory=list)
+    energy: dict | None = None  # the cloud process's whole-run energy reading, once stopped
 
     @property
     def children(self) -> list[Child]:
@@ -377,8 +378,10 @@ def run_wall(
     ok = False
     try:
         try:
+            cloud_meter = None
             if spec.cloud_cls is not None:
                 _start_cloud(run, common, cloud_cpus, deadline, spec.name, draft_fp)
+                cloud_meter = _begin_cloud_energy(run)
             for i in range(clients):
                 mine = requests[i::clients]
                 req_file, out = work / f"edge{i}.requests.jsonl", work / f"edge{i}.jsonl"
@@ -396,6 +399,12 @@ def run_wall(
                 on_start(run)
             problems = _wait_edges(run, deadline, timeout_s)
             records = [r for out in run.outputs for r in read_records(out)]
+            if cloud_meter is not None:
+                try:
+                    reading = cloud_meter.end("run")
+                    run.energy = {"cloud_run": reading.as_dict(), "cloud_meter": cloud_meter.describe()}
+                except (OSError, RuntimeError) as exc:  # the cloud died: nothing left to read
+                    run.energy = {"cloud_run": None, "reason": f"the cloud process could not be read ({exc!r})"}
             if not problems:
                 problems = _stop_cloud(run)
             finished = sum(1 for r in records if not r.error)
@@ -417,6 +426,15 @@ def run_wall(
     finally:
         if own_dir and (ok or not run.edges):  # keep a failed run's records and logs
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _begin_cloud_energy(run: WallRun):
+    """Meter the cloud process over the whole run (energy=auto: NVML, RAPL, else CPU time)."""
+    from harness.energy.select import select_meter
+
+    meter = select_meter("cloud", "auto", pid=run.cloud.proc.pid)
+    meter.begin("run")
+    return meter
 
 
 def _start_cloud(run: WallRun, common: list[str], cpus, deadline: float, system: str, draft_fp: str) -> None:

@@ -96,7 +96,18 @@ def test_wall_mode_matches_virtual_mode_tokens(tmp_path):
     assert [r.output_tokens for r in wall] == [r.output_tokens for r in virtual]
     import json
 
-    assert json.loads((tmp_path / "manifest.json").read_text())["clock"] == "wall"
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["clock"] == "wall"
+    # energy: the edge per request, the cloud per run, labelled by kind, never zero when unmeasured
+    cloud = manifest["energy"]["cloud_run"]
+    # (CPU time advances in 10 ms ticks, so a tiny toy run may read 0 J: a reading, not a gap)
+    assert cloud["kind"] in ("measured", "estimated") and cloud["joules"] >= 0
+    import pandas as pd
+
+    rows = pd.read_parquet(tmp_path / "requests.parquet")
+    assert rows["energy_edge_j"].notna().all() and (rows["energy_edge_j"] >= 0).all()
+    assert rows["energy_cloud_j"].isna().all()
+    assert set(rows["energy_edge_kind"]) <= {"measured", "estimated"}
 
 
 def test_wall_mode_refuses_a_shaped_network():
@@ -104,3 +115,36 @@ def test_wall_mode_refuses_a_shaped_network():
 
     with pytest.raises(ConfigError, match="network=loopback"):
         execute(_compose("pair=toy", "mode=wall", "network=slow_wan"))
+
+
+def test_multi_turn_run_serves_second_turns_and_resumes_them(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from harness.run import execute
+
+    prompts = tmp_path / "chat.jsonl"
+    prompts.write_text("".join(json.dumps({"question_id": f"q{i}", "category": "chat",
+                                           "turns": [f"<t{i + 1}><t2>", "<t3><t4>"]}) + "\n" for i in range(2)))
+    cfg = _compose("pair=toy", "workload=file", f"workload.path={prompts}", "workload.chat_template=false",
+                   "max_new_tokens=6")
+    run_dir = tmp_path / "run"
+    records = execute(cfg, run_dir=run_dir)
+    ids = sorted(r.request_id for r in records)
+    assert len(ids) == 4 and sum("turn2" in i for i in ids) == 2
+    second = next(r for r in records if r.request_id.endswith("turn2"))
+    first = next(r for r in records if r.request_id == second.request_id.split("#")[0])
+    assert second.prompt_tokens > first.prompt_tokens + first.n_tokens - 1  # the answer is in the prompt
+    assert len(pd.read_parquet(run_dir / "requests.parquet")) == 4
+    assert execute(cfg, run_dir=run_dir) == []  # all recorded: nothing is served again
+    # As if the run had stopped after the first turns: drop the turn-2 lines from the journals.
+    for journal in ("requests.jsonl", "rounds.jsonl"):
+        path = run_dir / journal
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if "#turn2" not in json.loads(line).get("request_id", "")]
+        path.write_text("".join(kept))
+    resumed = execute(cfg, run_dir=run_dir)
+    assert sorted(r.request_id for r in resumed) == sorted(i for i in ids if "turn2" in i)
+    assert {r.request_id: r.output_tokens for r in resumed} == {
+        r.request_id: r.output_tokens for r in records if "turn2" in r.request_id}
