@@ -300,35 +300,11 @@ def _print_table(rows, pair: str, notes: list[str] = ()) -> None:
 
 
 def _write_summary(run_dir: Path, rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
 
-    df = pd.DataFrame(rows)
-    df.to_csv(run_dir / "summary.csv", index=False)
-    pivot = df.pivot(index="network", columns="system", values="ms_per_token").reindex(
-        list(dict.fromkeys(df["network"])))
-    ax = pivot.plot(kind="bar", figsize=(8, 4.5), rot=0)
-    ax.set_ylabel("time per output token, ms (modelled)")
-    ax.set_xlabel("network profile")
-    ax.set_title("SpecWAN: time per token by system and network (virtual time)")
-    plt.tight_layout()
-    plt.savefig(run_dir / "comparison.png", dpi=120)
-    plt.close()
-    # energy: one panel per (role, kind) column, the kind in its title: never mixed in a bar
-    cols = [c for c in df.columns if "_J_per_token_" in c and df[c].notna().any()]
-    if not cols:
-        return
-    fig, axes = plt.subplots(1, len(cols), figsize=(6 * len(cols), 4.5), squeeze=False)
-    for ax, col in zip(axes[0], cols):
-        role, kind = col.split("_J_per_token_")
-        df.pivot(index="network", columns="system", values=col).reindex(
-            list(dict.fromkeys(df["network"]))).plot(kind="bar", ax=ax, rot=0)
-        ax.set_title(f"{role}: energy per output token ({kind})")
-        ax.set_ylabel(f"J/token, {kind}" + (" (modelled device power)" if kind == "estimated" else ""))
-        ax.set_xlabel("network profile")
-    plt.tight_layout()
-    plt.savefig(run_dir / "energy.png", dpi=120)
-    plt.close(fig)
+    from analysis.plots import plot_energy_per_token, plot_time_per_token
+
+    summary = pd.DataFrame(rows)
+    summary.to_csv(run_dir / "summary.csv", index=False)
+    plot_time_per_token(summary, run_dir / "comparison.png")
+    plot_energy_per_token(summary, run_dir / "energy.png")
