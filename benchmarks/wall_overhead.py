@@ -23,29 +23,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from harness.inprocess import RunOptions, run_system
 from harness.pairs import ensure_pair, load_pair, open_engines
 from harness.wall import run_wall
 from systems.api import GenerationRequest
+from _timing import ForwardTimer  # noqa: E402  (a sibling script module)
 
 TARGET_MS = 2.0
-
-
-class ForwardTimer:
-    """Sums the time an engine spends in its forward passes."""
-
-    def __init__(self, engine):
-        self.seconds, self._inner = 0.0, engine._forward
-        engine._forward = self._timed
-
-    def _timed(self, items):
-        t0 = time.perf_counter()
-        try:
-            return self._inner(items)
-        finally:
-            self.seconds += time.perf_counter() - t0
 
 
 def _requests(n: int, tokens: int) -> list[GenerationRequest]:
