@@ -108,18 +108,22 @@ def fit(role: str, m: dict, name: str, source: str) -> RoleProfile:
     step0 = max(0.0, steps[0] - slope * ctxs[0])
     prefill = float(np.median([m["prefill"][n] / n for n in m["prefill"]]))
     verify_per_token = batch_extra = 0.0
+    verify0 = None
     if m["verify"]:
         n = np.array(sorted(m["verify"]), dtype=float)
         t = np.array([m["verify"][int(k)] for k in n])
         a = np.vstack([np.ones_like(n), n]).T
-        (_, verify_per_token), *_ = np.linalg.lstsq(a, t, rcond=None)
+        (intercept, verify_per_token), *_ = np.linalg.lstsq(a, t, rcond=None)
         verify_per_token = max(0.0, float(verify_per_token))
+        # measured at context CONTEXTS[0]; the profile's intercept is at empty context
+        verify0 = max(0.0, float(intercept) - slope * CONTEXTS[0])
         if m["batch"]:
-            one = step0 + slope * CONTEXTS[0] + verify_per_token * 4
+            one = verify0 + slope * CONTEXTS[0] + verify_per_token * 4
             batch_extra = max(0.0, m["batch"][2] - one)
     return RoleProfile(name=name, kind="measured", source=source, step_s=round(step0, 6),
                        prefill_s_per_token=round(prefill, 6), verify_s_per_token=round(verify_per_token, 6),
-                       step_s_per_ctx_token=round(slope, 9), batch_s_per_session=round(batch_extra, 6))
+                       step_s_per_ctx_token=round(slope, 9), batch_s_per_session=round(batch_extra, 6),
+                       verify_s=None if verify0 is None else round(verify0, 6))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,9 @@ class RoleProfile:
     verify_s_per_token: float = 0.0  # extra per verified token beyond one step
     step_s_per_ctx_token: float = 0.0  # growth of a step with context length
     batch_s_per_session: float = 0.0  # extra per additional session in a batched verification
+    # Fixed cost of a verification pass (its intercept); None: the same as one step. A
+    # measured profile sets it, since a block pass differs from a one-token step.
+    verify_s: float | None = None
     # Power (optional; used by harness.energy): the modelled device draws ``active_w`` while
     # it runs model work and ``idle_w`` otherwise (virtual time); ``tdp_w`` / ``hw_threads``
     # price CPU-seconds in the wall-clock estimate. ``power_source`` says where they come from.
@@ -41,6 +44,8 @@ class RoleProfile:
                            "batch_s_per_session"):
             if getattr(self, field_name) < 0:
                 raise ValueError(f"device profile {self.name!r}: {field_name} must be >= 0")
+        if self.verify_s is not None and self.verify_s < 0:
+            raise ValueError(f"device profile {self.name!r}: verify_s must be >= 0 (or null)")
         for field_name in ("active_w", "idle_w", "tdp_w"):
             value = getattr(self, field_name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
@@ -59,7 +64,8 @@ class RoleProfile:
         if op.kind in ("draft", "decode"):
             return step
         if op.kind == "verify":
-            return step + self.verify_s_per_token * op.tokens + self.batch_s_per_session * (op.batch - 1)
+            base = step if self.verify_s is None else self.verify_s + self.step_s_per_ctx_token * context
+            return base + self.verify_s_per_token * op.tokens + self.batch_s_per_session * (op.batch - 1)
         raise ValueError(f"unknown op kind {op.kind!r}")
 
     def as_dict(self) -> dict:
