@@ -349,9 +349,11 @@ def test_user_file_through_hydra_and_the_runner(tmp_path, capsys):
         make_plan(unset)  # before any model loads
     out = tmp_path / "run"
     records = execute(cfg, run_dir=out)
-    assert [r.request_id for r in records] == ["x1", "x2"]
+    # x2 has two turns: its second is served after the first, carrying the first answer
+    assert [r.request_id for r in records] == ["x1", "x2", "x2#turn2"]
     df = pd.read_parquet(out / "requests.parquet")
-    assert list(df["prompt_id"]) == ["x1", "x2"] and list(df["category"]) == ["alpha", "beta"]
+    assert list(df["request_id"]) == ["x1", "x2", "x2#turn2"]
+    assert list(df["prompt_id"]) == ["x1", "x2", "x2"] and list(df["category"]) == ["alpha", "beta", "beta"]
     assert set(df["workload"]) == {"file"}
 
 
