@@ -445,7 +445,7 @@ class VerifyingCloud(CloudPolicy):
             await self._send(sess, job, Verdict(
                 sess.name, job.round, base, len(tokens), out.n_accepted, out.token,
                 list(out.topk_ids), list(out.topk_probs), committed=len(sess.tokens),
-                digest=prefix_digest(sess.tokens), t_arrived=job.t_arrived,
+                digest=sess.verifier.digest(), t_arrived=job.t_arrived,
                 t_queue=t0 - job.t_arrived, t_verify=t_verify, batch_size=len(items)))
 
     def _block(self, sess: CloudSession, job: Job):
