@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.energy.select import EnergyConfig, energy_config
 from harness.link import LinkProfile
 from harness.profiles import RoleProfile, role_profile
-from systems.api import GenerationRequest, SystemSpec, get_system
+from systems.api import SystemSpec, get_system
 from systems.sampling import SamplingParams
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -145,11 +145,6 @@ def build_workload(cfg: DictConfig, target, progress: bool = True):
     if progress:
         print(f"specwan: {describe(workload)}", file=sys.stderr, flush=True)
     return workload, turns
-
-
-def build_requests(cfg: DictConfig, target) -> list[GenerationRequest]:
-    """The workload's first-turn requests, rendered with the target's chat template."""
-    return [t.request for t in build_workload(cfg, target)[1]]
 
 
 def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
