@@ -117,6 +117,7 @@ async def serve_request(
     drafter = Drafter(draft, req.sampling, rng, q_dtype) if draft is not None else None
     ctx = EdgeContext(session, clock, compute, link, recorder, drafter, rng)
     traffic = traffic or (lambda: (0, 0))
+    await policy.warm_up(ctx)
     start, (up0, down0) = clock.now(), traffic()
     output = await policy.generate(req, ctx)
     if output != recorder.tokens:

@@ -333,6 +333,10 @@ class EdgePolicy(ABC):
     async def generate(self, request: GenerationRequest, ctx: EdgeContext) -> list[int]:
         """Serve one request; return the emitted tokens (also reported via ctx.recorder)."""
 
+    async def warm_up(self, ctx: EdgeContext) -> None:
+        """One-time device set-up before a request's clock starts (e.g. link probes); the
+        context is the request's. Its time and bytes are not the request's. Default: none."""
+
 
 class CloudPolicy(ABC):
     """The cloud half of a system: how to queue, batch and schedule work for all edges."""

@@ -14,7 +14,7 @@ from typing import ClassVar
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 _REGISTRY: dict[int, type] = {}
 
@@ -63,7 +63,9 @@ class Upload(Message):
     encoded in ``q_dtype``. ``verify`` asks the cloud to verify everything buffered up to the
     end of this upload; ``round`` names the verification window the tokens belong to and
     ``parent`` the window still awaiting its verdict when they were drafted (-1: none); if
-    that verdict discards the speculation, the cloud drops this upload too.
+    that verdict discards the speculation, the cloud drops this upload too. ``ack`` asks
+    the cloud to confirm receipt with an :class:`Ack` (for edges that time their uploads);
+    a ``probe`` carries payload only, to measure the link, and is acknowledged and dropped.
     """
 
     round: int
@@ -74,6 +76,8 @@ class Upload(Message):
     verify: bool = False
     q_token: list[float] | None = None
     q_rows: np.ndarray | None = None
+    ack: bool = False
+    probe: bool = False
 
 
 @_message(3)
@@ -133,6 +137,16 @@ class TokenOut(Message):
 @dataclass
 class CloseSession(Message):
     """Edge -> cloud: the request is done; free the session."""
+
+
+@_message(7)
+@dataclass
+class Ack(Message):
+    """Cloud -> edge: an upload that asked for it (``Upload.ack``) has arrived."""
+
+    round: int
+    n_tokens: int
+    probe: bool = False
 
 
 def _pack_value(v):

@@ -31,9 +31,9 @@ from systems.api import (
     prefix_digest,
     verify_batch,
 )
-from systems.messages import CloseSession, OpenSession, Upload, Verdict
+from systems.messages import Ack, CloseSession, OpenSession, Upload, Verdict
 from systems.records import RoundRecord
-from systems.sampling import SamplingParams, resample_sparse
+from systems.sampling import SamplingParams, resample_sparse, softmax
 
 
 class ProtocolError(RuntimeError):
@@ -54,6 +54,9 @@ def choose_rule(params: SamplingParams, verification: str) -> str:
     return "rejection" if verification == "full" else "sparse"
 
 
+UPLINK_Q = ("rule", "full")
+
+
 @dataclass
 class _Window:
     start: float | None = None
@@ -63,15 +66,36 @@ class _Window:
     bytes_up: int = 0
     t_draft: float = 0.0
     t_last_sent: float | None = None
+    t_first_sent: float | None = None
+    t_last_draft: float | None = None
+    upload_sizes: list[int] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
 
 
 class SpeculativeEdge:
-    """Edge-side session for one request: drafting, uploads, verdicts, emission, records."""
+    """Edge-side session for one request: drafting, uploads, verdicts, emission, records.
 
-    def __init__(self, ctx: EdgeContext, request: GenerationRequest, rule: str, sparse_k: int = 10):
+    ``uplink_q`` says what travels with each draft token: "rule" what the acceptance rule
+    needs (ids under greedy, q(x) under the sparse rule, full rows under rejection), "full"
+    the draft's full distribution always (as PipeSD and its baselines send it, greedy
+    included: the rows are then the softmax at temperature 1). ``q_dtype`` (optional) sets
+    the precision draft distributions are drawn and sent in.
+
+    An upload is built (:meth:`prepare`, which settles which tokens and window it carries)
+    and sent (:meth:`send`) separately, so a policy may queue prepared uploads for a
+    sender task of its own while it keeps drafting; :meth:`upload` does both at once.
+    """
+
+    def __init__(self, ctx: EdgeContext, request: GenerationRequest, rule: str, sparse_k: int = 10,
+                 uplink_q: str = "rule", q_dtype: str | None = None):
         if ctx.drafter is None or ctx.link is None:
             raise ValueError("a speculative edge needs a drafter and a link")
+        if uplink_q not in UPLINK_Q:
+            raise ValueError(f"uplink_q must be one of {', '.join(UPLINK_Q)}, got {uplink_q!r}")
         self.ctx, self.request, self.rule, self.sparse_k = ctx, request, rule, sparse_k
+        self.uplink_q = uplink_q
+        if q_dtype is not None:
+            ctx.drafter.q_dtype = np.dtype(q_dtype)
         self.drafter = ctx.drafter
         self.output: list[int] = []
         self.done = False
@@ -83,6 +107,7 @@ class SpeculativeEdge:
         self._sent_upto = 0  # absolute position after the last uploaded draft token
         self._in_window = 0  # tokens uploaded in the open window
         self._inbox: asyncio.Queue[Envelope] = asyncio.Queue()
+        self._acks: asyncio.Queue[Envelope] = asyncio.Queue()
         self._reader: asyncio.Task | None = None
         stops = set(request.stop_ids) | set(self.drafter.engine.eos_token_ids)
         self._stops = frozenset(stops)
@@ -111,7 +136,12 @@ class SpeculativeEdge:
 
     async def _read(self) -> None:
         while True:
-            await self._inbox.put(await self.ctx.link.recv())
+            env = await self.ctx.link.recv()
+            await (self._acks if isinstance(env.msg, Ack) else self._inbox).put(env)
+
+    async def next_ack(self) -> Envelope:
+        """The next :class:`Ack` (uploads prepared with ``ack=True`` are answered in order)."""
+        return await self._acks.get()
 
     async def _next_envelope(self) -> Envelope:
         return await self._inbox.get()
@@ -128,9 +158,16 @@ class SpeculativeEdge:
         return self.drafter.pending
 
     @property
+    def drafted_upto(self) -> int:
+        """Absolute position after the last drafted token (committed + speculative)."""
+        # Not the session length: a draft running on another thread extends the session
+        # before its token joins ``pending``.
+        return self.drafter.committed + len(self.drafter.pending)
+
+    @property
     def unsent(self) -> int:
-        """Drafted tokens not yet uploaded."""
-        return self.drafter.position - self._sent_upto
+        """Drafted tokens not yet put into an upload."""
+        return self.drafted_upto - self._sent_upto
 
     @property
     def awaiting(self) -> list[int]:
@@ -152,9 +189,20 @@ class SpeculativeEdge:
         if w.start is None:
             w.start = t0
         d = await self.ctx.compute.run(Op("draft", 1, self.drafter.position), self.drafter.draft)
+        w = self._windows[self.window]  # a verdict may have restarted the window meanwhile
         w.drafted += 1
         w.t_draft += self.ctx.clock.now() - t0
+        w.t_last_draft = self.ctx.clock.now()
         return d
+
+    def note(self, key: str, value) -> None:
+        """Attach a policy's figure to the open window's round record (``extra``)."""
+        self._windows[self.window].notes[key] = value
+
+    def note_round(self, round_id: int, key: str, value) -> None:
+        """Attach a figure to the record of window ``round_id`` (if not recorded yet)."""
+        if round_id in self._windows:
+            self._windows[round_id].notes[key] = value
 
     async def upload(self, n: int | None = None, verify: bool = False) -> int:
         """Upload the next ``n`` drafted tokens (all unsent by default); returns bytes sent.
@@ -162,10 +210,15 @@ class SpeculativeEdge:
         With ``verify`` the cloud verifies everything of this window it holds; the window is
         closed and later drafting belongs to the next one.
         """
+        return await self.send(self.prepare(n, verify))
+
+    def prepare(self, n: int | None = None, verify: bool = False, ack: bool = False) -> Upload:
+        """Build the upload of the next ``n`` drafted tokens (all by default) and book them
+        as sent; with ``verify`` the window closes here. Send it with :meth:`send`."""
         n = self.unsent if n is None else n
         if n < 0 or n > self.unsent:
             raise ValueError(f"cannot upload {n} tokens: {self.unsent} drafted and unsent")
-        offset = len(self.drafter.pending) - self.unsent
+        offset = self._sent_upto - self.drafter.committed
         drafts = self.drafter.pending[offset : offset + n]
         fixed, self._fixed = self._fixed, []
         msg = Upload(
@@ -176,48 +229,85 @@ class SpeculativeEdge:
             parent=self.awaiting[-1] if self.awaiting else -1,
             n_fixed=len(fixed),
             verify=verify,
+            ack=ack,
         )
-        if self.rule == "rejection":
-            msg.q_rows = np.stack([d.q for d in drafts]).astype(self.drafter.q_dtype) if drafts else None
+        if self.rule == "rejection" or self.uplink_q == "full":
+            msg.q_rows = np.stack([self._q_row(d) for d in drafts]) if drafts else None
         elif self.rule == "sparse":
             msg.q_token = [d.q_token for d in drafts]
-        nbytes = await self.ctx.link.send(msg)
         self._sent_upto += n
         self._in_window += n
         w = self._windows[self.window]
         if w.start is None:
             w.start = self.ctx.clock.now()
         w.uploaded += n
-        w.n_uploads += 1
-        w.bytes_up += nbytes
-        w.t_last_sent = self.ctx.clock.now()
+        w.upload_sizes.append(n)
         if verify:
             self._in_flight.append(self.window)
             self.window += 1
             self._windows[self.window] = _Window()
             self._in_window = 0
+        return msg
+
+    def _q_row(self, d: DraftToken) -> np.ndarray:
+        q = d.q if d.q is not None else softmax(d.logits)
+        return q.astype(self.drafter.q_dtype)
+
+    def is_void(self, msg: Upload) -> bool:
+        """True when a verdict has discarded the window a prepared upload belongs to."""
+        return msg.round in self._dead or msg.round not in self._windows
+
+    def discard(self, msg: Upload) -> None:
+        """Drop a void prepared upload unsent; a verification it asked for is never answered."""
+        if msg.verify and msg.round in self._in_flight:
+            self._in_flight.remove(msg.round)
+            self._record(None, None, [], discarded=True, round_id=msg.round)
+
+    async def send(self, msg: Upload) -> int:
+        """Send a prepared upload; returns its size in bytes."""
+        nbytes = await self.ctx.link.send(msg)
+        w = self._windows.get(msg.round)
+        if w is not None:
+            now = self.ctx.clock.now()
+            w.n_uploads += 1
+            w.bytes_up += nbytes
+            w.t_last_sent = now
+            if w.t_first_sent is None:
+                w.t_first_sent = now
         return nbytes
 
     # ---- verdicts --------------------------------------------------------------------------
     def verdict_ready(self) -> bool:
         return not self._inbox.empty()
 
+    def poll_verdict(self) -> tuple[Verdict, Envelope] | None:
+        """The next verdict for a live window if one has arrived, else None (never waits);
+        stale answers met on the way are recorded."""
+        while self.awaiting and not self._inbox.empty():
+            env = self._inbox.get_nowait()
+            if (got := self._take(env)) is not None:
+                return got
+        return None
+
     async def next_verdict(self) -> tuple[Verdict, Envelope]:
         """The next verdict for a live window; stale answers for discarded ones are recorded."""
         if not self.awaiting:
             raise ProtocolError("no verification is pending: upload with verify=True first")
         while True:
-            env = await self._next_envelope()
-            v = env.msg
-            if not isinstance(v, Verdict):
-                raise ProtocolError(f"expected a verdict, got {type(v).__name__}")
-            if not self._in_flight or v.round != self._in_flight[0]:
-                raise ProtocolError(f"verdict for window {v.round}, expected {self._in_flight[:1]}")
-            self._in_flight.pop(0)
-            if v.round in self._dead or v.stale:
-                self._record(v, env, [], discarded=True)
-                continue
-            return v, env
+            if (got := self._take(await self._next_envelope())) is not None:
+                return got
+
+    def _take(self, env: Envelope) -> tuple[Verdict, Envelope] | None:
+        v = env.msg
+        if not isinstance(v, Verdict):
+            raise ProtocolError(f"expected a verdict, got {type(v).__name__}")
+        if not self._in_flight or v.round != self._in_flight[0]:
+            raise ProtocolError(f"verdict for window {v.round}, expected {self._in_flight[:1]}")
+        self._in_flight.pop(0)
+        if v.round in self._dead or v.stale:
+            self._record(v, env, [], discarded=True)
+            return None
+        return v, env
 
     def apply(self, v: Verdict, env: Envelope) -> list[int]:
         """Commit a verdict: emit its tokens, settle speculation, check agreement, record."""
@@ -234,8 +324,11 @@ class SpeculativeEdge:
             self._fixed = [token]
         if not survive:
             self._dead.update(self._in_flight)
-            self._sent_upto = self.drafter.position
+            self._sent_upto = self.drafted_upto
             self._restart_window()
+        elif self._sent_upto < self.drafter.committed:
+            # A drafted token never uploaded was the verdict's own token: the cloud has it.
+            self._sent_upto = self.drafter.committed
         emitted = []
         for t in accepted + [token]:
             if self.done:
@@ -259,13 +352,18 @@ class SpeculativeEdge:
         fresh window id, carrying the work already spent (it shows up as waste)."""
         old = self._windows.pop(self.window)
         self.window += 1
-        self._windows[self.window] = _Window(old.start, old.drafted, 0, old.n_uploads, old.bytes_up, old.t_draft)
+        self._windows[self.window] = _Window(old.start, old.drafted, 0, old.n_uploads, old.bytes_up, old.t_draft,
+                                             notes={"restarted_from": old.upload_sizes} if old.upload_sizes else {})
         self._in_window = 0
 
-    def _record(self, v: Verdict, env: Envelope, emitted: Sequence[int], edge_digest: str = "",
-                discarded: bool = False) -> None:
-        w = self._windows.pop(v.round)
+    def _record(self, v: Verdict | None, env: Envelope | None, emitted: Sequence[int], edge_digest: str = "",
+                discarded: bool = False, round_id: int | None = None) -> None:
+        """Record a window's round; ``v`` None: a window discarded before it was sent."""
+        round_id = v.round if v is not None else round_id
+        w = self._windows.pop(round_id)
         now = self.ctx.clock.now()
+        if v is None:
+            v = Verdict(self.ctx.session, round_id, 0, 0, 0, None, t_queue=None, t_verify=None)
         accepted = 0 if discarded else v.n_accepted
         self.ctx.recorder.round(RoundRecord(
             request_id=self.request.request_id,
@@ -280,18 +378,27 @@ class SpeculativeEdge:
             wasted=w.drafted - accepted,
             n_uploads=w.n_uploads,
             bytes_up=w.bytes_up,
-            bytes_down=env.nbytes,
+            bytes_down=env.nbytes if env else 0,
             t_draft=w.t_draft,
             t_uplink=(v.t_arrived - w.t_last_sent) if w.t_last_sent is not None and v.t_arrived else None,
             t_queue=v.t_queue,
             t_verify=v.t_verify,
-            t_downlink=env.t_recv - env.t_sent,
+            t_downlink=env.t_recv - env.t_sent if env else None,
             batch_size=v.batch_size,
             committed=self.drafter.committed,
             edge_digest=edge_digest,
             cloud_digest=v.digest,
-            extra={"discarded": True} if discarded else {},
+            extra=self._extra(w, discarded),
         ))
+
+    @staticmethod
+    def _extra(w: _Window, discarded: bool) -> dict:
+        extra = dict(w.notes)
+        if discarded:
+            extra["discarded"] = True
+        if len(w.upload_sizes) > 1:  # the window went up in several batches: their sizes and timing
+            extra.update(upload_sizes=w.upload_sizes, t_first_upload=w.t_first_sent, t_last_draft=w.t_last_draft)
+        return extra
 
 
 # ---- the cloud ---------------------------------------------------------------------------
@@ -344,7 +451,7 @@ class VerifyingCloud(CloudPolicy):
         try:
             while True:
                 env = await ctx.link.recv()
-                self.handle(env)
+                await self.handle(env)
                 if worker.done():
                     worker.result()
         finally:
@@ -355,9 +462,11 @@ class VerifyingCloud(CloudPolicy):
         return [self.jobs.pop(0)]
 
     # ---- arrivals (event loop only: never touches the model) ----------------------------
-    def handle(self, env: Envelope) -> None:
+    async def handle(self, env: Envelope) -> None:
         msg = env.msg
-        if isinstance(msg, OpenSession):
+        if isinstance(msg, Upload) and msg.probe:
+            await self.ctx.link.send(Ack(msg.session, msg.round, len(msg.tokens), probe=True))
+        elif isinstance(msg, OpenSession):
             params = SamplingParams(msg.temperature, msg.top_k, msg.top_p)
             verifier = Verifier(self.ctx.engine, params, np.random.default_rng(msg.seed + 1), msg.rule, msg.sparse_k)
             verifier.start(msg.prompt)
@@ -365,6 +474,8 @@ class VerifyingCloud(CloudPolicy):
             self._enqueue(Job("prefill", msg.session, t_arrived=env.t_recv))
         elif isinstance(msg, Upload):
             self._buffer(self.sessions[msg.session], msg)
+            if msg.ack:
+                await self.ctx.link.send(Ack(msg.session, msg.round, len(msg.tokens)))
             if msg.verify:
                 self._enqueue(Job("verify", msg.session, msg.round, msg.start + len(msg.tokens), env.t_recv))
         elif isinstance(msg, CloseSession):

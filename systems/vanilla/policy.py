@@ -5,20 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from systems.api import EdgeContext, EdgePolicy, GenerationRequest
-from systems.protocol import SpeculativeEdge, VerifyingCloud, choose_rule
+from systems.protocol import UPLINK_Q, SpeculativeEdge, VerifyingCloud, choose_rule
 
 
 @dataclass
 class VanillaConfig:
-    """γ draft tokens per round; "full" sends draft distributions, "sparse" only q(x)."""
+    """γ draft tokens per round; "full" verification sends draft distributions, "sparse" only q(x).
+
+    uplink_q "full" sends every draft token's full distribution even under greedy decoding
+    (as PipeSD's experiments run vanilla); "rule" only what the acceptance rule needs.
+    q_dtype: precision of those rows (None: the harness's default).
+    """
 
     gamma: int = 4
     verification: str = "full"
     sparse_k: int = 10
+    uplink_q: str = "rule"
+    q_dtype: str | None = None
 
     def __post_init__(self):
         if self.gamma < 1:
             raise ValueError(f"vanilla: gamma must be >= 1, got {self.gamma}")
+        if self.uplink_q not in UPLINK_Q:
+            raise ValueError(f"vanilla: uplink_q must be one of {', '.join(UPLINK_Q)}, got {self.uplink_q!r}")
 
 
 class VanillaEdge(EdgePolicy):
@@ -28,7 +37,7 @@ class VanillaEdge(EdgePolicy):
 
     async def generate(self, request: GenerationRequest, ctx: EdgeContext) -> list[int]:
         rule = choose_rule(request.sampling, self.config.verification)
-        edge = SpeculativeEdge(ctx, request, rule, self.config.sparse_k)
+        edge = SpeculativeEdge(ctx, request, rule, self.config.sparse_k, self.config.uplink_q, self.config.q_dtype)
         await edge.open()
         try:
             while not edge.done:
