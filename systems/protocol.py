@@ -387,7 +387,7 @@ class SpeculativeEdge:
             batch_size=v.batch_size,
             committed=self.drafter.committed,
             edge_digest=edge_digest,
-            cloud_digest=v.digest,
+            cloud_digest="" if discarded else v.digest,  # an unused answer: nothing to agree on
             extra=self._extra(w, discarded),
         ))
 

@@ -270,16 +270,21 @@ class PipeSDEdge(EdgePolicy):
         r1, r2 = self.thresholds
         reason = ("r1" if window.product <= r1 else "r2" if p <= r2 else
                   "stop" if edge.is_stop(d.token) else "limit" if room == 1 else None)
+        cap = self.plan.size_at(window.batch)
         if reason is not None:
+            # The unsent rest of the window goes at once with the verification request.
+            window.batches.append([edge.unsent, cap])
             edge.note("trigger", {"reason": reason, "product": window.product, "p": p, "r1": r1, "r2": r2,
                                   "confidences": list(window.confidences)})
             edge.note("plan", list(window.start_plan))
+            edge.note("batches", window.batches)  # [size sent, the plan's size at that point]
             self.monitor.add_window(edge.window_size)
             sender.put(edge.prepare(verify=True, ack=True))
             window.reset()
             self._replan()
-        elif edge.unsent >= self.plan.size_at(window.batch):
-            sender.put(edge.prepare(self.plan.size_at(window.batch), ack=True))
+        elif edge.unsent >= cap:
+            window.batches.append([cap, cap])
+            sender.put(edge.prepare(cap, ack=True))
             window.batch += 1
             self._replan()
 
@@ -289,7 +294,8 @@ class PipeSDEdge(EdgePolicy):
         beyond = edge.speculative[v.n_verified:]
         if beyond:
             promoted = (v.token is not None and v.n_accepted == v.n_verified and beyond[0].token == v.token)
-            edge.note_round(v.round, "proactive", "promoted" if promoted else "discarded")
+            edge.note_round(v.round, "proactive", {"kept": promoted, "tokens": len(beyond),
+                                                   "first": beyond[0].token, "verdict_token": v.token})
         edge.note_round(v.round, "estimate", vars(self._estimate) | {"plan": list(self.plan.sizes)})
         window_before = edge.window
         emitted = edge.apply(v, env)
@@ -311,10 +317,11 @@ class _WindowState:
 
     def __post_init__(self):
         self.confidences: list[float] = []
+        self.batches: list[list[int]] = []
 
     def reset(self) -> None:
         self.product, self.batch, self.start_plan = 1.0, 0, None
-        self.confidences = []
+        self.confidences, self.batches = [], []
 
 
 class PipeSDCloud(VerifyingCloud):
