@@ -279,7 +279,12 @@ def main(cfg: DictConfig) -> None:
     from harness.wall import WallRunError
 
     try:
-        execute(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+        if cfg.get("grid") is not None:  # an experiment preset with a comparison grid
+            from harness.grid import run_grid
+
+            run_grid(cfg, HydraConfig.get().runtime.output_dir)
+        else:
+            execute(cfg, run_dir=HydraConfig.get().runtime.output_dir)
     except (ConfigError, WallRunError) as exc:
         print(f"specwan run: error: {exc}", file=sys.stderr)
         sys.exit(2)

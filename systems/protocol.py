@@ -456,6 +456,10 @@ class VerifyingCloud(CloudPolicy):
                     worker.result()
         finally:
             worker.cancel()
+            # Sessions whose CloseSession is still on the link when serving stops.
+            for sess in self.sessions.values():
+                sess.verifier.close()
+            self.sessions.clear()
 
     def take_batch(self) -> list[Job]:
         """Pick the jobs for the next forward pass; default FCFS, one job."""

@@ -1,0 +1,326 @@
+"""Comparison grids: methods x scenarios x datasets in virtual time, beside a paper's table.
+
+An experiment preset with a ``grid:`` section (``specwan run experiment=pipesd_table1``)
+runs every method of every dataset in every scenario (a network profile and a device
+profile), each stopped at the same number of accepted (output) tokens, and prints time per
+accepted token (TPT), speedups and modelled cloud energy per 100 accepted tokens next to
+the figures the paper printed, with the ratios. Methods whose system has thresholds r1/r2
+listed under ``grid.tune`` are tuned offline first, per scenario and dataset, on a prompt
+held out of the evaluation.
+
+Greedy decoding makes every method emit the same tokens for a prompt, so stopping at N
+accepted tokens serves the same prompts to every method; forward passes are memoized
+(:class:`harness.memo.MemoEngine`), so scenarios after the first mostly replay them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from harness.run import CONF_DIR, ConfigError, network_profile
+from systems.api import get_system
+
+CONTEXT = {"scenario": "string", "dataset": "string", "method": "string"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One column of the table: a registered system with its parameters for a dataset."""
+
+    name: str
+    system: str
+    params: dict
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A workload (a conf/workload option) with its methods and the paper's figures."""
+
+    name: str
+    workload: str
+    methods: tuple[Method, ...]
+    paper: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A network profile and a device profile (conf/network and conf/device options)."""
+
+    name: str
+    network: str
+    device: str
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A whole comparison grid, checked before any model loads."""
+
+    name: str
+    accepted_tokens: int
+    max_new_tokens: int
+    scenarios: tuple[Scenario, ...]
+    datasets: tuple[Dataset, ...]
+    tune: dict | None
+    source: str = ""
+
+
+def _conf(group: str, name: str) -> dict:
+    path = Path(CONF_DIR) / group / f"{name}.yaml"
+    if not path.exists():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"grid: unknown {group} {name!r}; valid: {', '.join(options)}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def grid_spec(node) -> GridSpec:
+    """Validate a ``grid`` config node; every error names its key."""
+    g = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    allowed = {"name", "accepted_tokens", "max_new_tokens", "scenarios", "datasets", "tune", "source"}
+    unknown = sorted(set(g) - allowed)
+    if unknown:
+        raise ConfigError(f"grid: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
+    for key in ("accepted_tokens", "max_new_tokens"):
+        if not isinstance(g.get(key), int) or g[key] < 1:
+            raise ConfigError(f"grid.{key} must be a positive integer, got {g.get(key)!r}")
+    scenarios = []
+    for name, s in (g.get("scenarios") or {}).items():
+        if set(s) != {"network", "device"}:
+            raise ConfigError(f"grid.scenarios.{name} needs exactly 'network' and 'device', got {sorted(s)}")
+        _conf("network", s["network"])
+        _conf("device", s["device"])
+        scenarios.append(Scenario(name, s["network"], s["device"]))
+    datasets = []
+    for name, d in (g.get("datasets") or {}).items():
+        if "workload" not in d or not d.get("methods"):
+            raise ConfigError(f"grid.datasets.{name} needs 'workload' and 'methods'")
+        _conf("workload", d["workload"])
+        methods = []
+        for mname, m in d["methods"].items():
+            try:
+                get_system(m["system"]).make_config(m.get("params") or {})
+            except KeyError as exc:
+                raise ConfigError(f"grid.datasets.{name}.methods.{mname}: {exc}") from None
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"grid.datasets.{name}.methods.{mname}: {exc}") from None
+            methods.append(Method(mname, m["system"], dict(m.get("params") or {})))
+        datasets.append(Dataset(name, d["workload"], tuple(methods), dict(d.get("paper") or {})))
+    if not scenarios or not datasets:
+        raise ConfigError("grid: needs at least one scenario and one dataset")
+    tune = g.get("tune")
+    if tune is not None:
+        extra = sorted(set(tune) - {"systems", "method", "trials", "tokens", "seed"})
+        if extra:
+            raise ConfigError(f"grid.tune: unknown key(s) {', '.join(extra)}; valid: method, seed, systems, "
+                              "tokens, trials")
+    return GridSpec(str(g.get("name", "grid")), g["accepted_tokens"], g["max_new_tokens"], tuple(scenarios),
+                    tuple(datasets), tune, str(g.get("source", "")))
+
+
+# ---- running ---------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    """The outcome of one method in one scenario on one dataset."""
+
+    scenario: str
+    dataset: str
+    method: str
+    system: str
+    tokens: int = 0
+    seconds: float = 0.0
+    verified: int = 0
+    accepted: int = 0
+    cloud_j: float | None = 0.0
+    cloud_kind: str | None = None
+    params: dict = field(default_factory=dict)
+
+    @property
+    def tpt_ms(self) -> float | None:
+        return 1e3 * self.seconds / self.tokens if self.tokens else None
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.verified if self.verified else None
+
+    @property
+    def cloud_j_per_100(self) -> float | None:
+        return None if self.cloud_j is None or not self.tokens else 100.0 * self.cloud_j / self.tokens
+
+
+def tune_thresholds(system: str, params: dict, draft, target, request, options, *, method: str = "bo",
+                    trials: int = 16, tokens: int = 20, seed: int = 0, progress=None):
+    """Offline tuning of a system's (r1, r2): each candidate is scored by the time per
+    accepted token of a run that yields ``tokens`` accepted tokens on ``request``."""
+    from harness.inprocess import run_system
+    from systems.pipesd.tuner import tune
+
+    probe = replace(request, max_new_tokens=tokens)
+
+    def objective(r1: float, r2: float) -> float:
+        (rec,) = run_system(system, draft, target, [probe], {**params, "r1": r1, "r2": r2}, options)
+        return rec.e2e / max(1, rec.n_tokens)
+
+    return tune(objective, method, trials, seed, progress)
+
+
+def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
+    """Run the grid of ``cfg.grid``; records go to ``run_dir`` as each request finishes."""
+    from harness.energy.virtual import VirtualEnergy
+    from harness.inprocess import RunOptions, run_system
+    from harness.memo import MemoEngine
+    from harness.pairs import ensure_pair, open_engines, pair_from_mapping
+    from harness.profiles import role_profile
+    from harness.results import DEFAULT_KEY_FIELDS, RunWriter, build_manifest
+    from workloads import load_workload, workload_spec
+    from workloads.workload import describe
+
+    spec = grid_spec(cfg.grid)
+    pair = pair_from_mapping(OmegaConf.to_container(cfg.pair, resolve=True), origin="pair (config)")
+    scenarios = {s.name: (network_profile(_conf("network", s.network)), _conf("device", s.device))
+                 for s in spec.scenarios}
+    paths = ensure_pair(pair)
+    t0 = time.perf_counter()
+    draft, target = open_engines(pair, paths)
+    print(f"grid {spec.name}: pair {pair.name} loaded in {time.perf_counter() - t0:.1f} s; "
+          f"{len(spec.scenarios)} scenarios x {len(spec.datasets)} datasets, "
+          f"{spec.accepted_tokens} accepted tokens per method", file=sys.stderr)
+    mdraft, mtarget = MemoEngine(draft), MemoEngine(target)
+    turns_by_dataset = {}
+    for d in spec.datasets:
+        wl = load_workload(workload_spec(_conf("workload", d.workload)), spec.max_new_tokens)
+        turns = wl.first_turns(target)
+        if len(turns) < 2:
+            raise ConfigError(f"grid.datasets.{d.name}: workload {d.workload} has {len(turns)} prompt(s); "
+                              "the grid needs one to tune on and at least one to evaluate")
+        turns_by_dataset[d.name] = turns
+        print(f"  dataset {d.name}: {describe(wl)}", file=sys.stderr)
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    links = {name: _describe_link(link) for name, (link, _) in scenarios.items()}
+    manifest = build_manifest(config, {"clock": "virtual", "grid": spec.name, "link": {"backend": "model (in-process)",
+                              "scenarios": links}, "device_profiles": {n: dev for n, (_, dev) in scenarios.items()}},
+                              models=paths)
+    cells: list[Cell] = []
+    jobs = [(s, d, m) for s in spec.scenarios for d in spec.datasets for m in d.methods]
+    tune = spec.tune or {}
+    with RunWriter(run_dir, manifest, key_fields=(*DEFAULT_KEY_FIELDS, *CONTEXT), extra_context=CONTEXT) as writer:
+        bar = tqdm(jobs, desc=spec.name, unit="cell", file=sys.stderr)
+        for scenario, dataset, method in bar:
+            link, device = scenarios[scenario.name]
+            edge, cloud = role_profile(device["edge"]), role_profile(device["cloud"])
+            options = RunOptions(virtual=True, link=link, edge_cost=edge.cost, cloud_cost=cloud.cost,
+                                 energy=VirtualEnergy.from_profiles(edge, cloud, "auto"))
+            turns = turns_by_dataset[dataset.name]
+            params = dict(method.params)
+            if method.system in (tune.get("systems") or []):
+                bar.set_postfix_str(f"tuning {method.name} in {scenario.name} on {dataset.name}")
+                best = tune_thresholds(method.system, params, mdraft, mtarget, turns[0].request, options,
+                                       method=tune.get("method", "bo"), trials=int(tune.get("trials", 16)),
+                                       tokens=int(tune.get("tokens", 20)), seed=int(tune.get("seed", 0)))
+                params.update(r1=best.r1, r2=best.r2)
+            bar.set_postfix_str(f"{method.name} in {scenario.name} on {dataset.name}")
+            cell = Cell(scenario.name, dataset.name, method.name, method.system, params=params)
+            for turn in turns[1:]:
+                if cell.tokens >= spec.accepted_tokens:
+                    break
+                request = replace(turn.request, max_new_tokens=min(turn.request.max_new_tokens,
+                                                                   spec.accepted_tokens - cell.tokens))
+                (rec,) = run_system(method.system, mdraft, mtarget, [request], params, options)
+                writer.append(rec, {"system": method.system, "pair": pair.name, "network": link.name,
+                                    "workload": dataset.workload, **turn.context(), "clock": "virtual", "seed": 0,
+                                    "scenario": scenario.name, "dataset": dataset.name, "method": method.name},
+                              energy=rec.energy)
+                _add(cell, rec)
+            cells.append(cell)
+    _print(spec, cells, pair.name)
+    _write_summary(Path(run_dir), spec, cells)
+    return cells
+
+
+def _describe_link(link) -> dict:
+    as_dict = getattr(link, "as_dict", None)
+    if callable(as_dict):
+        return as_dict()
+    from dataclasses import asdict
+
+    return asdict(link)
+
+
+def _add(cell: Cell, rec) -> None:
+    cell.tokens += rec.n_tokens
+    cell.seconds += rec.e2e
+    cell.verified += sum(r.verified for r in rec.rounds)
+    cell.accepted += rec.accepted
+    energy = rec.energy or {}
+    if energy.get("cloud_j") is None or cell.cloud_j is None:
+        cell.cloud_j = None
+    else:
+        cell.cloud_j += energy["cloud_j"]
+        cell.cloud_kind = energy.get("cloud_kind") or energy.get("kind")
+
+
+# ---- reporting -------------------------------------------------------------------------------
+def _paper(spec: GridSpec, dataset: str, table: str, scenario: str, method: str) -> float | None:
+    d = next(x for x in spec.datasets if x.name == dataset)
+    values = (d.paper.get(table) or {}).get(scenario)
+    if values is None:
+        return None
+    names = [m.name for m in d.methods]
+    return values[names.index(method)] if method in names and names.index(method) < len(values) else None
+
+
+def summary_rows(spec: GridSpec, cells: list[Cell]) -> list[dict]:
+    """One row per cell: ours beside the paper's, speedups over the first method of the dataset."""
+    rows = []
+    for c in cells:
+        d = next(x for x in spec.datasets if x.name == c.dataset)
+        base_name = d.methods[0].name
+        base = next(x for x in cells if (x.scenario, x.dataset, x.method) == (c.scenario, c.dataset, base_name))
+        paper_tpt = _paper(spec, c.dataset, "tpt_ms", c.scenario, c.method)
+        paper_base = _paper(spec, c.dataset, "tpt_ms", c.scenario, base_name)
+        speedup = base.tpt_ms / c.tpt_ms if base.tpt_ms and c.tpt_ms else None
+        paper_speedup = paper_base / paper_tpt if paper_base and paper_tpt else None
+        paper_energy = _paper(spec, c.dataset, "cloud_j_per_100", c.scenario, c.method)
+        rows.append({
+            "scenario": c.scenario, "dataset": c.dataset, "method": c.method, "tokens": c.tokens,
+            "tpt_ms": c.tpt_ms, "paper_tpt_ms": paper_tpt,
+            f"speedup_vs_{base_name}": speedup, f"paper_speedup_vs_{base_name}": paper_speedup,
+            "speedup_ratio": speedup / paper_speedup if speedup and paper_speedup else None,
+            "acceptance": c.acceptance, "cloud_j_per_100": c.cloud_j_per_100, "cloud_energy_kind": c.cloud_kind,
+            "paper_cloud_j_per_100": paper_energy,
+            "r1": c.params.get("r1"), "r2": c.params.get("r2"),
+        })
+    return rows
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _print(spec: GridSpec, cells: list[Cell], pair: str) -> None:
+    rows = summary_rows(spec, cells)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cells_txt = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells_txt)) for i, c in enumerate(cols)]
+    print(f"\n{spec.name} ({spec.source})" if spec.source else f"\n{spec.name}")
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for row in cells_txt:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    print(f"ours: time modelled in virtual time (device profiles + link model), tokens and acceptance measured with "
+          f"pair {pair}; cloud energy estimated (modelled device power x busy/idle time). paper: as printed in the "
+          "paper (measured on its testbed, with its models).")
+
+
+def _write_summary(run_dir: Path, spec: GridSpec, cells: list[Cell]) -> None:
+    import pandas as pd
+
+    pd.DataFrame(summary_rows(spec, cells)).to_csv(run_dir / "grid.csv", index=False)
+    print(f"run folder: {run_dir} (grid.csv, requests.parquet, rounds.parquet)")
