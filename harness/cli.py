@@ -105,6 +105,22 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from e
 
 
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    from harness import tune
+
+    tune.add_arguments(p)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from harness import tune
+    from harness.run import ConfigError
+
+    try:
+        return tune.run(args)
+    except ConfigError as e:
+        raise UsageError(str(e)) from e
+
+
 COMMANDS: dict[str, Command] = {
     "fetch": Command("fetch and verify a pair's model files, and check their vocabularies", _fetch_args, _fetch),
     "pairs": Command("list the draft/target pairs", _pairs_args, _pairs),
@@ -113,6 +129,8 @@ COMMANDS: dict[str, Command] = {
     "calibrate": Command("measure this machine's model costs and write a measured device profile",
                          _calibrate_args, _calibrate),
     "bench": Command("run every system on a pair over a few prompts and compare", _bench_args, _bench),
+    "tune": Command("tune a system's thresholds (r1, r2) offline: Bayesian optimisation, grid or random",
+                    _tune_args, _tune),
 }
 
 #: error types whose message is enough for the user: printed as one line, exit status 2

@@ -33,3 +33,16 @@ def test_sweep_replays_model_calls_and_keeps_tokens(system):
         assert [r.e2e for r in a] == pytest.approx([r.e2e for r in b])
     assert misses[0] > 0 and misses[-1] == misses[0], "later profiles must not run the model again"
     assert md.hits + mt.hits >= 3 * misses[0]
+
+
+def test_systems_share_rows_scored_in_other_blocks():
+    """Rows are kept per prefix: a system that splits the same text into other blocks replays them."""
+    kw = dict(vocab_size=64, seed=4, sharpness=4.0)
+    draft, target = create_engine("toy", role="draft", agreement=0.8, **kw), create_engine("toy", role="target", **kw)
+    reqs = [GenerationRequest(f"r{i}", [1, 2, 3 + i], 40, SamplingParams(), seed=i) for i in range(3)]
+    md, mt = MemoEngine(draft), MemoEngine(target)
+    first = run_system("vanilla", md, mt, reqs, {"gamma": 5})
+    before = mt.misses
+    second = run_system("vanilla", md, mt, reqs, {"gamma": 3})  # other verification blocks
+    assert [r.output_tokens for r in first] == [r.output_tokens for r in second]
+    assert mt.misses - before < before / 2, f"{mt.misses - before} new target calls after {before}"

@@ -1,0 +1,63 @@
+"""HSL and EdgeLLM, PipeSD's baselines: their triggers and EdgeLLM's threshold update, from a run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from harness.inprocess import RunOptions, run_system
+from harness.link import LinkProfile
+from systems.api import GenerationRequest
+from systems.edgellm.policy import update_r1
+from systems.engines import create_engine
+from systems.sampling import SamplingParams
+from tests.support import greedy_decode
+
+LINK = LinkProfile("slow-up", rtt_s=0.02, up_bps=2e5, down_bps=2e7, overhead_bytes=66)
+
+
+def _run(system, params):
+    kw = dict(vocab_size=512, seed=2, sharpness=6.0)
+    draft = create_engine("toy", role="draft", agreement=0.9, **kw)
+    target = create_engine("toy", role="target", **kw)
+    reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 60, SamplingParams(), seed=i) for i in range(4)]
+    recs = run_system(system, draft, target, reqs, params,
+                      RunOptions(link=LINK, edge_cost=lambda op: 0.036, cloud_cost=lambda op: 0.015))
+    for req, rec in zip(reqs, recs):
+        assert rec.output_tokens == greedy_decode(target, req.prompt, 60)[0]
+    return [r for rec in recs for r in rec.rounds if not r.extra.get("discarded")]
+
+
+def test_hsl_verifies_at_the_first_unconfident_token_and_uploads_once():
+    r2 = 0.5
+    rounds = _run("hsl", {"r2": r2})
+    fired = 0
+    for r in rounds:
+        conf = r.extra["trigger"]["confidences"]
+        if not conf:  # the last token of a request: the verdict alone supplies it
+            continue
+        assert all(c > r2 for c in conf[:-1])
+        fired += conf[-1] <= r2
+        assert r.n_uploads == 1, "HSL uploads a window only when it asks for verification"
+    assert fired >= 10
+
+
+def test_edgellm_sequence_trigger_and_adaptive_threshold():
+    rounds = _run("edgellm", {"r1": 0.3})
+    r1s = [r.extra["trigger"]["r1"] for r in rounds if "trigger" in r.extra]
+    for r in rounds:
+        trig = r.extra.get("trigger")
+        if trig is None:
+            continue
+        conf = trig["confidences"]
+        for k in range(1, len(conf)):
+            assert math.prod(conf[:k]) > trig["r1"], "EdgeLLM should have verified earlier"
+    assert len(set(r1s)) > 3, "R1 never adapted"
+    assert any(r.n_uploads > 1 for r in rounds), "no window was uploaded in chunks while a verdict was pending"
+
+
+def test_edgellm_r1_update():
+    assert update_r1(0.5, 0.25, n_correct=2, n_hat=4) == pytest.approx(0.5 / 0.25 ** 0.5)
+    assert update_r1(0.9, 0.01, n_correct=0, n_hat=4) == 1.0  # clamped
+    assert update_r1(0.5, 0.25, n_correct=6, n_hat=4) == pytest.approx(0.5)  # more correct than N̂: no change
