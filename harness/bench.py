@@ -23,7 +23,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from harness.energy.report import ROLES, joules_per_token
@@ -32,7 +31,7 @@ from harness.inprocess import RunOptions, run_system
 from harness.memo import MemoEngine
 from harness.pairs import DEFAULT_PAIR, ensure_pair, load_pair, open_engines
 from harness.profiles import role_profile
-from harness.run import CONF_DIR, network_profile
+from harness.run import conf_option, network_profile
 from systems.api import get_system, system_names
 from systems.sampling import SamplingParams
 from workloads.workload import describe
@@ -57,12 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "time, labelled estimated)")
 
 
-def _conf(group: str, name: str) -> dict:
-    path = Path(CONF_DIR) / group / f"{name}.yaml"
-    if not path.exists():
-        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"unknown {group} {name!r}; valid: {', '.join(options)}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     names = args.systems.split(",") if args.systems else system_names()
     for name in names:
         get_system(name)  # unknown names fail here, listing the valid ones, before models load
-    links = [network_profile(_conf("network", n)) for n in args.networks.split(",")]
-    device = _conf("device", args.device)
+    links = [network_profile(conf_option("network", n)) for n in args.networks.split(",")]
+    device = conf_option("device", args.device)
     edge, cloud = role_profile(device["edge"]), role_profile(device["cloud"])
     workload = _load_workload(args)  # prompt sets are fetched before the models load
     energy = VirtualEnergy.from_profiles(edge, cloud, args.energy)
@@ -137,7 +130,7 @@ def _load_workload(args: argparse.Namespace):
         spec = workload_spec({"name": given.stem, "set": "file", "path": str(given)})
     else:
         try:
-            config = _conf("workload", args.workload)
+            config = conf_option("workload", args.workload)
         except ValueError as e:
             raise WorkloadError(f"{e} (or give a JSON Lines prompt file)") from None
         spec = workload_spec(config)

@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from harness.run import CONF_DIR, ConfigError, network_profile
+from harness.run import ConfigError, conf_option, network_profile
 from systems.api import get_system
 
 CONTEXT = {"scenario": "string", "dataset": "string", "method": "string"}
@@ -47,6 +47,10 @@ class Dataset:
     workload: str
     methods: tuple[Method, ...]
     paper: dict = field(default_factory=dict)
+    workload_params: dict = field(default_factory=dict)  # overrides of the workload's keys
+
+    def workload_config(self) -> dict:
+        return {**_conf("workload", self.workload), **self.workload_params}
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,10 @@ class GridSpec:
 
 
 def _conf(group: str, name: str) -> dict:
-    path = Path(CONF_DIR) / group / f"{name}.yaml"
-    if not path.exists():
-        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"grid: unknown {group} {name!r}; valid: {', '.join(options)}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    try:
+        return conf_option(group, name)
+    except ConfigError as exc:
+        raise ConfigError(f"grid: {exc}") from None
 
 
 def grid_spec(node) -> GridSpec:
@@ -100,6 +103,10 @@ def grid_spec(node) -> GridSpec:
     for name, d in (g.get("datasets") or {}).items():
         if "workload" not in d or not d.get("methods"):
             raise ConfigError(f"grid.datasets.{name} needs 'workload' and 'methods'")
+        extra = sorted(set(d) - {"workload", "workload_params", "methods", "paper"})
+        if extra:
+            raise ConfigError(f"grid.datasets.{name}: unknown key(s) {', '.join(extra)}; valid: methods, paper, "
+                              "workload, workload_params")
         _conf("workload", d["workload"])
         methods = []
         for mname, m in d["methods"].items():
@@ -110,7 +117,8 @@ def grid_spec(node) -> GridSpec:
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"grid.datasets.{name}.methods.{mname}: {exc}") from None
             methods.append(Method(mname, m["system"], dict(m.get("params") or {})))
-        datasets.append(Dataset(name, d["workload"], tuple(methods), dict(d.get("paper") or {})))
+        datasets.append(Dataset(name, d["workload"], tuple(methods), dict(d.get("paper") or {}),
+                                dict(d.get("workload_params") or {})))
     if not scenarios or not datasets:
         raise ConfigError("grid: needs at least one scenario and one dataset")
     tune = g.get("tune")
@@ -193,7 +201,7 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
     mdraft, mtarget = MemoEngine(draft), MemoEngine(target)
     turns_by_dataset = {}
     for d in spec.datasets:
-        wl = load_workload(workload_spec(_conf("workload", d.workload)), spec.max_new_tokens)
+        wl = load_workload(workload_spec(d.workload_config()), spec.max_new_tokens, progress=False)
         turns = wl.first_turns(target)
         if len(turns) < 2:
             raise ConfigError(f"grid.datasets.{d.name}: workload {d.workload} has {len(turns)} prompt(s); "

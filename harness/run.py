@@ -45,6 +45,15 @@ class Plan:
     workload: object = None  # workloads.WorkloadSpec, checked here; its prompts load after the models
 
 
+def conf_option(group: str, name: str) -> dict:
+    """The mapping of one option of a config group (``conf/<group>/<name>.yaml``)."""
+    path = Path(CONF_DIR) / group / f"{name}.yaml"
+    if not path.exists():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"unknown {group} {name!r}; valid: {', '.join(options)}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
 def network_profile(node) -> LinkProfile:
     """A link profile from a ``network`` config node (rates in Mbit/s, RTT in ms)."""
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)

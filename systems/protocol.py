@@ -175,6 +175,15 @@ class SpeculativeEdge:
         return [r for r in self._in_flight if r not in self._dead]
 
     @property
+    def draft_room(self) -> int:
+        """Tokens that may still be drafted: the output's room left beyond the speculative
+        tokens and the one a verdict adds of its own; 0 once a stop token is drafted."""
+        spec = self.drafter.pending
+        if spec and self.is_stop(spec[-1].token):
+            return 0
+        return max(0, self.remaining - 1 - len(spec))
+
+    @property
     def window_size(self) -> int:
         """Draft tokens in the open window (uploaded or not)."""
         return self._in_window + self.unsent

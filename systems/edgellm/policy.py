@@ -82,10 +82,8 @@ class EdgeLLMEdge(EdgePolicy):
                         product, confidences = 1.0, []
                 if edge.done:
                     break
-                spec = edge.speculative
-                stopped = bool(spec) and edge.is_stop(spec[-1].token)
-                room = edge.remaining - 1 - len(spec)
-                if room > 0 and not stopped and len(edge.awaiting) < cfg.max_windows:
+                room = edge.draft_room
+                if room > 0 and len(edge.awaiting) < cfg.max_windows:
                     d = await edge.draft()
                     product *= d.confidence
                     confidences.append(d.confidence)

@@ -240,10 +240,8 @@ class PipeSDEdge(EdgePolicy):
                     last = self._settle(edge, window, last, got)
                 if edge.done:
                     break
-                spec = edge.speculative
-                stopped = bool(spec) and edge.is_stop(spec[-1].token)
-                room = edge.remaining - 1 - len(spec)
-                if room > 0 and not stopped and len(edge.awaiting) < cfg.max_windows:
+                room = edge.draft_room
+                if room > 0 and len(edge.awaiting) < cfg.max_windows:
                     await self._draft_one(edge, sender, window, room)
                 elif not edge.awaiting:
                     # Nothing to draft and nothing pending: ask for the verdict's own token.
