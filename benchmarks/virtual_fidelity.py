@@ -65,6 +65,7 @@ def main() -> None:
         requests.append(GenerationRequest(p["id"], target.tokenize(text), args.max_new_tokens, SamplingParams(), seed=i))
 
     print(f"{'system':12s} {'wall ms/tok':>12s} {'virtual ms/tok':>15s} {'virtual/wall':>13s}  tokens identical")
+    parts = []
     for system in args.systems.split(","):
         wall = run_wall(system, pair, requests)
         virtual = run_system(system, draft, target, requests, options=RunOptions(
@@ -73,6 +74,21 @@ def main() -> None:
         v = statistics.median(r.e2e / r.n_tokens for r in virtual)
         same = sum(a.output_tokens == b.output_tokens for a, b in zip(wall, virtual))
         print(f"{system:12s} {1e3 * w:12.1f} {1e3 * v:15.1f} {v / w:13.2f}  {same}/{len(requests)}")
+        parts.append((system, _split(wall), _split(virtual)))
+    # Where the time goes, per output token: the model work the rounds record (edge drafting,
+    # cloud verification or decoding) and the rest (prefill, link, waits, harness).
+    print(f"\nper token (ms)  {'draft':>14s} {'verify/decode':>16s} {'rest':>14s}   (wall / virtual)")
+    for system, (wd, wv, wr), (vd, vv, vr) in parts:
+        print(f"{system:12s} {1e3 * wd:7.1f}/{1e3 * vd:<6.1f} {1e3 * wv:8.1f}/{1e3 * vv:<7.1f} {1e3 * wr:7.1f}/{1e3 * vr:<6.1f}")
+
+
+def _split(records) -> tuple[float, float, float]:
+    """Seconds per output token: drafting, verification/decoding, and everything else."""
+    tokens = sum(r.n_tokens for r in records)
+    draft = sum(x.t_draft for r in records for x in r.rounds)
+    verify = sum(x.t_verify or 0.0 for r in records for x in r.rounds)
+    total = sum(r.e2e for r in records)
+    return draft / tokens, verify / tokens, (total - draft - verify) / tokens
 
 
 if __name__ == "__main__":
