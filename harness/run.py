@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.energy.select import EnergyConfig, energy_config
 from harness.link import LinkProfile
 from harness.profiles import RoleProfile, role_profile
+from netem.profile import NetworkProfile, ProfileError, parse_profile
 from systems.api import SystemSpec, get_system
 from systems.sampling import SamplingParams
 
@@ -43,29 +44,21 @@ class Plan:
     sampling: SamplingParams
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     workload: object = None  # workloads.WorkloadSpec, checked here; its prompts load after the models
+    network: NetworkProfile | None = None  # what the wall-mode link backends realise
+
+
+def network_spec(node) -> NetworkProfile:
+    """The :class:`netem.profile.NetworkProfile` of a ``network`` config node (rates in Mbit/s, RTT in ms)."""
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    try:
+        return parse_profile(data)
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def network_profile(node) -> LinkProfile:
-    """A link profile from a ``network`` config node (rates in Mbit/s, RTT in ms)."""
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    allowed = {"name", "rtt_ms", "up_mbps", "down_mbps", "overhead_bytes", "jitter_ms", "loss", "source"}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"network: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
-    loss = data.get("loss") or 0.0
-    if not isinstance(loss, (int, float)) or not 0.0 <= loss < 1.0:
-        raise ConfigError(f"network.loss must be a probability in [0, 1), got {loss!r}")
-    for key in ("rtt_ms", "up_mbps", "down_mbps", "jitter_ms"):
-        value = data.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-            raise ConfigError(f"network.{key} must be a non-negative number (or null for unlimited), got {value!r}")
-
-    def bps(mbps):
-        return None if mbps is None else float(mbps) * 1e6
-
-    return LinkProfile(str(data.get("name", "network")), float(data.get("rtt_ms") or 0.0) / 1e3,
-                       bps(data.get("up_mbps")), bps(data.get("down_mbps")), int(data.get("overhead_bytes") or 0),
-                       jitter_s=float(data.get("jitter_ms") or 0.0) / 1e3, loss=float(loss))
+    """The virtual link model of a ``network`` config node (the profile the real backends realise)."""
+    return LinkProfile.from_network(network_spec(node))
 
 
 def system_params(cfg: DictConfig) -> dict:
@@ -108,8 +101,9 @@ def make_plan(cfg: DictConfig) -> Plan:
         workload = workload_spec(cfg.workload)
     except WorkloadError as exc:
         raise ConfigError(str(exc)) from exc
-    return Plan(system, system_config, pair, network_profile(cfg.network), edge, cloud, cfg.mode,
-                SamplingParams(temperature=float(cfg.temperature)), energy, workload)
+    network = network_spec(cfg.network)
+    return Plan(system, system_config, pair, LinkProfile.from_network(network), edge, cloud, cfg.mode,
+                SamplingParams(temperature=float(cfg.temperature)), energy, workload, network)
 
 
 WALL_ENERGY_SOURCE = ("mode=wall: each process meters itself (energy=auto: NVML, RAPL, else its CPU time); "

@@ -234,7 +234,7 @@ def generate_trace(gen: Any, seed: int) -> Trace:
     rng = random.Random(f"specwan-trace-{seed}")
     steps = []
     for i in range(max(1, math.ceil(duration / every))):
-        up, down = (None if bounds[k] is None else round(rng.uniform(*bounds[k]), 1) * 1e6
+        up, down = (None if bounds[k] is None else round(rng.uniform(*bounds[k]) * 10) * 1e5
                     for k in ("up_mbps", "down_mbps"))
         steps.append(RateStep(i * float(every), up, down))
     what = (f"generated: every {every:g} s, up {bounds['up_mbps']} Mbit/s, down {bounds['down_mbps']} Mbit/s, "
@@ -300,12 +300,11 @@ def load_profile(path) -> NetworkProfile:
         raise ProfileError(f"{path}: {exc}") from exc
 
 
-def jitter_sample(rng: random.Random, profile: NetworkProfile) -> float:
-    """One draw of the one-way delay's deviation (mean 0, standard deviation ``jitter_s``)."""
-    if profile.jitter_s <= 0:
+def jitter_sample(rng: random.Random, sigma_s: float, distribution: str = "normal") -> float:
+    """One draw of the one-way delay's deviation: mean 0, standard deviation ``sigma_s``."""
+    if sigma_s <= 0:
         return 0.0
-    if profile.jitter_distribution == "uniform":
-        half = profile.jitter_s * math.sqrt(3.0)
+    if distribution == "uniform":
+        half = sigma_s * math.sqrt(3.0)
         return rng.uniform(-half, half)
-    return rng.gauss(0.0, profile.jitter_s)
-
+    return rng.gauss(0.0, sigma_s)

@@ -44,7 +44,7 @@ class Shaper:
         else:
             rate = p.up_bps if self.direction == "up" else p.down_bps
             self.tx_end = start + (0.0 if rate is None else nbytes * 8.0 / rate)
-        delay = max(0.0, p.rtt_s / 2.0 + jitter_sample(self.rng, p))
+        delay = max(0.0, p.rtt_s / 2.0 + jitter_sample(self.rng, p.jitter_s, p.jitter_distribution))
         t = max(self.tx_end + delay, self.last)
         self.last = t
         self.packets += 1
