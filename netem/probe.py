@@ -308,3 +308,34 @@ def message_times(link, sizes: list[int], repeats: int = 3, gap_s: float = 0.05)
     finally:
         server.close()
     return out
+
+
+def summary(result: dict) -> dict:
+    """The probe's headline figures (all measured), for a run's manifest."""
+    out = {"kind": "measured", "rtt_ms_median": result["rtt_ms"]["median"], "rtt_ms_min": result["rtt_ms"]["min"],
+           "rtt_ms_p95": result["rtt_ms"]["p95"], "rtt_ms_stdev": result["rtt_ms"]["stdev"],
+           "connect_ms_median": result["connect_ms"]["median"]}
+    for d in ("up", "down"):
+        if d in result:
+            out[f"{d}_goodput_mbps"] = result[d]["goodput_mbps"]
+            out[f"{d}_retransmissions"] = result[d]["retransmissions"]
+            out[f"{d}_intact"] = result[d]["intact"]
+        emu = result.get("emulator")
+        if emu is not None:
+            out[f"{d}_loss_fraction"] = emu[d]["loss_fraction"]
+    return out
+
+
+def side_by_side(profile, result: dict) -> list[dict]:
+    """Configured vs measured, one row per figure (the configured goodput is the rate after headers)."""
+    rows = [("RTT median (ms)", profile.rtt_s * 1e3, result["rtt_ms"]["median"]),
+            ("RTT stdev (ms)", (2 ** 0.5) * profile.jitter_s * 1e3, result["rtt_ms"]["stdev"]),
+            ("new connection (ms)", None, result["connect_ms"]["median"])]
+    for d in ("up", "down"):
+        if d in result:
+            rows.append((f"{d} goodput (Mbit/s)", result[d]["expected_mbps"], result[d]["goodput_mbps"]))
+            rows.append((f"{d} retransmissions", None, result[d]["retransmissions"]))
+        emu = result.get("emulator")
+        if emu is not None:
+            rows.append((f"{d} loss", profile.loss, emu[d]["loss_fraction"]))
+    return [{"figure": f, "configured": c, "measured": m} for f, c, m in rows]
