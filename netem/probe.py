@@ -284,25 +284,30 @@ def probe_link(link, *, pings: int = 30, ping_gap_s: float = 0.01, bulk_s: float
     return out
 
 
-def message_times(link, sizes: list[int], repeats: int = 3, gap_s: float = 0.05) -> dict[int, float]:
-    """Median edge->cloud delivery time (s) of a message of each size on one warm connection:
-    from just before the sender's ``sendall`` to the receiver's last byte (one clock)."""
+def message_times(link, sizes: list[int], repeats: int = 3, gap_s: float = 0.05,
+                  warm_bytes: int = 0) -> dict[int, float]:
+    """Median edge->cloud delivery time (s) of a message of each size on one connection:
+    from just before the sender's ``sendall`` to the receiver's last byte (one clock).
+    ``warm_bytes`` are sent first, so the connection is past slow start (a warm stream)."""
     server = ProbeServer(link)
     try:
         client = ProbeClient(link, server)
         sock, _ = client.connect(b"M")
         out = {}
+
+        def once(n: int) -> float:
+            payload = PATTERN[:n] if n <= len(PATTERN) else (PATTERN * (n // len(PATTERN) + 1))[:n]
+            t0 = time.perf_counter()
+            sock.sendall(struct.pack("!Q", n) + payload)
+            (t1,) = struct.unpack("!d", _recv_exact(sock, 8))
+            time.sleep(gap_s + link.profile.rtt_s)
+            return t1 - t0
+
         try:
+            if warm_bytes:
+                once(warm_bytes)
             for n in sizes:
-                samples = []
-                for _ in range(repeats):
-                    payload = PATTERN[:n] if n <= len(PATTERN) else PATTERN * (n // len(PATTERN) + 1)
-                    t0 = time.perf_counter()
-                    sock.sendall(struct.pack("!Q", n) + payload[:n])
-                    (t1,) = struct.unpack("!d", _recv_exact(sock, 8))
-                    samples.append(t1 - t0)
-                    time.sleep(gap_s + link.profile.rtt_s)
-                out[n] = statistics.median(samples)
+                out[n] = statistics.median(once(n) for _ in range(repeats))
         finally:
             sock.close()
     finally:
