@@ -166,7 +166,12 @@ def wall_link(plan: Plan, stack: contextlib.ExitStack):
         raise ConfigError(str(exc)) from exc
     print(f"specwan: link {plan.network.name} on backend {link.backend} ({link.level}); probing it",
           file=sys.stderr, flush=True)
-    return link, probe_link(link)
+    try:
+        return link, probe_link(link)
+    except LinkError as exc:
+        from harness.wall import WallRunError
+
+        raise WallRunError(str(exc)) from exc
 
 
 def link_manifest(plan: Plan, link, probe: dict | None) -> dict:

@@ -151,6 +151,19 @@ class Link:
         except (OSError, ValueError):
             return None
 
+    def health(self) -> str:
+        """The emulator processes' state, with the end of a dead one's log (for error messages)."""
+        parts = []
+        for proc, stats in self._procs:
+            code = proc.poll()
+            if code is None:
+                parts.append(f"pid {proc.pid} running")
+            else:
+                log = stats.with_name(stats.name.replace(".stats.json", ".log")) if stats else None
+                tail = log.read_text(errors="replace").strip()[-800:] if log and log.is_file() else ""
+                parts.append(f"pid {proc.pid} exited with code {code}: {tail}")
+        return "; ".join(parts) or "no emulator process"
+
     def describe(self) -> dict:
         return {"backend": self.backend, "level": self.level, "chosen": self.why, "namespaces": self.namespaces,
                 "sysctls": SYSCTLS if self.namespaces else {},

@@ -159,7 +159,7 @@ class ProbeClient:
         self.link = link
         self.address = link.endpoint(server.port)
 
-    def connect(self, cmd: bytes, timeout: float = 60.0) -> tuple[socket.socket, float]:
+    def connect(self, cmd: bytes, timeout: float = 30.0) -> tuple[socket.socket, float]:
         with self.link.entered("edge"):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -255,7 +255,13 @@ def probe_link(link, *, pings: int = 30, ping_gap_s: float = 0.01, bulk_s: float
     server = ProbeServer(link)
     try:
         client = ProbeClient(link, server)
-        conn = client.connects(connects)
+        try:
+            conn = client.connects(connects)
+        except OSError as exc:
+            from netem.backends import LinkError
+
+            raise LinkError(f"the probe cannot reach the cloud side over the {link.backend} link "
+                            f"({exc}); emulator: {link.health()}") from exc
         rtt = client.rtts(pings, ping_gap_s)
         out = {"kind": "measured", "backend": link.backend, "level": link.level,
                "rtt_ms": _summary(rtt), "connect_ms": _summary(conn)}
