@@ -252,7 +252,8 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
     finally:
         if writer is not None:
             if link is not None and (counters := link.counters()) is not None:
-                writer.update_manifest({"link": {"emulator_over_run": counters}})
+                counters["note"] = "since the link came up: the probe's traffic is included"
+                writer.update_manifest({"link": {"emulator_total": counters}})
             writer.close()
     tokens = sum(r.n_tokens for r in records)
     seconds = sum(r.e2e for r in records)
