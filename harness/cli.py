@@ -121,6 +121,55 @@ def _tune(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from e
 
 
+# ---- link-check ----------------------------------------------------------------------------
+
+
+def _link_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. network=wan_50ms_10mbit network.backend=tun")
+    p.add_argument("--pings", type=int, default=30, help="ping-pongs for the RTT (>= 30; default 30)")
+    p.add_argument("--bulk-s", type=float, default=None, help="seconds of bulk transfer each way "
+                   "(default: max(2 s, 30 RTT), at most 8 s)")
+    p.add_argument("--json", default=None, help="also write the full probe result (link.json's layout) here")
+
+
+def _link_check(args: argparse.Namespace) -> int:
+    """Bring the profile's link up, probe it, print configured and measured side by side."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from harness.run import CONF_DIR, ConfigError, network_spec
+    from netem.backends import LinkError, open_link
+    from netem.kernel import BackendUnavailable, capabilities
+    from netem.probe import probe_link, side_by_side
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = compose(config_name="config", overrides=list(args.overrides))
+        profile = network_spec(cfg.network)
+        with open_link(profile) as link:
+            print(f"link {profile.name}: backend {link.backend} ({link.level}); {link.why}")
+            result = probe_link(link, pings=args.pings, bulk_s=args.bulk_s)
+            described = link.describe()
+    except (ConfigError, BackendUnavailable, LinkError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    rows = side_by_side(profile, result)
+    print(f"{'figure':<24}{'configured':>14}{'measured':>14}")
+    for r in rows:
+        c = "-" if r["configured"] is None else f"{r['configured']:.4g}"
+        m = "-" if r["measured"] is None else f"{r['measured']:.4g}"
+        print(f"{r['figure']:<24}{c:>14}{m:>14}")
+    rtt = result["rtt_ms"]
+    print(f"RTT min/p95: {rtt['min']:.2f}/{rtt['p95']:.2f} ms over {rtt['n']} ping-pongs; "
+          f"transfers intact: {all(result[d]['intact'] for d in ('up', 'down'))}; probe took "
+          f"{result['duration_s']:.1f} s (configured: from the profile; measured: this probe)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"configured": profile.describe(), "measured": result, "side_by_side": rows,
+                       "backend": described, "capabilities": capabilities().describe()}, f, indent=2)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "fetch": Command("fetch and verify a pair's model files, and check their vocabularies", _fetch_args, _fetch),
     "pairs": Command("list the draft/target pairs", _pairs_args, _pairs),
@@ -131,6 +180,8 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("run every system on a pair over a few prompts and compare", _bench_args, _bench),
     "tune": Command("tune a system's thresholds (r1, r2) offline: Bayesian optimisation, grid or random",
                     _tune_args, _tune),
+    "link-check": Command("bring up a network profile's link, probe it, and print configured vs measured "
+                          "(specwan link-check network=wan_50ms_10mbit)", _link_check_args, _link_check),
 }
 
 #: error types whose message is enough for the user: printed as one line, exit status 2

@@ -7,8 +7,16 @@ never pass objects by reference and every byte count is real. Delivery time per 
 FIFO queue per direction, as on one TCP connection: no reordering, so a delayed message
 holds back the ones behind it). Loss is per MSS-sized segment; a lost segment costs one
 retransmission timeout (Linux's minimum RTO, 200 ms, or RTT + 4 x jitter if larger).
-Jitter is Gaussian on the one-way delay, clipped at zero, seeded. A profile with no delay
-and no rate limit delivers at once.
+Jitter is Gaussian (or uniform) on the one-way delay, clipped at zero, seeded. A profile
+with no delay and no rate limit delivers at once.
+
+Bytes on the wire: the encoded message, plus ``overhead_bytes`` of framing per message,
+plus ``header_bytes`` per MSS-sized TCP segment (52 B for TCP/IPv4 with timestamps in the
+shipped profiles). A rate trace (:class:`netem.profile.Trace`) changes the rate over the
+loop's time, from time 0 of the loop; a message serializing across a step is serialized
+piecewise. The profile comes from the same :class:`netem.profile.NetworkProfile` the real
+backends use (:meth:`LinkProfile.from_network`); the two agree on delivery times (see
+``tests/test_link_agreement.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
+from netem.profile import NetworkProfile, Trace, jitter_sample
 from systems.api import Envelope
 from systems.messages import Message, decode, encode
 
@@ -36,16 +45,36 @@ class LinkProfile:
     mss: int = 1448
     rto_min_s: float = 0.2
     seed: int = 0
+    header_bytes: int = 0  # per MSS-sized segment (TCP/IP headers)
+    jitter_distribution: str = "normal"
+    trace: Trace | None = None  # rates over the loop's time; replaces up_bps/down_bps
+
+    @classmethod
+    def from_network(cls, net: NetworkProfile) -> "LinkProfile":
+        """The virtual model of a network profile (the one the real backends realise)."""
+        return cls(net.name, net.rtt_s, net.up_bps, net.down_bps, net.overhead_bytes, jitter_s=net.jitter_s,
+                   loss=net.loss, mss=net.mss, seed=net.seed, header_bytes=net.header_bytes,
+                   jitter_distribution=net.jitter_distribution, trace=net.trace)
 
     @property
     def rto_s(self) -> float:
         return max(self.rto_min_s, self.rtt_s + 4 * self.jitter_s)
 
-    def transfer_time(self, nbytes: int, direction: str) -> float:
-        """Seconds to deliver ``nbytes`` on an idle link in one direction."""
+    def wire_bytes(self, nbytes: int) -> int:
+        """Bytes a message of ``nbytes`` puts on the wire: framing, then headers per segment."""
+        payload = nbytes + self.overhead_bytes
+        return payload + (self.header_bytes * max(1, -(-payload // self.mss)) if self.header_bytes else 0)
+
+    def serialized_at(self, start: float, nbytes: int, direction: str) -> float:
+        """When a message of ``nbytes`` that starts serializing at ``start`` is fully sent."""
+        if self.trace is not None:
+            return self.trace.finish(direction, start, self.wire_bytes(nbytes) * 8.0)
         rate = self.up_bps if direction == "up" else self.down_bps
-        serialize = 0.0 if rate is None else (nbytes + self.overhead_bytes) * 8.0 / rate
-        return serialize + self.rtt_s / 2.0
+        return start + (0.0 if rate is None else self.wire_bytes(nbytes) * 8.0 / rate)
+
+    def transfer_time(self, nbytes: int, direction: str) -> float:
+        """Seconds to deliver ``nbytes`` on an idle link in one direction (from time 0 of a trace)."""
+        return self.serialized_at(0.0, nbytes, direction) + self.rtt_s / 2.0
 
 
 class _Direction:
@@ -63,12 +92,12 @@ class _Direction:
         loop = asyncio.get_running_loop()
         data = encode(msg)
         now = loop.time()
-        rate = self.profile.up_bps if self.name == "up" else self.profile.down_bps
         start = max(now, self._free_at)
-        self._free_at = start + (0.0 if rate is None else (len(data) + self.profile.overhead_bytes) * 8.0 / rate)
+        self._free_at = self.profile.serialized_at(start, len(data), self.name)
         arrive = self._free_at + self.profile.rtt_s / 2.0
         if self.profile.jitter_s > 0:
-            arrive += max(-self.profile.rtt_s / 2.0, self._rng.gauss(0.0, self.profile.jitter_s))
+            draw = jitter_sample(self._rng, self.profile.jitter_s, self.profile.jitter_distribution)
+            arrive += max(-self.profile.rtt_s / 2.0, draw)
         if self.profile.loss > 0:
             segments = max(1, -(-(len(data) + self.profile.overhead_bytes) // self.profile.mss))
             lost = sum(self._rng.random() < self.profile.loss for _ in range(segments))

@@ -8,6 +8,8 @@ A run folder holds::
     rounds.jsonl       append-only journal, one line per verification round
     requests.parquet   one row per request, regenerated from the journals after each append
     rounds.parquet     one row per round, likewise
+    link.json          wall mode: the link's configured figures, the probe's measured ones
+                       (side by side), the backend, and the emulator's counters over the run
 
 Crash safety: a request's round lines are written and fsync'd first, then its request line
 (the commit), then both parquet files are rewritten atomically (tmp + ``os.replace``). A crash
@@ -54,6 +56,7 @@ REQUESTS_JOURNAL = "requests.jsonl"
 ROUNDS_JOURNAL = "rounds.jsonl"
 REQUESTS_PARQUET = "requests.parquet"
 ROUNDS_PARQUET = "rounds.parquet"
+LINK_JSON = "link.json"  # wall mode: the link's configured and measured figures, side by side
 _LOCK = ".lock"
 _JOURNAL_BYTES = b"specwan.journal_bytes"  # parquet metadata: "<requests.jsonl bytes>,<rounds.jsonl bytes>"
 
@@ -722,6 +725,12 @@ class RunWriter:
 
     def _write_manifest(self) -> None:
         _atomic_write_text(self.run_dir / MANIFEST, _dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+
+    def write_link(self, data: Mapping[str, Any]) -> Path:
+        """Write ``link.json`` (the link's configured and measured figures) atomically."""
+        path = self.run_dir / LINK_JSON
+        _atomic_write_text(path, _dumps(dict(data), indent=2, sort_keys=True) + "\n")
+        return path
 
     def update_manifest(self, changes: Mapping[str, Any]) -> dict:
         """Merge ``changes`` into the manifest (nested mappings merge) and rewrite it atomically.

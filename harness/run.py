@@ -8,6 +8,7 @@ combination; ``hydra/launcher=joblib`` runs them in parallel worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.energy.select import EnergyConfig, energy_config
 from harness.link import LinkProfile
 from harness.profiles import RoleProfile, role_profile
+from netem.profile import NetworkProfile, ProfileError, parse_profile
 from systems.api import SystemSpec, get_system
 from systems.sampling import SamplingParams
 
@@ -43,6 +45,16 @@ class Plan:
     sampling: SamplingParams
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     workload: object = None  # workloads.WorkloadSpec, checked here; its prompts load after the models
+    network: NetworkProfile | None = None  # what the wall-mode link backends realise
+
+
+def network_spec(node) -> NetworkProfile:
+    """The :class:`netem.profile.NetworkProfile` of a ``network`` config node (rates in Mbit/s, RTT in ms)."""
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    try:
+        return parse_profile(data)
+    except ProfileError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def conf_option(group: str, name: str) -> dict:
@@ -55,26 +67,8 @@ def conf_option(group: str, name: str) -> dict:
 
 
 def network_profile(node) -> LinkProfile:
-    """A link profile from a ``network`` config node (rates in Mbit/s, RTT in ms)."""
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    allowed = {"name", "rtt_ms", "up_mbps", "down_mbps", "overhead_bytes", "jitter_ms", "loss", "source"}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"network: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}")
-    loss = data.get("loss") or 0.0
-    if not isinstance(loss, (int, float)) or not 0.0 <= loss < 1.0:
-        raise ConfigError(f"network.loss must be a probability in [0, 1), got {loss!r}")
-    for key in ("rtt_ms", "up_mbps", "down_mbps", "jitter_ms"):
-        value = data.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-            raise ConfigError(f"network.{key} must be a non-negative number (or null for unlimited), got {value!r}")
-
-    def bps(mbps):
-        return None if mbps is None else float(mbps) * 1e6
-
-    return LinkProfile(str(data.get("name", "network")), float(data.get("rtt_ms") or 0.0) / 1e3,
-                       bps(data.get("up_mbps")), bps(data.get("down_mbps")), int(data.get("overhead_bytes") or 0),
-                       jitter_s=float(data.get("jitter_ms") or 0.0) / 1e3, loss=float(loss))
+    """The virtual link model of a ``network`` config node (the profile the real backends realise)."""
+    return LinkProfile.from_network(network_spec(node))
 
 
 def system_params(cfg: DictConfig) -> dict:
@@ -117,8 +111,9 @@ def make_plan(cfg: DictConfig) -> Plan:
         workload = workload_spec(cfg.workload)
     except WorkloadError as exc:
         raise ConfigError(str(exc)) from exc
-    return Plan(system, system_config, pair, network_profile(cfg.network), edge, cloud, cfg.mode,
-                SamplingParams(temperature=float(cfg.temperature)), energy, workload)
+    network = network_spec(cfg.network)
+    return Plan(system, system_config, pair, LinkProfile.from_network(network), edge, cloud, cfg.mode,
+                SamplingParams(temperature=float(cfg.temperature)), energy, workload, network)
 
 
 WALL_ENERGY_SOURCE = ("mode=wall: each process meters itself (energy=auto: NVML, RAPL, else its CPU time); "
@@ -162,14 +157,48 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
     With ``run_dir`` the records go to that run folder as each request finishes; a rerun
     into the same folder skips the requests already recorded.
     """
+    plan = make_plan(cfg)
+    with contextlib.ExitStack() as stack:
+        link = wall_link(plan, stack) if plan.mode == "wall" else None
+        return _execute(cfg, plan, run_dir, link)
+
+
+def wall_link(plan: Plan, stack: contextlib.ExitStack):
+    """Bring up the run's link (torn down when ``stack`` closes) and probe it; ``(link, probe)``."""
+    from netem.backends import LinkError, open_link
+    from netem.kernel import BackendUnavailable
+    from netem.probe import probe_link
+
+    try:
+        link = stack.enter_context(open_link(plan.network))
+    except (BackendUnavailable, LinkError) as exc:
+        raise ConfigError(str(exc)) from exc
+    print(f"specwan: link {plan.network.name} on backend {link.backend} ({link.level}); probing it",
+          file=sys.stderr, flush=True)
+    try:
+        return link, probe_link(link)
+    except LinkError as exc:
+        from harness.wall import WallRunError
+
+        raise WallRunError(str(exc)) from exc
+
+
+def link_manifest(plan: Plan, link, probe: dict | None) -> dict:
+    """The manifest's ``link`` entry: backend, configured and measured figures side by side."""
+    from netem.probe import summary
+
+    if link is None:
+        return {"backend": "model (in-process)", "configured": plan.network.describe() if plan.network else None}
+    return {**link.describe(), "configured": plan.network.describe(),
+            "measured": summary(probe) if probe else None, "details": "link.json"}
+
+
+def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
     from harness.inprocess import RunOptions, run_system
     from harness.pairs import ensure_pair, open_engines
     from harness.results import RunWriter, build_manifest
 
-    plan = make_plan(cfg)
-    if plan.mode == "wall" and plan.link.name != "loopback":
-        raise ConfigError("mode=wall runs over loopback in this version (emulated WAN links come with the "
-                          "netem backends); use network=loopback, or mode=virtual for other networks")
+    link, probe = wall if wall is not None else (None, None)
     paths = ensure_pair(plan.pair)
     if plan.mode == "wall":
         draft, target = _tokenizer_engine(plan.pair, paths), None
@@ -183,11 +212,18 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
     writer, done, done_outputs = None, set(), {}
     if run_dir is not None:
         config = OmegaConf.to_container(cfg, resolve=True)
-        link = {"backend": "model (in-process)"} if plan.mode == "virtual" else {"backend": "loopback (gRPC)"}
         profiles = {"edge": plan.edge.as_dict(), "cloud": plan.cloud.as_dict()} if plan.mode == "virtual" else None
-        manifest = build_manifest(config, {"clock": plan.mode, "device_profiles": profiles, "link": link,
+        manifest = build_manifest(config, {"clock": plan.mode, "device_profiles": profiles,
+                                           "link": link_manifest(plan, link, probe),
                                            "energy": energy_manifest}, models=paths)
         writer = RunWriter(run_dir, manifest)
+        if link is not None:
+            from netem.kernel import capabilities
+            from netem.probe import side_by_side
+
+            writer.write_link({"configured": plan.network.describe(), "measured": probe,
+                               "side_by_side": side_by_side(plan.network, probe), "backend": link.describe(),
+                               "capabilities": capabilities().describe()})
         done = writer.done_keys()
         if done:  # resuming: a later turn is built from the recorded answer of the one before
             from harness.results import load_run
@@ -207,7 +243,7 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
                 else:
                     todo.append(t)
             if plan.mode == "wall":
-                served = _run_wall(plan, cfg, todo, writer, context)
+                served = _run_wall(plan, cfg, todo, writer, context, link)
             else:
                 options = RunOptions(virtual=True, link=plan.link, edge_cost=plan.edge.cost,
                                      cloud_cost=plan.cloud.cost, energy=energy)
@@ -224,6 +260,9 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
             wave = later
     finally:
         if writer is not None:
+            if link is not None and (counters := link.counters()) is not None:
+                counters["note"] = "since the link came up: the probe's traffic is included"
+                writer.update_manifest({"link": {"emulator_total": counters}})
             writer.close()
     tokens = sum(r.n_tokens for r in records)
     seconds = sum(r.e2e for r in records)
@@ -232,10 +271,17 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
     where = f" -> {run_dir}" if run_dir is not None else ""
     acceptance = f", acceptance {accepted / verified:.3f}" if verified else ""
     devices = (f"edge {plan.edge.name} [{plan.edge.kind}], cloud {plan.cloud.name} [{plan.cloud.kind}]"
-               if plan.mode == "virtual" else "separate processes on this machine")
+               if plan.mode == "virtual" else f"separate processes on this machine, link backend {link.backend}")
     kind = "modelled" if plan.mode == "virtual" else "measured"
     print(f"{plan.system.name} on {plan.link.name} ({plan.mode} time; {devices}): {len(records)} requests, "
           f"{tokens} tokens, {1e3 * seconds / max(1, tokens):.1f} ms/token ({kind}){acceptance}{where}")
+    if probe is not None:
+        from netem.probe import summary
+
+        m = summary(probe)
+        print(f"  link (measured): RTT median {m['rtt_ms_median']:.2f} ms, goodput up "
+              f"{m.get('up_goodput_mbps') or float('nan'):.3f} / down {m.get('down_goodput_mbps') or float('nan'):.3f} "
+              f"Mbit/s, new connection {m['connect_ms_median']:.2f} ms")
     if plan.mode == "virtual" and records:
         from harness.energy.report import describe_per_token
 
@@ -256,7 +302,7 @@ def _tokenizer_engine(pair, paths):
     return create_engine(spec.engine, **options)
 
 
-def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context) -> list:
+def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context, link=None) -> list:
     """Serve the turns' requests across real processes; record what finished even on failure."""
     from harness.pairs import load_pair
     from harness.wall import WallRunError, run_wall
@@ -267,7 +313,7 @@ def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context) -> list:
     started = []
     try:
         records = run_wall(plan.system.name, load_pair(str(cfg.pair.name)), [t.request for t in turns],
-                           system_params(cfg), on_start=started.append)
+                           system_params(cfg), on_start=started.append, link=link)
     except WallRunError as exc:
         if writer is not None:
             for rec in exc.records:

@@ -13,8 +13,14 @@ Where the machine allows, each process is pinned to its own cores: the cloud to 
 half of the CPUs this process may use, the edges to the lower half (on 2 cores: cloud on
 core 1, edges on core 0). llama.cpp engines then get as many threads as cores.
 
-Time is the wall clock (``time.monotonic()`` on both sides of the loopback link). The helpers
-below are shared with the two process entry points.
+With ``link`` (a live :class:`netem.backends.Link`), the cloud process runs on the link's
+cloud side and the edges on its edge side (``ip netns exec`` into each namespace for the
+packet-level backends), and the edges reach the cloud's data plane through the link; the
+harness keeps talking to the cloud's control plane from inside the cloud side. Without
+one, both sides share loopback, unshaped.
+
+Time is the wall clock (``time.monotonic()``: one clock for every process on this host,
+whichever namespace it is in). The helpers below are shared with the two process entry points.
 """
 
 from __future__ import annotations
@@ -259,23 +265,32 @@ class WallRun:
     cloud: Child | None
     edges: list[Child]
     grpc_port: int | None = None
+    link: Any = None  # the netem Link both sides are joined by (None: plain loopback)
     http_port: int | None = None
     outputs: list[Path] = field(default_factory=list)
     energy: dict | None = None  # the cloud process's whole-run energy reading, once stopped
+
+    def http(self, path: str, method: str = "GET", timeout: float = 2.0) -> Any:
+        """Ask the cloud's control plane (from inside the cloud's side of the link)."""
+        import contextlib
+
+        host = self.link.cloud_bind if self.link is not None else "127.0.0.1"
+        with self.link.entered("cloud") if self.link is not None else contextlib.nullcontext():
+            return _http(self.http_port, path, method, timeout, host=host)
 
     @property
     def children(self) -> list[Child]:
         return ([self.cloud] if self.cloud else []) + self.edges
 
 
-def _spawn(name: str, module: str, args: list[str], workdir: Path) -> Child:
+def _spawn(name: str, module: str, args: list[str], workdir: Path, prefix: Sequence[str] = ()) -> Child:
     log = workdir / f"{name}.log"
     env = dict(os.environ)
     env[PARENT_ENV] = str(os.getpid())
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("PYTHONUNBUFFERED", "1")
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL, stdout=f,
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL, stdout=f,
                                 stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT), start_new_session=True)
     return Child(name, proc, log)
 
@@ -313,8 +328,8 @@ def stop_children(children: Sequence[Child], grace_s: float = GRACE_S) -> None:
         raise WallRunError(f"could not stop: {', '.join(left)}")
 
 
-def _http(port: int, path: str, method: str = "GET", timeout: float = 2.0) -> Any:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+def _http(port: int, path: str, method: str = "GET", timeout: float = 2.0, host: str = "127.0.0.1") -> Any:
+    req = urllib.request.Request(f"http://{host}:{port}{path}", method=method,
                                  data=b"" if method == "POST" else None)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read() or b"null")
@@ -345,6 +360,7 @@ def run_wall(
     pin: bool = True,
     q_dtype: str = "float32",
     on_start: Callable[[WallRun], None] | None = None,
+    link=None,
 ) -> list[RequestRecord]:
     """Serve ``requests`` with a system across real processes on this host; one record per request.
 
@@ -352,7 +368,8 @@ def run_wall(
     ``timeout_s`` bounds the whole run (start-up included). ``workdir`` keeps the request
     files, the edges' JSON-lines outputs and every process's log (a temporary folder by
     default, removed after the run unless edges ran and it failed). ``on_start`` is
-    called once every process is up. Raises :class:`WallRunError` (with the records of the
+    called once every process is up. ``link`` (a live :class:`netem.backends.Link`) places
+    the cloud and the edges on its two sides (default: both on loopback). Raises :class:`WallRunError` (with the records of the
     requests that finished, and of the failed ones) when anything fails.
     """
     spec = get_system(system)
@@ -373,7 +390,7 @@ def run_wall(
     work.mkdir(parents=True, exist_ok=True)
     cloud_cpus, edge_cpus = cpu_plan(clients) if pin else (None, [None] * clients)
     common = ["--pair", pair_arg, "--system", spec.name, "--config", json.dumps(config or {})]
-    run = WallRun(work, None, [])
+    run = WallRun(work, None, [], link=link)
     deadline = time.monotonic() + timeout_s
     ok = False
     try:
@@ -390,10 +407,12 @@ def run_wall(
                 args = [*common, "--requests", str(req_file), "--out", str(out), "--device", f"c{i}",
                         "--q-dtype", q_dtype]
                 if run.grpc_port is not None:
-                    args += ["--grpc", f"127.0.0.1:{run.grpc_port}"]
+                    host, port = link.endpoint(run.grpc_port) if link is not None else ("127.0.0.1", run.grpc_port)
+                    args += ["--grpc", f"{host}:{port}"]
                 if edge_cpus[i]:
                     args += ["--cpus", ",".join(map(str, edge_cpus[i]))]
-                run.edges.append(_spawn(f"edge{i}", "harness.edge_client", args, work))
+                run.edges.append(_spawn(f"edge{i}", "harness.edge_client", args, work,
+                                        link.prefix("edge") if link is not None else ()))
                 run.outputs.append(out)
             if on_start is not None:
                 on_start(run)
@@ -441,9 +460,12 @@ def _start_cloud(run: WallRun, common: list[str], cpus, deadline: float, system:
     ready = run.workdir / "cloud.ready.json"
     ready.unlink(missing_ok=True)
     args = [*common, "--grpc-port", "0", "--http-port", "0", "--ready-file", str(ready)]
+    if run.link is not None:
+        args += ["--host", run.link.cloud_bind]
     if cpus:
         args += ["--cpus", ",".join(map(str, cpus))]
-    run.cloud = cloud = _spawn("cloud", "harness.cloud_server", args, run.workdir)
+    run.cloud = cloud = _spawn("cloud", "harness.cloud_server", args, run.workdir,
+                               run.link.prefix("cloud") if run.link is not None else ())
     info = None
     while info is None:
         if not cloud.alive():
@@ -462,14 +484,14 @@ def _start_cloud(run: WallRun, common: list[str], cpus, deadline: float, system:
     run.grpc_port, run.http_port = int(info["grpc_port"]), int(info["http_port"])
     while True:
         try:
-            if _http(run.http_port, "/healthz").get("status") == "ok":
+            if run.http("/healthz").get("status") == "ok":
                 break
         except (OSError, ValueError):
             pass
         if not cloud.alive() or time.monotonic() > deadline:
             raise WallRunError(f"the cloud's /healthz did not answer ok:\n{cloud.tail()}", workdir=run.workdir)
         time.sleep(0.05)
-    about = _http(run.http_port, "/info")
+    about = run.http("/info")
     if about.get("system") != system:
         raise WallRunError(f"the cloud serves system {about.get('system')!r}, not {system!r}", workdir=run.workdir)
     if about.get("vocab_fingerprint") != draft_fp:
@@ -516,7 +538,7 @@ def _stop_cloud(run: WallRun) -> list[str]:
     if run.cloud is None:
         return []
     try:
-        _http(run.http_port, "/shutdown", method="POST")
+        run.http("/shutdown", method="POST")
     except (OSError, ValueError):
         pass
     try:

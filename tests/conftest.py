@@ -36,3 +36,19 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured figures")
         for line in _REPORT:
             terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if a network namespace this test session created is still there."""
+    import os
+
+    try:
+        from netem import ns
+    except ImportError:
+        return
+    left = [n for n in ns.list_ours() if ns.owner(n) == os.getpid()]
+    if left:
+        for n in left:
+            ns.delete(n)
+        session.exitstatus = 1
+        print(f"\nERROR: the test session left network namespaces behind (now deleted): {', '.join(left)}")

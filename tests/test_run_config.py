@@ -25,7 +25,8 @@ def test_default_config_plans():
 
 
 @pytest.mark.parametrize("system", ["vanilla", "edge_only", "cloud_only"])
-@pytest.mark.parametrize("network", ["loopback", "lan", "wan_50ms_10mbit", "slow_wan", "pipesd_s1"])
+@pytest.mark.parametrize("network", ["loopback", "lan", "wan_50ms_10mbit", "slow_wan", "pipesd_s1", "pipesd_s4",
+                                     "wifi", "5g", "4g", "congested_cellular", "satellite", "lossy", "lossy_4g"])
 def test_every_shipped_option_plans(system, network):
     plan = make_plan(_compose(f"system={system}", f"network={network}"))
     assert plan.system.name == system and plan.link.name == network
@@ -110,11 +111,9 @@ def test_wall_mode_matches_virtual_mode_tokens(tmp_path):
     assert set(rows["energy_edge_kind"]) <= {"measured", "estimated"}
 
 
-def test_wall_mode_refuses_a_shaped_network():
-    from harness.run import execute
-
-    with pytest.raises(ConfigError, match="network=loopback"):
-        execute(_compose("pair=toy", "mode=wall", "network=slow_wan"))
+def test_wall_mode_names_an_unknown_backend():
+    with pytest.raises(ConfigError, match="network.backend"):
+        make_plan(_compose("pair=toy", "mode=wall", "network=slow_wan", "network.backend=carrier_pigeon"))
 
 
 def test_multi_turn_run_serves_second_turns_and_resumes_them(tmp_path):

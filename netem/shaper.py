@@ -1,0 +1,55 @@
+"""One direction of an emulated link, shared by the user-space backends (``tun``, ``relay``).
+
+A packet (or, on the relay, a segment-sized chunk) that arrives at ``now`` is lost with the
+profile's probability, dropped if the bottleneck queue already holds more than ``queue_s``
+of work, otherwise serialized after the packets before it at the rate in force (the trace's,
+changing on schedule; a packet that straddles a step is serialized piecewise), then delayed
+by half the RTT plus a jitter draw. Deliveries never overtake (FIFO), as on one path.
+"""
+
+from __future__ import annotations
+
+import random
+
+from netem.profile import NetworkProfile, jitter_sample
+
+
+class Shaper:
+    """Delivery times for one direction's packets; counts what it carried and dropped."""
+
+    def __init__(self, profile: NetworkProfile, direction: str, origin: float, *, lossy: bool = True):
+        self.profile, self.direction, self.origin = profile, direction, origin
+        self.lossy = lossy
+        self.rng = random.Random(f"specwan-link-{profile.seed}-{direction}")
+        self.tx_end = origin
+        self.last = origin
+        self.packets = self.bytes = self.lost = self.queue_drops = 0
+
+    def backlog(self, now: float) -> float:
+        """Seconds of serialization already queued ahead of a packet arriving now."""
+        return max(0.0, self.tx_end - now)
+
+    def admit(self, now: float, nbytes: int) -> float | None:
+        """When a packet of ``nbytes`` (headers included) arriving at ``now`` is delivered; None if dropped."""
+        p = self.profile
+        if self.lossy and p.loss and self.rng.random() < p.loss:
+            self.lost += 1
+            return None
+        start = max(now, self.tx_end)
+        if self.lossy and start - now > p.queue_s:
+            self.queue_drops += 1
+            return None
+        if p.trace is not None:
+            self.tx_end = self.origin + p.trace.finish(self.direction, start - self.origin, nbytes * 8.0)
+        else:
+            rate = p.up_bps if self.direction == "up" else p.down_bps
+            self.tx_end = start + (0.0 if rate is None else nbytes * 8.0 / rate)
+        delay = max(0.0, p.rtt_s / 2.0 + jitter_sample(self.rng, p.jitter_s, p.jitter_distribution))
+        t = max(self.tx_end + delay, self.last)
+        self.last = t
+        self.packets += 1
+        self.bytes += nbytes
+        return t
+
+    def counters(self) -> dict:
+        return {"packets": self.packets, "bytes": self.bytes, "lost": self.lost, "queue_drops": self.queue_drops}
