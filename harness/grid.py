@@ -8,6 +8,9 @@ the figures the paper printed, with the ratios. Methods whose system has thresho
 listed under ``grid.tune`` are tuned offline first, per scenario and dataset, on a prompt
 held out of the evaluation.
 
+A scenario whose link has a rate trace keeps the schedule running across a cell's requests
+(each request starts where the previous one's time ended).
+
 Greedy decoding makes every method emit the same tokens for a prompt, so stopping at N
 accepted tokens serves the same prompts to every method; forward passes are memoized
 (:class:`harness.memo.MemoEngine`), so scenarios after the first mostly replay them.
@@ -239,6 +242,8 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
                     break
                 request = replace(turn.request, max_new_tokens=min(turn.request.max_new_tokens,
                                                                    spec.accepted_tokens - cell.tokens))
+                if link.trace is not None:  # the rate schedule runs on across the cell's requests
+                    options = replace(options, link=replace(link, trace=link.trace.shifted(cell.seconds)))
                 (rec,) = run_system(method.system, mdraft, mtarget, [request], params, options)
                 writer.append(rec, {"system": method.system, "pair": pair.name, "network": link.name,
                                     "workload": dataset.workload, **turn.context(), "clock": "virtual", "seed": 0,

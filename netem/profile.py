@@ -73,6 +73,14 @@ class Trace:
     def as_list(self) -> list[dict]:
         return [{"at_s": s.at_s, "up_mbps": _mbps(s.up_bps), "down_mbps": _mbps(s.down_bps)} for s in self.steps]
 
+    def shifted(self, offset_s: float) -> "Trace":
+        """The same schedule seen from ``offset_s`` seconds in (for a run that continues a
+        link's time across separately clocked parts)."""
+        current = max((i for i, st in enumerate(self.steps) if st.at_s <= offset_s), default=0)
+        steps = [RateStep(0.0, self.steps[current].up_bps, self.steps[current].down_bps)]
+        steps += [RateStep(st.at_s - offset_s, st.up_bps, st.down_bps) for st in self.steps[current + 1:]]
+        return Trace(tuple(steps), self.source)
+
 
 @dataclass(frozen=True)
 class NetworkProfile:

@@ -76,12 +76,12 @@ def test_replan_gate():
         m.add_upload(n, 0.020 + 0.050 * n)
     fitted = m.estimate()
     assert fitted.alpha == pytest.approx(0.020) and fitted.beta == pytest.approx(0.050)
-    assert moved(base, fitted, 0.2)
+    assert moved(base, fitted, 0.2) == ["alpha", "beta"]
     small = EnvironmentMonitor(0.025, 0.116, 0.036, 20)
     for n in range(1, 9):
         small.add_upload(n, 1.1 * (0.020 + 0.050 * n))  # a 10% slower link
-    assert not moved(fitted, small.estimate(), 0.2)
-    assert moved(fitted, EnvironmentMonitor(0.020, 0.050, 0.036, 21).estimate(), 0.2)  # N̂ changed
+    assert moved(fitted, small.estimate(), 0.2) == []
+    assert moved(fitted, EnvironmentMonitor(0.020, 0.050, 0.036, 21).estimate(), 0.2) == ["n_hat"]
 
 
 # ---- the tuner -----------------------------------------------------------------------------
@@ -187,3 +187,30 @@ def test_proactive_tokens_kept_only_under_the_rule(pipesd_run):
         kept += rule
         dropped += not rule
     assert kept > 0 and dropped > 0, f"promoted {kept}, discarded {dropped}: both paths must run"
+
+
+@pytest.mark.parametrize("factor,replans", [(2.0, True), (1.1, False)])
+def test_plan_follows_a_bandwidth_step_over_20_percent_only(tmp_path, factor, replans):
+    """The uplink's rate steps at 20 s; α/β are re-estimated from the uploads, and the plan is
+    re-made for β only when the step moves it by more than 20%."""
+    from netem.profile import RateStep, Trace
+
+    step_at = 20.0
+    trace = Trace((RateStep(0.0, 2e5, 2e7), RateStep(step_at, 2e5 * factor, 2e7)))
+    link = LinkProfile("step", rtt_s=0.02, overhead_bytes=66, trace=trace)
+    kw = dict(vocab_size=VOCAB, seed=1, sharpness=6.0)
+    draft = create_engine("toy", role="draft", agreement=0.9, **kw)
+    target = create_engine("toy", role="target", **kw)
+    req = GenerationRequest("long", [1, 2, 3], 500, SamplingParams(), seed=0)
+    (rec,) = run_system("pipesd", draft, target, [req], {"r1": R1, "r2": R2},
+                        RunOptions(link=link, edge_cost=lambda op: 0.036, cloud_cost=lambda op: 0.015))
+    assert rec.e2e > 2 * step_at, "the run must last well past the step"
+    run_dir = tmp_path / "run"
+    with RunWriter(run_dir, build_manifest({"system": "pipesd"}, {"clock": "virtual"})) as w:
+        w.append(rec, {"system": "pipesd", "prompt_id": "long"})
+    _, _, rounds = load_run(run_dir)
+    events = [e for x in rounds["extra"].map(json.loads) for e in x.get("replans", [])]
+    link_replans_after = [e for e in events if e["t"] > step_at and {"alpha", "beta"} & set(e["why"])]
+    print(f"\nuplink x{factor} at {step_at:.0f} s: re-plans for the link after the step: "
+          f"{[(round(e['t'], 1), e['why'], e['plan']) for e in link_replans_after]}")
+    assert bool(link_replans_after) == replans

@@ -76,11 +76,12 @@ class EnvironmentMonitor:
         return CostEstimate(alpha, beta, gamma, n_hat)
 
 
-def moved(old: CostEstimate, new: CostEstimate, gate: float) -> bool:
-    """True when N̂ changed or γ, α or β moved by more than ``gate`` relative to ``old``."""
-    if new.n_hat != old.n_hat:
-        return True
-    for a, b in ((old.alpha, new.alpha), (old.beta, new.beta), (old.gamma, new.gamma)):
+def moved(old: CostEstimate, new: CostEstimate, gate: float) -> list[str]:
+    """What calls for a new plan: "n_hat" if N̂ changed, and each of "alpha", "beta",
+    "gamma" that moved by more than ``gate`` relative to ``old`` (empty: keep the plan)."""
+    out = ["n_hat"] if new.n_hat != old.n_hat else []
+    for name in ("alpha", "beta", "gamma"):
+        a, b = getattr(old, name), getattr(new, name)
         if abs(b - a) > gate * max(abs(a), 1e-12):
-            return True
-    return False
+            out.append(name)
+    return out

@@ -199,16 +199,21 @@ class PipeSDEdge(EdgePolicy):
         self.thresholds = (c.r1, c.r2)
         self.tuning = _OnlineTuning(c) if c.tuner == "online" else None
         self._estimate: CostEstimate = self.monitor.estimate()
+        self._replans: list[dict] = []  # re-plans since the last window closed
         self.plan: BatchPlan = self._make_plan(self._estimate)
 
     @staticmethod
     def _make_plan(e: CostEstimate) -> BatchPlan:
         return plan_batches(e.n_hat, e.gamma, e.alpha, e.beta)
 
-    def _replan(self) -> None:
+    def _replan(self, edge: SpeculativeEdge | None = None) -> None:
         e = self.monitor.estimate()
-        if moved(self._estimate, e, self.config.replan_gate):
+        why = moved(self._estimate, e, self.config.replan_gate)
+        if why:
             self._estimate, self.plan = e, self._make_plan(e)
+            if edge is not None:  # kept on the open window's record
+                self._replans.append({"t": edge.ctx.clock.now(), "why": why, "plan": list(self.plan.sizes)})
+                edge.note("replans", self._replans)
 
     async def warm_up(self, ctx: EdgeContext) -> None:
         """Bootstrap α and β: one probe batch of each missing size, each acknowledged."""
@@ -279,12 +284,13 @@ class PipeSDEdge(EdgePolicy):
             self.monitor.add_window(edge.window_size)
             sender.put(edge.prepare(verify=True, ack=True))
             window.reset()
-            self._replan()
+            self._replans = []
+            self._replan(edge)
         elif edge.unsent >= cap:
             window.batches.append([cap, cap])
             sender.put(edge.prepare(cap, ack=True))
             window.batch += 1
-            self._replan()
+            self._replan(edge)
 
     def _settle(self, edge: SpeculativeEdge, window: "_WindowState", last: float, got) -> float:
         """Apply a verdict; returns the time it was applied."""
