@@ -167,7 +167,8 @@ class Link:
     def describe(self) -> dict:
         return {"backend": self.backend, "level": self.level, "chosen": self.why, "namespaces": self.namespaces,
                 "sysctls": SYSCTLS if self.namespaces else {},
-                "emulator_pids": [p.pid for p, _ in self._procs]}
+                "emulator_pids": [p.pid for p, _ in self._procs],
+                "emulator_priority": getattr(self, "emulator_priority", None)}
 
     def close(self) -> None:
         for proc, _ in self._procs:
@@ -180,7 +181,9 @@ class Link:
         ready, stats, log = (self.workdir / f"{ready_key}{n}.{x}" for x in ("ready.json", "stats.json", "log"))
         proc = _spawn(module, [*args, "--ready", str(ready), "--stats", str(stats)], log)
         self._procs.append((proc, stats))
-        return proc, _wait_file(ready, proc, log, what)
+        info = _wait_file(ready, proc, log, what)
+        self.emulator_priority = info.get("priority")
+        return proc, info
 
 
 class _Namespaced(Link):

@@ -27,7 +27,7 @@ import sys
 import time
 
 from netem.profile import NetworkProfile
-from netem.shaper import Shaper
+from netem.shaper import Shaper, raise_priority
 from netem.tunwire import EARLY_S, _write_json
 
 CHUNK = 65536
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
     listener.setblocking(False)
-    _write_json(args.ready, {"port": listener.getsockname()[1], "pid": os.getpid()})
+    _write_json(args.ready, {"port": listener.getsockname()[1], "pid": os.getpid(), "priority": raise_priority()})
     serve(listener, (host, int(port)), profile, args.origin, args.stats)
     return 0
 

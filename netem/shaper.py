@@ -9,6 +9,7 @@ by half the RTT plus a jitter draw. Deliveries never overtake (FIFO), as on one 
 
 from __future__ import annotations
 
+import os
 import random
 
 from netem.profile import NetworkProfile, jitter_sample
@@ -53,3 +54,18 @@ class Shaper:
 
     def counters(self) -> dict:
         return {"packets": self.packets, "bytes": self.bytes, "lost": self.lost, "queue_drops": self.queue_drops}
+
+
+def raise_priority() -> str:
+    """Run this emulator process ahead of the model processes that share the CPU: a link
+    that waits behind a forward pass delivers late. Real-time FIFO scheduling where allowed
+    (root), else a lower nice value; returns what it got (recorded with the link)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+        return "SCHED_FIFO 10"
+    except (AttributeError, PermissionError, OSError):
+        pass
+    try:
+        return f"nice {os.nice(-10)}"
+    except (PermissionError, OSError):
+        return "default (no permission to raise it)"

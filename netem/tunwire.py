@@ -29,7 +29,7 @@ import time
 
 from netem.ns import entered
 from netem.profile import NetworkProfile
-from netem.shaper import Shaper
+from netem.shaper import Shaper, raise_priority
 
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunwire: error: cannot attach the TUN devices: {exc}", file=sys.stderr)
         return 2
     if args.ready:
-        _write_json(args.ready, {"pid": os.getpid()})
+        _write_json(args.ready, {"pid": os.getpid(), "priority": raise_priority()})
     serve(fds[0], fds[1], profile, args.origin, args.stats)
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from harness.cli import main
+from systems.api import system_names
 
 
 def test_bench_writes_a_comparison(tmp_path, capsys):
@@ -16,7 +17,7 @@ def test_bench_writes_a_comparison(tmp_path, capsys):
     for name in ("manifest.json", "requests.parquet", "rounds.parquet", "summary.csv", "comparison.png"):
         assert (run_dir / name).stat().st_size > 0, name
     requests = pd.read_parquet(run_dir / "requests.parquet")
-    assert len(requests) == 2 * 2 * 3  # prompts x networks x systems
+    assert len(requests) == 2 * 2 * len(system_names())  # prompts x networks x systems
     assert set(requests["workload"]) == {"mixed"} and requests["category"].notna().all()
     assert "per category" in out
     by_category = pd.read_csv(run_dir / "summary_by_category.csv")
