@@ -3,9 +3,8 @@
 Composes the run configuration from the same Hydra overrides as ``specwan run``, then
 searches (r1, r2) in (0, 1)² with the chosen method (``bo``: Gaussian process + expected
 improvement, ``grid``: 4 x 4, ``random``: uniform points), scoring each candidate by the
-time per accepted token over ``--tokens`` accepted tokens of a virtual-time run on the
-workload's first prompt, counted from its first emitted token (PipeSD §3.3: 16
-evaluations of 20 accepted tokens). Prints
+time per accepted token of a virtual-time run that yields ``--tokens`` accepted tokens on
+the workload's first prompt (PipeSD §3.3: 16 evaluations of 20 accepted tokens). Prints
 every trial and the overrides to run with the best pair.
 """
 
