@@ -286,9 +286,6 @@ class SpeculativeEdge:
         return nbytes
 
     # ---- verdicts --------------------------------------------------------------------------
-    def verdict_ready(self) -> bool:
-        return not self._inbox.empty()
-
     def poll_verdict(self) -> tuple[Verdict, Envelope] | None:
         """The next verdict for a live window if one has arrived, else None (never waits);
         stale answers met on the way are recorded."""

@@ -53,9 +53,10 @@ class EnvironmentMonitor:
 
     def missing_probe_sizes(self) -> list[int]:
         """Batch sizes 1..min_sizes still needed before the line fit is trusted."""
-        if len(self.sizes_seen()) >= self.min_sizes:
+        seen = self.sizes_seen()
+        if len(seen) >= self.min_sizes:
             return []
-        return [n for n in range(1, self.min_sizes + 1) if n not in self.sizes_seen()]
+        return [n for n in range(1, self.min_sizes + 1) if n not in seen]
 
     def link(self) -> tuple[float, float]:
         """(α, β) from the per-size means; the initial values until two sizes are known."""

@@ -150,7 +150,8 @@ class _OnlineTuning:
         self.recent: deque[tuple[float, int]] = deque()  # (seconds, tokens) per verdict
         self.reference: float | None = None
 
-    def start(self, current: tuple[float, float]) -> tuple[float, float]:
+    def start(self) -> tuple[float, float]:
+        """Begin a tuning round; returns its first candidate."""
         self.rounds += 1
         self.tuner = ThresholdTuner(self.cfg.tuner_method, self.cfg.tuner_trials, self.cfg.seed + self.rounds)
         self.trial_time, self.trial_tokens = 0.0, 0
@@ -183,7 +184,7 @@ class _OnlineTuning:
             self.reference = tpt
         elif abs(tpt - self.reference) > self.cfg.retune_gate * self.reference:
             self.recent.clear()
-            return self.start(current)
+            return self.start()
         return current
 
 
@@ -236,7 +237,7 @@ class PipeSDEdge(EdgePolicy):
         await edge.open()
         sender = _Sender(edge, self.monitor)
         if self.tuning is not None and self.tuning.tuner is None and self.tuning.rounds == 0:
-            self.thresholds = self.tuning.start(self.thresholds)
+            self.thresholds = self.tuning.start()
         window = _WindowState()
         last = ctx.clock.now()
         try:
