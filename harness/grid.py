@@ -5,8 +5,8 @@ runs every method of every dataset in every scenario (a network profile and a de
 profile), each stopped at the same number of accepted (output) tokens, and prints time per
 accepted token (TPT), speedups and modelled cloud energy per 100 accepted tokens next to
 the figures the paper printed, with the ratios. Methods whose system has thresholds r1/r2
-listed under ``grid.tune`` are tuned offline first, per scenario and dataset, on a prompt
-held out of the evaluation.
+listed under ``grid.tune`` are tuned offline first, per scenario and dataset, on prompts
+held out of the evaluation (the workload's last ``grid.tune.prompts``).
 
 A scenario whose link has a rate trace keeps the schedule running across a cell's requests
 (each request starts where the previous one's time ended).
@@ -126,10 +126,13 @@ def grid_spec(node) -> GridSpec:
         raise ConfigError("grid: needs at least one scenario and one dataset")
     tune = g.get("tune")
     if tune is not None:
-        extra = sorted(set(tune) - {"systems", "method", "trials", "tokens", "seed"})
+        extra = sorted(set(tune) - {"systems", "method", "trials", "tokens", "prompts", "seed"})
         if extra:
-            raise ConfigError(f"grid.tune: unknown key(s) {', '.join(extra)}; valid: method, seed, systems, "
-                              "tokens, trials")
+            raise ConfigError(f"grid.tune: unknown key(s) {', '.join(extra)}; valid: method, prompts, seed, "
+                              "systems, tokens, trials")
+        for key in ("trials", "tokens", "prompts"):
+            if key in tune and (not isinstance(tune[key], int) or tune[key] < 1):
+                raise ConfigError(f"grid.tune.{key} must be a positive integer, got {tune[key]!r}")
     return GridSpec(str(g.get("name", "grid")), g["accepted_tokens"], g["max_new_tokens"], tuple(scenarios),
                     tuple(datasets), tune, str(g.get("source", "")))
 
@@ -164,18 +167,19 @@ class Cell:
         return None if joules is None or not self.tokens else 100.0 * joules / self.tokens
 
 
-def tune_thresholds(system: str, params: dict, draft, target, request, options, *, method: str = "bo",
+def tune_thresholds(system: str, params: dict, draft, target, requests, options, *, method: str = "bo",
                     trials: int = 16, tokens: int = 20, seed: int = 0, progress=None):
     """Offline tuning of a system's (r1, r2): each candidate is scored by the time per
-    accepted token of a run that yields ``tokens`` accepted tokens on ``request``."""
+    accepted token of runs that yield ``tokens`` accepted tokens on each of ``requests``
+    (one request: the paper's protocol; several: the same score pooled over prompts)."""
     from harness.inprocess import run_system
     from systems.pipesd.tuner import tune
 
-    probe = replace(request, max_new_tokens=tokens)
+    probes = [replace(r, max_new_tokens=tokens) for r in requests]
 
     def objective(r1: float, r2: float) -> float:
-        (rec,) = run_system(system, draft, target, [probe], {**params, "r1": r1, "r2": r2}, options)
-        return rec.e2e / max(1, rec.n_tokens)
+        recs = run_system(system, draft, target, probes, {**params, "r1": r1, "r2": r2}, options)
+        return sum(r.e2e for r in recs) / max(1, sum(r.n_tokens for r in recs))
 
     return tune(objective, method, trials, seed, progress)
 
@@ -202,14 +206,17 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
           f"{len(spec.scenarios)} scenarios x {len(spec.datasets)} datasets, "
           f"{spec.accepted_tokens} accepted tokens per method", file=sys.stderr)
     mdraft, mtarget = MemoEngine(draft), MemoEngine(target)
-    turns_by_dataset = {}
+    tune = spec.tune or {}
+    held_out = int(tune.get("prompts", 1)) if tune.get("systems") else 0
+    turns_by_dataset = {}  # dataset -> (prompts to evaluate on, prompts held out for tuning)
     for d in spec.datasets:
         wl = load_workload(workload_spec(d.workload_config()), spec.max_new_tokens, progress=False)
         turns = wl.first_turns(target)
-        if len(turns) < 2:
+        if len(turns) < held_out + 1:
             raise ConfigError(f"grid.datasets.{d.name}: workload {d.workload} has {len(turns)} prompt(s); "
-                              "the grid needs one to tune on and at least one to evaluate")
-        turns_by_dataset[d.name] = turns
+                              f"the grid needs {held_out} to tune on (grid.tune.prompts) and at least one "
+                              "to evaluate")
+        turns_by_dataset[d.name] = (turns[: len(turns) - held_out], turns[len(turns) - held_out:])
         print(f"  dataset {d.name}: {describe(wl)}", file=sys.stderr)
 
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -219,7 +226,6 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
                               models=paths)
     cells: list[Cell] = []
     jobs = [(s, d, m) for s in spec.scenarios for d in spec.datasets for m in d.methods]
-    tune = spec.tune or {}
     with RunWriter(run_dir, manifest, key_fields=(*DEFAULT_KEY_FIELDS, *CONTEXT), extra_context=CONTEXT) as writer:
         bar = tqdm(jobs, desc=spec.name, unit="cell", file=sys.stderr)
         for scenario, dataset, method in bar:
@@ -227,17 +233,18 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
             edge, cloud = role_profile(device["edge"]), role_profile(device["cloud"])
             options = RunOptions(virtual=True, link=link, edge_cost=edge.cost, cloud_cost=cloud.cost,
                                  energy=VirtualEnergy.from_profiles(edge, cloud, "auto"))
-            turns = turns_by_dataset[dataset.name]
+            turns, tuning_turns = turns_by_dataset[dataset.name]
             params = dict(method.params)
             if method.system in (tune.get("systems") or []):
                 bar.set_postfix_str(f"tuning {method.name} in {scenario.name} on {dataset.name}")
-                best = tune_thresholds(method.system, params, mdraft, mtarget, turns[0].request, options,
+                best = tune_thresholds(method.system, params, mdraft, mtarget, [t.request for t in tuning_turns],
+                                       options,
                                        method=tune.get("method", "bo"), trials=int(tune.get("trials", 16)),
                                        tokens=int(tune.get("tokens", 20)), seed=int(tune.get("seed", 0)))
                 params.update(r1=best.r1, r2=best.r2)
             bar.set_postfix_str(f"{method.name} in {scenario.name} on {dataset.name}")
             cell = Cell(scenario.name, dataset.name, method.name, method.system, params=params)
-            for turn in turns[1:]:
+            for turn in turns:
                 if cell.tokens >= spec.accepted_tokens:
                     break
                 request = replace(turn.request, max_new_tokens=min(turn.request.max_new_tokens,

@@ -14,7 +14,7 @@ from typing import ClassVar
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 _REGISTRY: dict[int, type] = {}
 
@@ -66,6 +66,9 @@ class Upload(Message):
     that verdict discards the speculation, the cloud drops this upload too. ``ack`` asks
     the cloud to confirm receipt with an :class:`Ack` (for edges that time their uploads);
     a ``probe`` carries payload only, to measure the link, and is acknowledged and dropped.
+    ``lead_implied``: the first draft token has no row in ``q_rows`` (they start at the
+    second). It directly follows the window ``parent``, whose verdict either commits it as
+    its own token or discards it, so its distribution would never be read.
     """
 
     round: int
@@ -78,6 +81,7 @@ class Upload(Message):
     q_rows: np.ndarray | None = None
     ack: bool = False
     probe: bool = False
+    lead_implied: bool = False
 
 
 @_message(3)

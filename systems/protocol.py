@@ -87,13 +87,14 @@ class SpeculativeEdge:
     """
 
     def __init__(self, ctx: EdgeContext, request: GenerationRequest, rule: str, sparse_k: int = 10,
-                 uplink_q: str = "rule", q_dtype: str | None = None):
+                 uplink_q: str = "rule", q_dtype: str | None = None, lead_row: bool = True):
         if ctx.drafter is None or ctx.link is None:
             raise ValueError("a speculative edge needs a drafter and a link")
         if uplink_q not in UPLINK_Q:
             raise ValueError(f"uplink_q must be one of {', '.join(UPLINK_Q)}, got {uplink_q!r}")
         self.ctx, self.request, self.rule, self.sparse_k = ctx, request, rule, sparse_k
         self.uplink_q = uplink_q
+        self.lead_row = lead_row
         if q_dtype is not None:
             ctx.drafter.q_dtype = np.dtype(q_dtype)
         self.drafter = ctx.drafter
@@ -106,6 +107,7 @@ class SpeculativeEdge:
         self._fixed: list[int] = []  # decided tokens the cloud has not been told yet
         self._sent_upto = 0  # absolute position after the last uploaded draft token
         self._in_window = 0  # tokens uploaded in the open window
+        self._lead_at: dict[int, int] = {}  # position right after a window sent for verification -> that window
         self._inbox: asyncio.Queue[Envelope] = asyncio.Queue()
         self._acks: asyncio.Queue[Envelope] = asyncio.Queue()
         self._reader: asyncio.Task | None = None
@@ -241,6 +243,9 @@ class SpeculativeEdge:
             ack=ack,
         )
         if self.rule == "rejection" or self.uplink_q == "full":
+            if drafts and not fixed and not self.lead_row and self._lead_at.get(self._sent_upto) in self.awaiting:
+                msg.lead_implied = True
+                drafts = drafts[1:]
             msg.q_rows = np.stack([self._q_row(d) for d in drafts]) if drafts else None
         elif self.rule == "sparse":
             msg.q_token = [d.q_token for d in drafts]
@@ -252,6 +257,9 @@ class SpeculativeEdge:
         w.uploaded += n
         w.upload_sizes.append(n)
         if verify:
+            committed = self.drafter.committed
+            self._lead_at = {pos: r for pos, r in self._lead_at.items() if pos >= committed}
+            self._lead_at[self._sent_upto] = self.window
             self._in_flight.append(self.window)
             self.window += 1
             self._windows[self.window] = _Window()
@@ -515,10 +523,11 @@ class VerifyingCloud(CloudPolicy):
                     return
                 continue
             j = i - msg.n_fixed
+            row = j - 1 if msg.lead_implied else j
             sess.buffer[pos] = _Entry(
                 tok, msg.round, fixed,
                 q_token=None if fixed or msg.q_token is None else float(msg.q_token[j]),
-                q_row=None if fixed or msg.q_rows is None else msg.q_rows[j],
+                q_row=None if fixed or msg.q_rows is None or row < 0 else msg.q_rows[row],
             )
 
     def _drop_from(self, sess: CloudSession, pos: int) -> None:
@@ -586,7 +595,12 @@ class VerifyingCloud(CloudPolicy):
             return None
         tokens = [e.token for e in entries]
         q_token = [e.q_token for e in entries]
-        q_rows = np.stack([e.q_row for e in entries]) if entries and entries[0].q_row is not None else None
+        rows = [e.q_row for e in entries]
+        with_rows = sum(r is not None for r in rows)
+        if 0 < with_rows < len(rows):
+            raise ProtocolError(f"window {job.round}: a token uploaded without its distribution reached "
+                                "verification (only a token a pending verdict settles may go without one)")
+        q_rows = np.stack(rows) if with_rows else None
         return tokens, q_token, q_rows
 
     def _commit(self, sess: CloudSession, job: Job, base: int, tokens: Sequence[int], out) -> None:

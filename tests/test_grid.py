@@ -30,6 +30,7 @@ def test_pipesd_table1_preset_is_complete():
     ("+grid.datasets.math.methods.hsl.params.r3=0.5", "unknown key.*r3"),
     ("grid.scenarios.S1.network=nowhere", "unknown network 'nowhere'"),
     ("grid.accepted_tokens=0", "grid.accepted_tokens must be a positive integer"),
+    ("grid.tune.prompts=0", "grid.tune.prompts must be a positive integer"),
 ])
 def test_grid_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -40,7 +41,7 @@ GRID = {
     "name": "toy_grid", "accepted_tokens": 30, "max_new_tokens": 12,
     "scenarios": {"A": {"network": "pipesd_s1", "device": "laptop_gpu_cloud"},
                   "B": {"network": "slow_wan", "device": "phone_gpu_cloud"}},
-    "tune": {"systems": ["pipesd"], "method": "random", "trials": 2, "tokens": 6},
+    "tune": {"systems": ["pipesd"], "method": "random", "trials": 2, "tokens": 6, "prompts": 2},
     "datasets": {"smoke": {"workload": "smoke", "workload_params": {"chat_template": False},
                            "methods": {"vanilla": {"system": "vanilla", "params": {"gamma": 4, "uplink_q": "full"}},
                                        "pipesd": {"system": "pipesd", "params": {}}},
@@ -62,4 +63,9 @@ def test_grid_runs_every_cell_to_the_same_token_count(tmp_path, capsys):
     assert pd.read_csv(tmp_path / "run" / "grid.csv").shape[0] == 4
     requests = pd.read_parquet(tmp_path / "run" / "requests.parquet")
     assert set(requests["scenario"]) == {"A", "B"} and set(requests["method"]) == {"vanilla", "pipesd"}
+    from workloads import load_workload, workload_spec
+    from harness.grid import _conf
+    smoke = load_workload(workload_spec({**_conf("workload", "smoke"), "chat_template": False}), 12, progress=False)
+    held_out = {p.id for p in smoke.prompts[-2:]}
+    assert held_out.isdisjoint(set(requests["prompt_id"])), "the tuning prompts leaked into the evaluation"
     assert "toy_grid" in capsys.readouterr().out

@@ -29,12 +29,14 @@ class PipelinedConfig:
     gamma: int = 3
     depth: int = 2
     verification: str = "full"
+    lead_row: bool = True
 
 
 class PipelinedEdge(EdgePolicy):
     async def generate(self, request, ctx):
         gamma, depth = self.config.gamma, self.config.depth
-        edge = SpeculativeEdge(ctx, request, choose_rule(request.sampling, self.config.verification))
+        edge = SpeculativeEdge(ctx, request, choose_rule(request.sampling, self.config.verification),
+                               lead_row=self.config.lead_row)
         await edge.open()
         try:
             while not edge.done:
@@ -63,14 +65,14 @@ def _pair(seed, agreement, vocab=8, sharpness=2.0):
     return create_engine("toy", role="draft", agreement=agreement, **kw), create_engine("toy", role="target", **kw)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
-def test_speculation_beyond_pending_verdicts_is_lossless(depth):
+@pytest.mark.parametrize("depth,lead_row", [(1, True), (2, True), (3, True), (2, False), (3, False)])
+def test_speculation_beyond_pending_verdicts_is_lossless(depth, lead_row):
     discarded = promoted = 0
     for seed in range(8):
         for agreement in (0.3, 0.8, 1.0):
             draft, target = _pair(seed, agreement)
             reqs = [GenerationRequest(f"r{i}", [i + 1, 3], 30, SamplingParams(), seed=i) for i in range(3)]
-            recs = run_system(SPEC, draft, target, reqs, {"depth": depth},
+            recs = run_system(SPEC, draft, target, reqs, {"depth": depth, "lead_row": lead_row},
                               RunOptions(link=LINK, edge_cost=lambda op: 0.02, cloud_cost=lambda op: 0.05, clients=2))
             for req, rec in zip(reqs, recs):
                 assert rec.output_tokens == greedy_decode(target, req.prompt, 30)[0]
@@ -85,12 +87,13 @@ def test_speculation_beyond_pending_verdicts_is_lossless(depth):
         assert discarded > 0, "no window was ever discarded: the discard path went untested"
 
 
-@pytest.mark.parametrize("verification", ["full", "sparse"])
-def test_speculation_preserves_distribution(verification):
+@pytest.mark.parametrize("verification,lead_row", [("full", True), ("sparse", True), ("full", False)])
+def test_speculation_preserves_distribution(verification, lead_row):
     draft, target = _pair(seed=5, agreement=0.6, vocab=4, sharpness=1.0)
     params, n = SamplingParams(temperature=1.0), 10_000
     reqs = [GenerationRequest(f"r{i}", [2], 4, params, seed=i) for i in range(n)]
-    recs = run_system(SPEC, draft, target, reqs, {"depth": 2, "gamma": 2, "verification": verification})
+    recs = run_system(SPEC, draft, target, reqs, {"depth": 2, "gamma": 2, "verification": verification,
+                                                  "lead_row": lead_row})
     counts = Counter(tuple(r.output_tokens) for r in recs)
     assert chi2_against(counts, exact_sequence_probs(target, [2], 4, params), n) > 1e-3
 
@@ -110,12 +113,42 @@ def test_wire_sizes_are_real_encodings():
     assert sizes["greedy"] < 64 and sizes["sparse"] < 64
 
 
+def test_first_token_beyond_a_pending_window_goes_without_its_row(monkeypatch):
+    """With lead_row off, the token right after a window awaiting its verdict travels as an
+    id only (that verdict commits it as its own token or discards it); every other draft
+    token carries its row, the output is unchanged and fewer bytes go up."""
+    sent: list[tuple[bool, int, int]] = []  # (lead_implied, tokens, rows)
+    real_prepare = SpeculativeEdge.prepare
+
+    def spy(self, *a, **kw):
+        msg = real_prepare(self, *a, **kw)
+        rows = 0 if msg.q_rows is None else len(msg.q_rows)
+        sent.append((msg.lead_implied, len(msg.tokens), rows))
+        return msg
+
+    monkeypatch.setattr(SpeculativeEdge, "prepare", spy)
+    draft, target = _pair(seed=2, agreement=0.9, vocab=64)
+    req = GenerationRequest("r", [1, 2], 40, SamplingParams(temperature=1.0), seed=4)
+    opts = RunOptions(link=LINK, edge_cost=lambda op: 0.02, cloud_cost=lambda op: 0.05)
+    outs, up = {}, {}
+    for lead_row in (True, False):
+        sent.clear()
+        (rec,) = run_system(SPEC, draft, target, [req], {"depth": 2, "lead_row": lead_row}, opts)
+        outs[lead_row], up[lead_row] = rec.output_tokens, rec.bytes_up
+        implied = [s for s in sent if s[0]]
+        assert all(rows == n - implied for implied, n, rows in sent)
+        assert bool(implied) == (not lead_row), "lead tokens went up without rows only with lead_row off"
+    assert outs[True] == outs[False]
+    assert up[False] < up[True]
+
+
 def test_messages_round_trip():
     import numpy as np
 
-    up = Upload("s", round=2, start=7, tokens=[1, 2], parent=1, verify=True, q_rows=np.eye(2, dtype=np.float16))
+    up = Upload("s", round=2, start=7, tokens=[1, 2], parent=1, verify=True, q_rows=np.eye(2, dtype=np.float16),
+                lead_implied=True)
     back = decode(encode(up))
-    assert back.tokens == [1, 2] and back.parent == 1 and back.q_rows.dtype == np.float16
+    assert back.tokens == [1, 2] and back.parent == 1 and back.q_rows.dtype == np.float16 and back.lead_implied
     assert np.array_equal(back.q_rows, up.q_rows)
     v = decode(encode(Verdict("s", 2, 7, 2, 1, 5, digest="ab")))
     assert (v.n_accepted, v.token, v.digest) == (1, 5, "ab")

@@ -18,7 +18,11 @@ class EdgeLLMConfig:
     n_hat / history: the scheduling window N̂ (initial value; then the mean length of the
     last ``history`` windows), which is also the size of the chunks proactive tokens go up
     in. max_windows: verification windows awaiting verdicts at once. uplink_q / q_dtype:
-    what travels with each draft token (as PipeSD ran it: full fp16 distributions)."""
+    what travels with each draft token (as PipeSD ran it: full fp16 distributions).
+    lead_row: send the distribution of the first token drafted beyond a pending window too,
+    as PipeSD's code does (True); False sends it as an id only, since that window's verdict
+    commits it as its own token or discards it (a variant; see
+    :class:`systems.protocol.SpeculativeEdge`)."""
 
     r1: float = 0.92
     n_hat: int = 20
@@ -27,6 +31,7 @@ class EdgeLLMConfig:
     c_floor: float = 1e-6
     uplink_q: str = "full"
     q_dtype: str = "float16"
+    lead_row: bool = True
     verification: str = "full"
 
     def __post_init__(self):
@@ -40,16 +45,18 @@ class EdgeLLMConfig:
 
 
 def update_r1(r1: float, product: float, n_correct: int, n_hat: int, c_floor: float = 1e-6) -> float:
-    """EdgeLLM's Eq. (7) as PipeSD's App. G.3 states it: halve R1 after a fully accepted
-    window; otherwise R1 / C^((N̂ - N_correct) / N̂), at most 1.
+    """EdgeLLM's Eq. (7) as PipeSD's App. G.3 states it, with N̂ the scheduling window:
+    R1 <- 0.5 R1 when N_correct = N̂, otherwise R1 / C^((N̂ - N_correct) / N̂), at most 1.
 
-    A window counts as fully accepted when every token it verified was accepted (the
-    paper writes N_correct = N̂ with N̂ the scheduling window; a window rarely has exactly
-    N̂ tokens, so full acceptance of the window is this suite's reading).
+    The exponent is signed: a window with more correct tokens than N̂ lowers R1 (longer
+    windows next), one with fewer raises it. (The reproduction's code instead halves after
+    any fully accepted window and uses the window's own length for N̂; with a pair that
+    accepts 98% of tokens that halves R1 nearly every round and windows grow without bound,
+    so this suite follows the paper's text.)
     """
-    if n_correct is None:
-        return r1
-    exponent = max(0, n_hat - n_correct) / n_hat
+    if n_correct == n_hat:
+        return 0.5 * r1
+    exponent = (n_hat - n_correct) / n_hat
     return min(1.0, r1 / max(product, c_floor) ** exponent)
 
 
@@ -71,47 +78,53 @@ class EdgeLLMEdge(EdgePolicy):
     async def generate(self, request: GenerationRequest, ctx: EdgeContext) -> list[int]:
         cfg = self.config
         edge = SpeculativeEdge(ctx, request, choose_rule(request.sampling, cfg.verification),
-                               uplink_q=cfg.uplink_q, q_dtype=cfg.q_dtype)
+                               uplink_q=cfg.uplink_q, q_dtype=cfg.q_dtype, lead_row=cfg.lead_row)
         await edge.open()
         products: dict[int, float] = {}  # window -> the confidence product that closed it
-        product, confidences = 1.0, []
+        product, confidences, r1s = 1.0, [], []  # the open window's trigger state; r1s: R1 at each token
+
+        async def close_window() -> None:
+            nonlocal product, confidences, r1s
+            edge.note("trigger", {"product": product, "r1": self.r1, "confidences": confidences, "r1s": r1s})
+            products[edge.window] = product
+            self._lengths.append(edge.window_size)
+            await edge.upload(verify=True)
+            product, confidences, r1s = 1.0, [], []
+
         try:
             while not edge.done:
                 while (got := edge.poll_verdict()) is not None:
                     if self._settle(edge, products, *got):
-                        product, confidences = 1.0, []
+                        product, confidences, r1s = 1.0, [], []
                 if edge.done:
                     break
                 room = edge.draft_room
-                if room > 0 and len(edge.awaiting) < cfg.max_windows:
+                if confidences and edge.window_size and product <= self.r1:
+                    await close_window()  # a verdict raised R1 past the open window's product
+                elif room > 0 and len(edge.awaiting) < cfg.max_windows:
                     d = await edge.draft()
                     product *= d.confidence
                     confidences.append(d.confidence)
+                    r1s.append(self.r1)
                     if product <= self.r1 or edge.is_stop(d.token) or room == 1:
-                        edge.note("trigger", {"product": product, "r1": self.r1, "confidences": confidences})
-                        products[edge.window] = product
-                        self._lengths.append(edge.window_size)
-                        await edge.upload(verify=True)
-                        product, confidences = 1.0, []
+                        await close_window()
                     elif edge.awaiting and edge.unsent >= self.n_hat:
                         await edge.upload()
                 elif not edge.awaiting:
                     await edge.upload(verify=True)
-                    product, confidences = 1.0, []
+                    product, confidences, r1s = 1.0, [], []
                 else:
                     if self._settle(edge, products, *await edge.next_verdict()):
-                        product, confidences = 1.0, []
+                        product, confidences, r1s = 1.0, [], []
         finally:
             await edge.close()
         return edge.output
 
     def _settle(self, edge: SpeculativeEdge, products: dict, v, env) -> bool:
         """Apply a verdict and adapt R1; True when the open window was discarded."""
-        full = v.n_accepted == v.n_verified
         product = products.pop(v.round, None)
         if product is not None:
-            self.r1 = 0.5 * self.r1 if full else update_r1(self.r1, product, v.n_accepted, self.n_hat,
-                                                           self.config.c_floor)
+            self.r1 = update_r1(self.r1, product, v.n_accepted, self.n_hat, self.config.c_floor)
         before = edge.window
         edge.apply(v, env)
         return edge.window != before

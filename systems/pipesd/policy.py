@@ -46,7 +46,11 @@ class PipeSDConfig:
     uplink_q: "full" sends each draft token's full distribution (the paper's uplink, which
     makes β large), "rule" only what the acceptance rule needs (ids under greedy: a variant,
     not PipeSD as published). q_dtype: precision of those rows (fp16: 0.30 MB per token for
-    a 151,936-token vocabulary). tuner: "online" re-tunes (r1, r2) during the run (the
+    a 151,936-token vocabulary). lead_row: send the row of the first proactive token too,
+    as the reproduction does (True). False sends it as an id only, since the pending verdict
+    either commits it as its own token or discards it and the row is never read: a SpecWAN
+    variant, not PipeSD as published; with one-token windows it degenerates into the cloud
+    generating every token while the edge's drafts only travel as ids. tuner: "online" re-tunes (r1, r2) during the run (the
     paper's mode; ``tuner_method`` bo, grid or random, ``tuner_trials`` candidates of
     ``tuner_tokens`` accepted tokens each, re-tuned when the TPT over the last
     ``retune_window`` accepted tokens moves by more than ``retune_gate``); "none" keeps the
@@ -65,6 +69,7 @@ class PipeSDConfig:
     max_windows: int = 2
     uplink_q: str = "full"
     q_dtype: str = "float16"
+    lead_row: bool = True
     verification: str = "full"
     tuner: str = "none"
     tuner_method: str = "bo"
@@ -96,7 +101,8 @@ class _Sender:
     """The communication interface: sends prepared uploads one at a time, each acknowledged.
 
     A batch starts when the previous one has arrived (the DP's serial link). The upload
-    time (send to ack) of every non-verifying batch feeds the α/β estimate. Uploads of a
+    time (send to ack) of every non-verifying batch feeds the α/β estimate, sized by the
+    tokens whose distributions it carried. Uploads of a
     window a verdict has discarded are dropped unsent.
     """
 
@@ -119,8 +125,9 @@ class _Sender:
                 t0 = self.clock.now()
                 await self.edge.send(msg)
                 await self.edge.next_ack()
-                if not msg.verify:
-                    self.monitor.add_upload(len(msg.tokens), self.clock.now() - t0)
+                rows = len(msg.tokens) - msg.n_fixed - msg.lead_implied  # tokens whose distribution went up
+                if not msg.verify and rows > 0:
+                    self.monitor.add_upload(rows, self.clock.now() - t0)
             finally:
                 self.queue.task_done()
 
@@ -233,7 +240,7 @@ class PipeSDEdge(EdgePolicy):
     async def generate(self, request: GenerationRequest, ctx: EdgeContext) -> list[int]:
         cfg = self.config
         edge = SpeculativeEdge(ctx, request, choose_rule(request.sampling, cfg.verification),
-                               uplink_q=cfg.uplink_q, q_dtype=cfg.q_dtype)
+                               uplink_q=cfg.uplink_q, q_dtype=cfg.q_dtype, lead_row=cfg.lead_row)
         await edge.open()
         sender = _Sender(edge, self.monitor)
         if self.tuning is not None and self.tuning.tuner is None and self.tuning.rounds == 0:
