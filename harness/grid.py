@@ -8,8 +8,8 @@ the figures the paper printed, with the ratios. Methods whose system has thresho
 listed under ``grid.tune`` are tuned offline first, per scenario and dataset, on prompts
 held out of the evaluation (the workload's last ``grid.tune.prompts``).
 
-A scenario whose link has a rate trace keeps the schedule running across a cell's requests
-(each request starts where the previous one's time ended).
+Each cell is one continuous run: one edge device serves the cell's prompts one after the
+other, keeping its state across them (a rate trace keeps running too).
 
 Greedy decoding makes every method emit the same tokens for a prompt, so stopping at N
 accepted tokens serves the same prompts to every method; forward passes are memoized
@@ -226,6 +226,7 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
                               models=paths)
     cells: list[Cell] = []
     jobs = [(s, d, m) for s in spec.scenarios for d in spec.datasets for m in d.methods]
+    budgets: dict[str, list] = {}  # dataset -> [(turn, tokens to generate)]
     with RunWriter(run_dir, manifest, key_fields=(*DEFAULT_KEY_FIELDS, *CONTEXT), extra_context=CONTEXT) as writer:
         bar = tqdm(jobs, desc=spec.name, unit="cell", file=sys.stderr)
         for scenario, dataset, method in bar:
@@ -243,15 +244,15 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
                                        tokens=int(tune.get("tokens", 20)), seed=int(tune.get("seed", 0)))
                 params.update(r1=best.r1, r2=best.r2)
             bar.set_postfix_str(f"{method.name} in {scenario.name} on {dataset.name}")
+            if dataset.name not in budgets:
+                budgets[dataset.name] = _token_budget(turns, spec.accepted_tokens, mtarget)
             cell = Cell(scenario.name, dataset.name, method.name, method.system, params=params)
-            for turn in turns:
-                if cell.tokens >= spec.accepted_tokens:
-                    break
-                request = replace(turn.request, max_new_tokens=min(turn.request.max_new_tokens,
-                                                                   spec.accepted_tokens - cell.tokens))
-                if link.trace is not None:  # the rate schedule runs on across the cell's requests
-                    options = replace(options, link=replace(link, trace=link.trace.shifted(cell.seconds)))
-                (rec,) = run_system(method.system, mdraft, mtarget, [request], params, options)
+            # One continuous run per cell: the edge device serves the prompts one after the
+            # other, keeping its state (PipeSD's estimates and window history, EdgeLLM's R1),
+            # as in the paper's runs of 1000 accepted tokens.
+            requests = [replace(t.request, max_new_tokens=n) for t, n in budgets[dataset.name]]
+            recs = run_system(method.system, mdraft, mtarget, requests, params, options)
+            for (turn, _), rec in zip(budgets[dataset.name], recs):
                 writer.append(rec, {"system": method.system, "pair": pair.name, "network": link.name,
                                     "workload": dataset.workload, **turn.context(), "clock": "virtual", "seed": 0,
                                     "scenario": scenario.name, "dataset": dataset.name, "method": method.name},
@@ -261,6 +262,29 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
     _print(spec, cells, pair.name)
     _write_summary(Path(run_dir), spec, cells)
     return cells
+
+
+def _token_budget(turns, accepted_tokens: int, target) -> list:
+    """The prompts and per-prompt token caps that make ``accepted_tokens`` outputs in all.
+
+    Greedy outputs are the target's own, the same for every method (the memo gives every
+    method the same logits), so the target's decode (the cloud-only system, no link)
+    settles where each prompt stops; its forward passes are memoized for the methods.
+    """
+    from harness.inprocess import run_system
+
+    budget, total = [], 0
+    for turn in turns:
+        if total >= accepted_tokens:
+            break
+        cap = min(turn.request.max_new_tokens, accepted_tokens - total)
+        (rec,) = run_system("cloud_only", None, target, [replace(turn.request, max_new_tokens=cap)])
+        budget.append((turn, cap))
+        total += rec.n_tokens
+    if total < accepted_tokens:
+        print(f"grid: the evaluation prompts yield {total} of {accepted_tokens} tokens; cells stop there",
+              file=sys.stderr)
+    return budget
 
 
 def _describe_link(link) -> dict:
