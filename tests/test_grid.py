@@ -68,4 +68,6 @@ def test_grid_runs_every_cell_to_the_same_token_count(tmp_path, capsys):
     smoke = load_workload(workload_spec({**_conf("workload", "smoke"), "chat_template": False}), 12, progress=False)
     held_out = {p.id for p in smoke.prompts[-2:]}
     assert held_out.isdisjoint(set(requests["prompt_id"])), "the tuning prompts leaked into the evaluation"
+    for _, cell in requests.groupby(["scenario", "method"]):  # one continuous run per cell: one edge device
+        assert len(cell) > 1 and (cell["start"].to_numpy()[1:] >= cell["end"].to_numpy()[:-1]).all()
     assert "toy_grid" in capsys.readouterr().out
