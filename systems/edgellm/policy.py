@@ -22,7 +22,9 @@ class EdgeLLMConfig:
     lead_row: send the distribution of the first token drafted beyond a pending window too,
     as PipeSD's code does (True); False sends it as an id only, since that window's verdict
     commits it as its own token or discards it (a variant; see
-    :class:`systems.protocol.SpeculativeEdge`)."""
+    :class:`systems.protocol.SpeculativeEdge`). reset_r1: start every request from the
+    initial R1 (False: R1 adapts across the device's whole run, as the paper's runs of 1000
+    tokens go; the paper does not say it resets)."""
 
     r1: float = 0.92
     n_hat: int = 20
@@ -32,6 +34,7 @@ class EdgeLLMConfig:
     uplink_q: str = "full"
     q_dtype: str = "float16"
     lead_row: bool = True
+    reset_r1: bool = False
     verification: str = "full"
 
     def __post_init__(self):
@@ -79,14 +82,16 @@ class EdgeLLMEdge(EdgePolicy):
         cfg = self.config
         edge = SpeculativeEdge(ctx, request, choose_rule(request.sampling, cfg.verification),
                                uplink_q=cfg.uplink_q, q_dtype=cfg.q_dtype, lead_row=cfg.lead_row)
+        if cfg.reset_r1:
+            self.r1 = cfg.r1
         await edge.open()
-        products: dict[int, float] = {}  # window -> the confidence product that closed it
+        products: dict[int, tuple[float, int]] = {}  # window -> (confidence product that closed it, its size)
         product, confidences, r1s = 1.0, [], []  # the open window's trigger state; r1s: R1 at each token
 
         async def close_window() -> None:
             nonlocal product, confidences, r1s
             edge.note("trigger", {"product": product, "r1": self.r1, "confidences": confidences, "r1s": r1s})
-            products[edge.window] = product
+            products[edge.window] = (product, edge.window_size)
             self._lengths.append(edge.window_size)
             await edge.upload(verify=True)
             product, confidences, r1s = 1.0, [], []
@@ -122,9 +127,14 @@ class EdgeLLMEdge(EdgePolicy):
 
     def _settle(self, edge: SpeculativeEdge, products: dict, v, env) -> bool:
         """Apply a verdict and adapt R1; True when the open window was discarded."""
-        product = products.pop(v.round, None)
-        if product is not None:
-            self.r1 = update_r1(self.r1, product, v.n_accepted, self.n_hat, self.config.c_floor)
+        closed = products.pop(v.round, None)
+        if closed is not None:
+            product, size = closed
+            # The window's correct tokens: those this verdict accepted, plus its first token
+            # when the previous verdict already committed it as its own (the window was
+            # drafted on top of that verdict and survived it); that token is not verified again.
+            n_correct = v.n_accepted + max(0, size - v.n_verified)
+            self.r1 = update_r1(self.r1, product, n_correct, self.n_hat, self.config.c_floor)
         before = edge.window
         edge.apply(v, env)
         return edge.window != before
