@@ -53,9 +53,8 @@ def update_r1(r1: float, product: float, n_correct: int, n_hat: int, c_floor: fl
 
     The exponent is signed: a window with more correct tokens than N̂ lowers R1 (longer
     windows next), one with fewer raises it. (The reproduction's code instead halves after
-    any fully accepted window and uses the window's own length for N̂; with a pair that
-    accepts 98% of tokens that halves R1 nearly every round and windows grow without bound,
-    so this suite follows the paper's text.)
+    any fully accepted window and uses the window's own length in place of N̂; this suite
+    follows the paper's text.)
     """
     if n_correct == n_hat:
         return 0.5 * r1
