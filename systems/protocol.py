@@ -107,7 +107,6 @@ class SpeculativeEdge:
         self._fixed: list[int] = []  # decided tokens the cloud has not been told yet
         self._sent_upto = 0  # absolute position after the last uploaded draft token
         self._in_window = 0  # tokens uploaded in the open window
-        self._lead_at: dict[int, int] = {}  # position right after a window sent for verification -> that window
         self._inbox: asyncio.Queue[Envelope] = asyncio.Queue()
         self._acks: asyncio.Queue[Envelope] = asyncio.Queue()
         self._reader: asyncio.Task | None = None
@@ -243,7 +242,9 @@ class SpeculativeEdge:
             ack=ack,
         )
         if self.rule == "rejection" or self.uplink_q == "full":
-            if drafts and not fixed and not self.lead_row and self._lead_at.get(self._sent_upto) in self.awaiting:
+            # Nothing of the open window is up yet while an earlier one awaits its verdict: the
+            # first token directly follows that window (a discard would have voided it).
+            if drafts and not fixed and not self.lead_row and not self._in_window and self.awaiting:
                 msg.lead_implied = True
                 drafts = drafts[1:]
             msg.q_rows = np.stack([self._q_row(d) for d in drafts]) if drafts else None
@@ -257,9 +258,6 @@ class SpeculativeEdge:
         w.uploaded += n
         w.upload_sizes.append(n)
         if verify:
-            committed = self.drafter.committed
-            self._lead_at = {pos: r for pos, r in self._lead_at.items() if pos >= committed}
-            self._lead_at[self._sent_upto] = self.window
             self._in_flight.append(self.window)
             self.window += 1
             self._windows[self.window] = _Window()

@@ -50,8 +50,8 @@ class PipeSDConfig:
     as the reproduction does (True). False sends it as an id only, since the pending verdict
     either commits it as its own token or discards it and the row is never read: a SpecWAN
     variant, not PipeSD as published; with one-token windows it degenerates into the cloud
-    generating every token while the edge's drafts only travel as ids. tuner: "online" re-tunes (r1, r2) during the run (the
-    paper's mode; ``tuner_method`` bo, grid or random, ``tuner_trials`` candidates of
+    generating every token while the edge's drafts only travel as ids. tuner: "online"
+    re-tunes (r1, r2) during the run (the paper's mode; ``tuner_method`` bo, grid or random, ``tuner_trials`` candidates of
     ``tuner_tokens`` accepted tokens each, re-tuned when the TPT over the last
     ``retune_window`` accepted tokens moves by more than ``retune_gate``); "none" keeps the
     given thresholds (offline tuning: ``specwan tune``).
@@ -102,8 +102,8 @@ class _Sender:
 
     A batch starts when the previous one has arrived (the DP's serial link). The upload
     time (send to ack) of every non-verifying batch feeds the α/β estimate, sized by the
-    tokens whose distributions it carried. Uploads of a
-    window a verdict has discarded are dropped unsent.
+    tokens whose distributions it carried. Uploads of a window a verdict has discarded are
+    dropped unsent.
     """
 
     def __init__(self, edge: SpeculativeEdge, monitor: EnvironmentMonitor):
