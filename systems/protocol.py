@@ -79,7 +79,9 @@ class SpeculativeEdge:
     needs (ids under greedy, q(x) under the sparse rule, full rows under rejection), "full"
     the draft's full distribution always (as PipeSD and its baselines send it, greedy
     included: the rows are then the softmax at temperature 1). ``q_dtype`` (optional) sets
-    the precision draft distributions are drawn and sent in.
+    the precision draft distributions are drawn and sent in. ``lead_row`` False sends the
+    first token drafted beyond a window awaiting its verdict as an id only
+    (:attr:`lead_pending`), as PipeSD's code does.
 
     An upload is built (:meth:`prepare`, which settles which tokens and window it carries)
     and sent (:meth:`send`) separately, so a policy may queue prepared uploads for a
@@ -107,6 +109,7 @@ class SpeculativeEdge:
         self._fixed: list[int] = []  # decided tokens the cloud has not been told yet
         self._sent_upto = 0  # absolute position after the last uploaded draft token
         self._in_window = 0  # tokens uploaded in the open window
+        self._lead_sent = False  # the open window's first upload carried its lead as an id only
         self._inbox: asyncio.Queue[Envelope] = asyncio.Queue()
         self._acks: asyncio.Queue[Envelope] = asyncio.Queue()
         self._reader: asyncio.Task | None = None
@@ -189,6 +192,21 @@ class SpeculativeEdge:
         """Draft tokens in the open window (uploaded or not)."""
         return self._in_window + self.unsent
 
+    @property
+    def lead_pending(self) -> bool:
+        """The open window's first token is drafted, not uploaded yet, and directly follows a
+        window still awaiting its verdict, with ``lead_row`` off. That verdict settles it: it
+        commits it as its own token, or the discard voids it. So it goes up as an id only,
+        and a trigger should not count it as a draft the cloud verifies."""
+        return (not self.lead_row and self._in_window == 0 and self.unsent > 0 and not self._fixed
+                and bool(self.awaiting))
+
+    @property
+    def window_drafts(self) -> int:
+        """Draft tokens of the open window the cloud verifies: :attr:`window_size` less a
+        lead token that goes up as an id only."""
+        return self.window_size - (self._lead_sent or self.lead_pending)
+
     def is_stop(self, token: int) -> bool:
         return token in self._stops
 
@@ -242,10 +260,8 @@ class SpeculativeEdge:
             ack=ack,
         )
         if self.rule == "rejection" or self.uplink_q == "full":
-            # Nothing of the open window is up yet while an earlier one awaits its verdict: the
-            # first token directly follows that window (a discard would have voided it).
-            if drafts and not fixed and not self.lead_row and not self._in_window and self.awaiting:
-                msg.lead_implied = True
+            if drafts and not fixed and self.lead_pending:
+                msg.lead_implied = self._lead_sent = True
                 drafts = drafts[1:]
             msg.q_rows = np.stack([self._q_row(d) for d in drafts]) if drafts else None
         elif self.rule == "sparse":
@@ -255,13 +271,15 @@ class SpeculativeEdge:
         w = self._windows[self.window]
         if w.start is None:
             w.start = self.ctx.clock.now()
+        if msg.lead_implied:
+            w.notes["lead_implied"] = True  # its first uploaded token went as an id only
         w.uploaded += n
         w.upload_sizes.append(n)
         if verify:
             self._in_flight.append(self.window)
             self.window += 1
             self._windows[self.window] = _Window()
-            self._in_window = 0
+            self._in_window, self._lead_sent = 0, False
         return msg
 
     def _q_row(self, d: DraftToken) -> np.ndarray:
@@ -366,7 +384,7 @@ class SpeculativeEdge:
         self.window += 1
         self._windows[self.window] = _Window(old.start, old.drafted, 0, old.n_uploads, old.bytes_up, old.t_draft,
                                              notes={"restarted_from": old.upload_sizes} if old.upload_sizes else {})
-        self._in_window = 0
+        self._in_window, self._lead_sent = 0, False
 
     def _record(self, v: Verdict | None, env: Envelope | None, emitted: Sequence[int], edge_digest: str = "",
                 discarded: bool = False, round_id: int | None = None) -> None:

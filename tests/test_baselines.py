@@ -58,7 +58,25 @@ def test_edgellm_sequence_trigger_and_adaptive_threshold():
 
 
 def test_edgellm_r1_update():
-    assert update_r1(0.5, 0.25, n_correct=2, n_hat=4) == pytest.approx(0.5 / 0.25 ** 0.5)
-    assert update_r1(0.9, 0.01, n_correct=0, n_hat=4) == 1.0  # clamped
-    assert update_r1(0.5, 0.25, n_correct=6, n_hat=4) == pytest.approx(0.5 * 0.25 ** 0.5)  # more than N̂: lower
-    assert update_r1(0.6, 0.25, n_correct=4, n_hat=4) == pytest.approx(0.3)  # N_correct = N̂: halved
+    assert update_r1(0.5, 0.25, n_correct=2, n=4) == pytest.approx(0.5 / 0.25 ** 0.5)
+    assert update_r1(0.9, 0.01, n_correct=0, n=4) == 1.0  # clamped
+    assert update_r1(0.5, 0.25, n_correct=6, n=4) == pytest.approx(0.5 * 0.25 ** 0.5)  # more than N̂: lower
+    assert update_r1(0.6, 0.25, n_correct=4, n=4) == pytest.approx(0.3)  # N_correct = N: halved
+
+
+@pytest.mark.parametrize("r1_update", ["window", "n_hat"])
+def test_edgellm_r1_follows_each_verdict(r1_update):
+    """Replaying the update over the recorded windows gives the R1 each next window used
+    (one window pending at a time, so every trigger saw the R1 left by the verdict before)."""
+    rounds = _run("edgellm", {"r1": 0.3, "r1_update": r1_update, "max_windows": 1, "n_hat": 4, "history": 1})
+    checked = 0
+    for prev, nxt in zip(rounds, rounds[1:]):
+        if prev.request_id != nxt.request_id or "trigger" not in prev.extra or "trigger" not in nxt.extra:
+            continue
+        trig = prev.extra["trigger"]
+        n_drafts = len(trig["confidences"])
+        n = max(1, n_drafts) if r1_update == "window" else n_drafts  # history 1: N̂ is the last window's length
+        want = update_r1(trig["r1"], trig["product"], prev.accepted, n)
+        assert nxt.extra["trigger"]["r1s"][:1] in ([], [pytest.approx(want)])
+        checked += bool(nxt.extra["trigger"]["r1s"])
+    assert checked >= 10

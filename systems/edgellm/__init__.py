@@ -1,8 +1,9 @@
 """EdgeLLM (Xu et al., IEEE TMC 2024), as PipeSD's paper runs it as a baseline: verify when
 the product of draft confidences since the last verification falls to R1; R1 adapts after
-every verdict (halved after a fully accepted window, else divided by C^((N̂-N_correct)/N̂),
-at most 1); the edge keeps drafting while a verification is pending and uploads those
-tokens in chunks of N̂. papers.md §1 (e), addendum §4.8.
+every verdict (halved after a fully accepted window, else divided by C^((N-N_correct)/N),
+at most 1, with N the window's length as PipeSD's code has it or N̂ as its App. G.3 text
+has it); the edge keeps drafting while a verification is pending and uploads those tokens
+in chunks of N̂. papers.md §1 (e), addendum §4.8.
 """
 
 from systems.api import register_system

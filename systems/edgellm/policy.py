@@ -17,11 +17,14 @@ class EdgeLLMConfig:
     the smallest confidence product used in the R1 update (guards a division by ~0).
     n_hat / history: the scheduling window N̂ (initial value; then the mean length of the
     last ``history`` windows), which is also the size of the chunks proactive tokens go up
-    in. max_windows: verification windows awaiting verdicts at once. uplink_q / q_dtype:
-    what travels with each draft token (as PipeSD ran it: full fp16 distributions).
-    lead_row: send the distribution of the first token drafted beyond a pending window too,
-    as PipeSD's code does (True); False sends it as an id only, since that window's verdict
-    commits it as its own token or discards it (a variant; see
+    in. r1_update: the length N the R1 update measures a verdict against (:func:`update_r1`):
+    "window", the verified window's own draft length, as PipeSD's code and its public
+    reproduction do; "n_hat", the scheduling window N̂, as PipeSD's App. G.3 writes it.
+    max_windows: verification windows awaiting verdicts at once. uplink_q / q_dtype: what
+    travels with each draft token (as PipeSD ran it: full fp16 distributions). lead_row:
+    False (PipeSD's code) sends the first token drafted beyond a pending window as an id
+    only, the edge's guess of that verdict's own token, and the trigger counts the drafts
+    after it; True sends its row too and counts it as an ordinary draft (a variant; see
     :class:`systems.protocol.SpeculativeEdge`). reset_r1: start every request from the
     initial R1 (False: R1 adapts across the device's whole run, as the paper's runs of 1000
     tokens go; the paper does not say it resets)."""
@@ -33,7 +36,8 @@ class EdgeLLMConfig:
     c_floor: float = 1e-6
     uplink_q: str = "full"
     q_dtype: str = "float16"
-    lead_row: bool = True
+    r1_update: str = "window"
+    lead_row: bool = False
     reset_r1: bool = False
     verification: str = "full"
 
@@ -45,20 +49,25 @@ class EdgeLLMConfig:
                 raise ValueError(f"edgellm: {key} must be >= 1, got {getattr(self, key)}")
         if self.uplink_q not in UPLINK_Q:
             raise ValueError(f"edgellm: uplink_q must be one of {', '.join(UPLINK_Q)}, got {self.uplink_q!r}")
+        if self.r1_update not in R1_UPDATES:
+            raise ValueError(f"edgellm: r1_update must be one of {', '.join(R1_UPDATES)}, got {self.r1_update!r}")
 
 
-def update_r1(r1: float, product: float, n_correct: int, n_hat: int, c_floor: float = 1e-6) -> float:
-    """EdgeLLM's Eq. (7) as PipeSD's App. G.3 states it, with N̂ the scheduling window:
-    R1 <- 0.5 R1 when N_correct = N̂, otherwise R1 / C^((N̂ - N_correct) / N̂), at most 1.
+R1_UPDATES = ("window", "n_hat")
 
-    The exponent is signed: a window with more correct tokens than N̂ lowers R1 (longer
-    windows next), one with fewer raises it. (The reproduction's code instead halves after
-    any fully accepted window and uses the window's own length in place of N̂; this suite
-    follows the paper's text.)
+
+def update_r1(r1: float, product: float, n_correct: int, n: int, c_floor: float = 1e-6) -> float:
+    """EdgeLLM's Eq. (7) as PipeSD runs it: R1 <- 0.5 R1 when N_correct = N, otherwise
+    R1 / C^((N - N_correct) / N), at most 1; C is the confidence product that closed the
+    window.
+
+    N is the window's own draft length in PipeSD's code (then R1 halves after every fully
+    accepted window and rises after a rejection) or the scheduling window N̂ in its App. G.3
+    text (then the exponent is signed: more correct tokens than N̂ lower R1, fewer raise it).
     """
-    if n_correct == n_hat:
+    if n_correct == n:
         return 0.5 * r1
-    exponent = (n_hat - n_correct) / n_hat
+    exponent = (n - n_correct) / n
     return min(1.0, r1 / max(product, c_floor) ** exponent)
 
 
@@ -90,8 +99,8 @@ class EdgeLLMEdge(EdgePolicy):
         async def close_window() -> None:
             nonlocal product, confidences, r1s
             edge.note("trigger", {"product": product, "r1": self.r1, "confidences": confidences, "r1s": r1s})
-            products[edge.window] = (product, edge.window_size)
-            self._lengths.append(edge.window_size)
+            products[edge.window] = (product, edge.window_drafts)
+            self._lengths.append(edge.window_drafts)
             await edge.upload(verify=True)
             product, confidences, r1s = 1.0, [], []
 
@@ -107,12 +116,16 @@ class EdgeLLMEdge(EdgePolicy):
                     await close_window()  # a verdict raised R1 past the open window's product
                 elif room > 0 and len(edge.awaiting) < cfg.max_windows:
                     d = await edge.draft()
-                    product *= d.confidence
-                    confidences.append(d.confidence)
-                    r1s.append(self.r1)
-                    if product <= self.r1 or edge.is_stop(d.token) or room == 1:
+                    # The first token beyond a pending window stands for that verdict's own
+                    # token (it settles it): the trigger counts the drafts after it.
+                    lead = edge.lead_pending and edge.window_size == 1
+                    if not lead:
+                        product *= d.confidence
+                        confidences.append(d.confidence)
+                        r1s.append(self.r1)
+                    if (not lead and product <= self.r1) or edge.is_stop(d.token) or room == 1:
                         await close_window()
-                    elif edge.awaiting and edge.unsent >= self.n_hat:
+                    elif edge.awaiting and edge.unsent - edge.lead_pending >= self.n_hat:
                         await edge.upload()
                 elif not edge.awaiting:
                     await edge.upload(verify=True)
@@ -133,7 +146,8 @@ class EdgeLLMEdge(EdgePolicy):
             # when the previous verdict already committed it as its own (the window was
             # drafted on top of that verdict and survived it); that token is not verified again.
             n_correct = v.n_accepted + max(0, size - v.n_verified)
-            self.r1 = update_r1(self.r1, product, n_correct, self.n_hat, self.config.c_floor)
+            n = max(1, size) if self.config.r1_update == "window" else self.n_hat
+            self.r1 = update_r1(self.r1, product, n_correct, n, self.config.c_floor)
         before = edge.window
         edge.apply(v, env)
         return edge.window != before

@@ -46,11 +46,10 @@ class PipeSDConfig:
     uplink_q: "full" sends each draft token's full distribution (the paper's uplink, which
     makes β large), "rule" only what the acceptance rule needs (ids under greedy: a variant,
     not PipeSD as published). q_dtype: precision of those rows (fp16: 0.30 MB per token for
-    a 151,936-token vocabulary). lead_row: send the row of the first proactive token too,
-    as the reproduction does (True). False sends it as an id only, since the pending verdict
-    either commits it as its own token or discards it and the row is never read: a SpecWAN
-    variant, not PipeSD as published; with one-token windows it degenerates into the cloud
-    generating every token while the edge's drafts only travel as ids. tuner: "online"
+    a 151,936-token vocabulary). lead_row: False (PipeSD's code) treats the first proactive
+    token as the edge's guess of the pending verdict's own token: it goes up as an id only,
+    and the trigger and the plan count the drafts after it. True sends its row too and
+    counts it as an ordinary draft (a variant). tuner: "online"
     re-tunes (r1, r2) during the run (the paper's mode; ``tuner_method`` bo, grid or random, ``tuner_trials`` candidates of
     ``tuner_tokens`` accepted tokens each, re-tuned when the TPT over the last
     ``retune_window`` accepted tokens moves by more than ``retune_gate``); "none" keeps the
@@ -69,7 +68,7 @@ class PipeSDConfig:
     max_windows: int = 2
     uplink_q: str = "full"
     q_dtype: str = "float16"
-    lead_row: bool = True
+    lead_row: bool = False
     verification: str = "full"
     tuner: str = "none"
     tuner_method: str = "bo"
@@ -276,27 +275,32 @@ class PipeSDEdge(EdgePolicy):
         if window.start_plan is None:
             window.start_plan = self.plan.sizes
         p = d.confidence
-        window.confidences.append(p)
-        window.product *= p
+        # The first token beyond a pending window stands for that verdict's own token: the
+        # verdict settles it, so the trigger and the plan count only the drafts after it.
+        lead = edge.lead_pending and edge.window_size == 1
+        if not lead:
+            window.confidences.append(p)
+            window.product *= p
         r1, r2 = self.thresholds
-        reason = ("r1" if window.product <= r1 else "r2" if p <= r2 else
-                  "stop" if edge.is_stop(d.token) else "limit" if room == 1 else None)
+        reason = (None if lead else "r1" if window.product <= r1 else "r2" if p <= r2 else None) or (
+            "stop" if edge.is_stop(d.token) else "limit" if room == 1 else None)
         cap = self.plan.size_at(window.batch)
+        lead_unsent = int(edge.lead_pending)
         if reason is not None:
             # The unsent rest of the window goes at once with the verification request.
-            window.batches.append([edge.unsent, cap])
+            window.batches.append([edge.unsent - lead_unsent, cap])
             edge.note("trigger", {"reason": reason, "product": window.product, "p": p, "r1": r1, "r2": r2,
                                   "confidences": list(window.confidences)})
             edge.note("plan", list(window.start_plan))
             edge.note("batches", window.batches)  # [size sent, the plan's size at that point]
-            self.monitor.add_window(edge.window_size)
+            self.monitor.add_window(edge.window_drafts)
             sender.put(edge.prepare(verify=True, ack=True))
             window.reset()
             self._replans = []
             self._replan(edge)
-        elif edge.unsent >= cap:
+        elif edge.unsent - lead_unsent >= cap:
             window.batches.append([cap, cap])
-            sender.put(edge.prepare(cap, ack=True))
+            sender.put(edge.prepare(cap + lead_unsent, ack=True))
             window.batch += 1
             self._replan(edge)
 
