@@ -259,9 +259,11 @@ class SpeculativeEdge:
             verify=verify,
             ack=ack,
         )
+        lead = bool(drafts) and not fixed and self.lead_pending
+        self._lead_sent |= lead
         if self.rule == "rejection" or self.uplink_q == "full":
-            if drafts and not fixed and self.lead_pending:
-                msg.lead_implied = self._lead_sent = True
+            if lead:
+                msg.lead_implied = True
                 drafts = drafts[1:]
             msg.q_rows = np.stack([self._q_row(d) for d in drafts]) if drafts else None
         elif self.rule == "sparse":
@@ -271,8 +273,8 @@ class SpeculativeEdge:
         w = self._windows[self.window]
         if w.start is None:
             w.start = self.ctx.clock.now()
-        if msg.lead_implied:
-            w.notes["lead_implied"] = True  # its first uploaded token went as an id only
+        if lead:
+            w.notes["lead_implied"] = True  # its first token is a guess the pending verdict settles
         w.uploaded += n
         w.upload_sizes.append(n)
         if verify:
