@@ -22,7 +22,7 @@ def test_pipesd_table1_preset_is_complete():
     for d in spec.datasets:
         assert [m.system for m in d.methods] == ["vanilla", "hsl", "edgellm", "pipesd"]
         assert set(d.paper["tpt_ms"]) == {"S1", "S2", "S3", "S4"}
-    assert spec.tune["systems"] == ["pipesd"] and spec.tune["trials"] == 16 and spec.tune["tokens"] == 20
+    assert spec.tune["systems"] == ["pipesd"] and spec.tune["trials"] == 16 and spec.tune["tokens"] == 64
 
 
 @pytest.mark.parametrize("override,message", [
