@@ -202,6 +202,12 @@ class SpeculativeEdge:
                 and bool(self.awaiting))
 
     @property
+    def drafted_lead(self) -> bool:
+        """The token just drafted is the open window's lead (see :attr:`lead_pending`): a
+        trigger skips it."""
+        return self.lead_pending and self.window_size == 1
+
+    @property
     def window_drafts(self) -> int:
         """Draft tokens of the open window the cloud verifies: :attr:`window_size` less a
         lead token that goes up as an id only."""

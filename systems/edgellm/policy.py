@@ -118,7 +118,7 @@ class EdgeLLMEdge(EdgePolicy):
                     d = await edge.draft()
                     # The first token beyond a pending window stands for that verdict's own
                     # token (it settles it): the trigger counts the drafts after it.
-                    lead = edge.lead_pending and edge.window_size == 1
+                    lead = edge.drafted_lead
                     if not lead:
                         product *= d.confidence
                         confidences.append(d.confidence)

@@ -277,7 +277,7 @@ class PipeSDEdge(EdgePolicy):
         p = d.confidence
         # The first token beyond a pending window stands for that verdict's own token: the
         # verdict settles it, so the trigger and the plan count only the drafts after it.
-        lead = edge.lead_pending and edge.window_size == 1
+        lead = edge.drafted_lead
         if not lead:
             window.confidences.append(p)
             window.product *= p
