@@ -75,7 +75,7 @@ def test_edgellm_r1_follows_each_verdict(r1_update):
     for prev, nxt in zip(rounds, rounds[1:]):
         trig = prev.extra["trigger"]
         lengths.append(len(trig["confidences"]))
-        n_hat = max(1, round(sum(lengths) / len(lengths)))
+        n_hat = max(1, round(sum(lengths[-100:]) / len(lengths[-100:])))  # the policy's history: 100 windows
         n = max(1, lengths[-1]) if r1_update == "window" else n_hat
         differs += n != max(1, lengths[-1])
         want = update_r1(trig["r1"], trig["product"], prev.accepted, n)

@@ -142,9 +142,9 @@ class EdgeLLMEdge(EdgePolicy):
         closed = products.pop(v.round, None)
         if closed is not None:
             product, size = closed
-            # The window's correct tokens: those this verdict accepted, plus its first token
-            # when the previous verdict already committed it as its own (the window was
-            # drafted on top of that verdict and survived it); that token is not verified again.
+            # The window's correct tokens: those this verdict accepted. With lead_row on, the
+            # window's size also counts its first token, which the previous verdict committed
+            # as its own (it is not verified again): it counts as correct too.
             n_correct = v.n_accepted + max(0, size - v.n_verified)
             n = max(1, size) if self.config.r1_update == "window" else self.n_hat
             self.r1 = update_r1(self.r1, product, n_correct, n, self.config.c_floor)
