@@ -101,7 +101,9 @@ class Link:
 
     def __init__(self, profile: NetworkProfile, why: str, workdir: Path):
         self.profile, self.why, self.workdir = profile, why, workdir
-        self.origin = time.monotonic()  # the trace's time zero
+        # The trace's time zero (time.monotonic()); a backend that starts an emulator moves it
+        # to the moment the link starts carrying packets, so its set-up does not eat the first step.
+        self.origin = time.monotonic()
         self.namespaces: dict[str, str] = {}
         self._procs: list[tuple[subprocess.Popen, Path | None]] = []
 
@@ -212,9 +214,10 @@ class TunLink(_Namespaced):
             ns.ip("-n", name, "addr", "add", f"{addr}/24", "dev", dev)
             ns.ip("-n", name, "link", "set", dev, "up")
             ns.ip("-n", name, "route", "add", peer, "dev", dev)
-        self._start("netem.tunwire", ["--edge", f"{edge}:swtun-e", "--cloud", f"{cloud}:swtun-c",
-                                      "--profile", json.dumps(self.profile.as_json()), "--origin", repr(self.origin)],
-                    "the TUN wire (python -m netem.tunwire)", "tunwire")
+        _, ready = self._start("netem.tunwire", ["--edge", f"{edge}:swtun-e", "--cloud", f"{cloud}:swtun-c",
+                                                 "--profile", json.dumps(self.profile.as_json())],
+                               "the TUN wire (python -m netem.tunwire)", "tunwire")
+        self.origin = float(ready["origin"])
 
     def endpoint(self, port: int) -> tuple[str, int]:
         return self.cloud_bind, port
@@ -246,6 +249,7 @@ class NetemLink(_Namespaced):
             rate = p.rate(direction, 0.0)
             if rate is not None:
                 self._tc(name, "qdisc", "add", "dev", dev, "parent", "1:", "handle", "2:", *self._tbf(rate))
+        self.origin = time.monotonic()
         if p.trace is not None:
             threading.Thread(target=self._follow_trace, daemon=True, name="netem-trace").start()
 
