@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -437,6 +437,55 @@ class SpeculativeEdge:
         if len(w.upload_sizes) > 1:  # the window went up in several batches: their sizes and timing
             extra.update(upload_sizes=w.upload_sizes, t_first_upload=w.t_first_sent, t_last_draft=w.t_last_draft)
         return extra
+
+
+
+class SerialUploader:
+    """The edge's communication interface: sends prepared uploads one at a time, each
+    acknowledged by the cloud before the next one starts (a sender of blocking requests,
+    as PipeSD's implementation has). An upload still queued when a verdict discards its
+    window is dropped unsent, as such a sender cancels requests it has not started; one on
+    the wire is not recalled. ``on_acked(msg, seconds)`` sees each sent upload's time from
+    send to acknowledgement."""
+
+    def __init__(self, edge: SpeculativeEdge, on_acked: Callable[[Upload, float], None] | None = None):
+        self.edge, self.on_acked = edge, on_acked
+        self.clock = edge.ctx.clock
+        self.queue: asyncio.Queue[Upload] = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def put(self, msg: Upload) -> None:
+        """Queue an upload prepared with ``ack=True``."""
+        if not msg.ack:
+            raise ValueError("SerialUploader: prepare uploads with ack=True; the next one waits for the ack")
+        self.queue.put_nowait(msg)
+
+    async def _run(self) -> None:
+        while True:
+            msg = await self.queue.get()
+            try:
+                if self.edge.is_void(msg):
+                    self.edge.discard(msg)
+                    continue
+                t0 = self.clock.now()
+                await self.edge.send(msg)
+                await self.edge.next_ack()
+                if self.on_acked is not None:
+                    self.on_acked(msg, self.clock.now() - t0)
+            finally:
+                self.queue.task_done()
+
+    async def drain(self) -> None:
+        """Wait until every queued upload is sent (or dropped); raises the sender's error."""
+        join = asyncio.ensure_future(self.queue.join())
+        done, _ = await asyncio.wait({join, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if self.task in done:
+            join.cancel()
+            self.task.result()
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
 
 
 # ---- the cloud ---------------------------------------------------------------------------

@@ -85,3 +85,38 @@ def test_edgellm_r1_follows_each_verdict(r1_update):
     assert checked >= 10
     if r1_update == "n_hat":
         assert differs >= 5, "N̂ never differed from the window's length: the test cannot tell the modes apart"
+
+
+def test_edgellm_uploads_one_at_a_time_and_drops_chunks_of_a_discarded_window(monkeypatch, report):
+    """Each upload waits for the previous one's acknowledgement; chunks still queued when a
+    rejection discards their window are never sent (the run stays lossless)."""
+    from systems.protocol import SpeculativeEdge
+
+    events: dict[int, list[str]] = {}
+    dropped = []
+    real_send, real_ack, real_discard = SpeculativeEdge.send, SpeculativeEdge.next_ack, SpeculativeEdge.discard
+
+    async def send(self, msg):
+        events.setdefault(id(self), []).append("send")
+        return await real_send(self, msg)
+
+    async def next_ack(self):
+        env = await real_ack(self)
+        events.setdefault(id(self), []).append("ack")
+        return env
+
+    def discard(self, msg):
+        dropped.append(len(msg.tokens))
+        return real_discard(self, msg)
+
+    monkeypatch.setattr(SpeculativeEdge, "send", send)
+    monkeypatch.setattr(SpeculativeEdge, "next_ack", next_ack)
+    monkeypatch.setattr(SpeculativeEdge, "discard", discard)
+    _run("edgellm", {"r1": 0.3, "n_hat": 2})
+    assert len(events) == 4
+    for log in events.values():
+        assert log[0] == "send" and log[-1] == "ack" and log.count("send") > 5
+        assert all(a != b for a, b in zip(log, log[1:])), "an upload started before the previous one was acknowledged"
+    report(f"EdgeLLM serial uploads (toy pair): {sum(map(len, events.values())) // 2} sent, {len(dropped)} "
+           f"dropped unsent when their window was discarded (sizes {sorted(dropped)} tokens)")
+    assert dropped, "no queued chunk was ever dropped: the run never exercised the rule"

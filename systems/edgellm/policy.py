@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from systems.api import EdgeContext, EdgePolicy, GenerationRequest
-from systems.protocol import UPLINK_Q, SpeculativeEdge, VerifyingCloud, choose_rule
+from systems.protocol import UPLINK_Q, SerialUploader, SpeculativeEdge, VerifyingCloud, choose_rule
 
 
 @dataclass
@@ -73,7 +73,10 @@ def update_r1(r1: float, product: float, n_correct: int, n: int, c_floor: float 
 
 class EdgeLLMEdge(EdgePolicy):
     """Draft until the confidence product falls to R1; upload the window then. While its
-    verdict is pending, keep drafting and upload those tokens in chunks of N̂."""
+    verdict is pending, keep drafting and upload those tokens in chunks of N̂. Uploads go
+    one at a time, each acknowledged (:class:`systems.protocol.SerialUploader`), so chunks
+    still queued when a rejection discards their window are never sent, as in PipeSD's
+    implementation of this baseline."""
 
     config: EdgeLLMConfig
 
@@ -93,6 +96,7 @@ class EdgeLLMEdge(EdgePolicy):
         if cfg.reset_r1:
             self.r1 = cfg.r1
         await edge.open()
+        sender = SerialUploader(edge)
         products: dict[int, tuple[float, int]] = {}  # window -> (confidence product that closed it, its size)
         product, confidences, r1s = 1.0, [], []  # the open window's trigger state; r1s: R1 at each token
 
@@ -101,7 +105,7 @@ class EdgeLLMEdge(EdgePolicy):
             edge.note("trigger", {"product": product, "r1": self.r1, "confidences": confidences, "r1s": r1s})
             products[edge.window] = (product, edge.window_drafts)
             self._lengths.append(edge.window_drafts)
-            await edge.upload(verify=True)
+            sender.put(edge.prepare(verify=True, ack=True))
             product, confidences, r1s = 1.0, [], []
 
         try:
@@ -126,14 +130,17 @@ class EdgeLLMEdge(EdgePolicy):
                     if (not lead and product <= self.r1) or edge.is_stop(d.token) or room == 1:
                         await close_window()
                     elif edge.awaiting and edge.unsent - edge.lead_pending >= self.n_hat:
-                        await edge.upload()
+                        sender.put(edge.prepare(ack=True))
                 elif not edge.awaiting:
-                    await edge.upload(verify=True)
+                    sender.put(edge.prepare(verify=True, ack=True))
                     product, confidences, r1s = 1.0, [], []
                 else:
+                    await sender.drain()
                     if self._settle(edge, products, *await edge.next_verdict()):
                         product, confidences, r1s = 1.0, [], []
+            await sender.drain()
         finally:
+            await sender.stop()
             await edge.close()
         return edge.output
 

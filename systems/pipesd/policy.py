@@ -12,7 +12,6 @@ only if it accepted the whole window and its token equals the first proactive to
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from systems.messages import Upload
 from systems.pipesd.estimator import CostEstimate, EnvironmentMonitor, moved
 from systems.pipesd.plan import BatchPlan, plan_batches
 from systems.pipesd.tuner import METHODS, ThresholdTuner
-from systems.protocol import UPLINK_Q, SpeculativeEdge, VerifyingCloud, choose_rule
+from systems.protocol import UPLINK_Q, SerialUploader, SpeculativeEdge, VerifyingCloud, choose_rule
 
 TUNERS = ("none", "online")
 
@@ -94,53 +93,6 @@ class PipeSDConfig:
         if self.tuner_method not in METHODS:
             raise ValueError(f"pipesd: tuner_method must be one of {', '.join(METHODS)}, got {self.tuner_method!r}")
         np.dtype(self.q_dtype)  # an unknown dtype name fails here
-
-
-class _Sender:
-    """The communication interface: sends prepared uploads one at a time, each acknowledged.
-
-    A batch starts when the previous one has arrived (the DP's serial link). The upload
-    time (send to ack) of every non-verifying batch feeds the α/β estimate, sized by the
-    tokens whose distributions it carried. Uploads of a window a verdict has discarded are
-    dropped unsent.
-    """
-
-    def __init__(self, edge: SpeculativeEdge, monitor: EnvironmentMonitor):
-        self.edge, self.monitor = edge, monitor
-        self.clock = edge.ctx.clock
-        self.queue: asyncio.Queue[Upload] = asyncio.Queue()
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    def put(self, msg: Upload) -> None:
-        self.queue.put_nowait(msg)
-
-    async def _run(self) -> None:
-        while True:
-            msg = await self.queue.get()
-            try:
-                if self.edge.is_void(msg):
-                    self.edge.discard(msg)
-                    continue
-                t0 = self.clock.now()
-                await self.edge.send(msg)
-                await self.edge.next_ack()
-                rows = len(msg.tokens) - msg.n_fixed - msg.lead_implied  # tokens whose distribution went up
-                if not msg.verify and rows > 0:
-                    self.monitor.add_upload(rows, self.clock.now() - t0)
-            finally:
-                self.queue.task_done()
-
-    async def drain(self) -> None:
-        """Wait until every queued upload is sent (or dropped)."""
-        join = asyncio.ensure_future(self.queue.join())
-        done, _ = await asyncio.wait({join, self.task}, return_when=asyncio.FIRST_COMPLETED)
-        if self.task in done:
-            join.cancel()
-            self.task.result()  # the sender failed: raise its error here
-
-    async def stop(self) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
 
 
 class _OnlineTuning:
@@ -241,7 +193,7 @@ class PipeSDEdge(EdgePolicy):
         edge = SpeculativeEdge(ctx, request, choose_rule(request.sampling, cfg.verification),
                                uplink_q=cfg.uplink_q, q_dtype=cfg.q_dtype, lead_row=cfg.lead_row)
         await edge.open()
-        sender = _Sender(edge, self.monitor)
+        sender = SerialUploader(edge, self._on_acked)
         if self.tuning is not None and self.tuning.tuner is None and self.tuning.rounds == 0:
             self.thresholds = self.tuning.start()
         window = _WindowState()
@@ -268,7 +220,14 @@ class PipeSDEdge(EdgePolicy):
             await edge.close()
         return edge.output
 
-    async def _draft_one(self, edge: SpeculativeEdge, sender: _Sender, window: "_WindowState", room: int) -> None:
+    def _on_acked(self, msg: Upload, seconds: float) -> None:
+        """A non-verifying batch's upload time feeds the α/β estimate, sized by the tokens
+        whose distributions it carried."""
+        rows = len(msg.tokens) - msg.n_fixed - msg.lead_implied
+        if not msg.verify and rows > 0:
+            self.monitor.add_upload(rows, seconds)
+
+    async def _draft_one(self, edge: SpeculativeEdge, sender: SerialUploader, window: "_WindowState", room: int) -> None:
         t0 = edge.ctx.clock.now()
         d = await edge.draft()
         self.monitor.add_generation(edge.ctx.clock.now() - t0)
