@@ -439,7 +439,6 @@ class SpeculativeEdge:
         return extra
 
 
-
 class SerialUploader:
     """The edge's communication interface: sends prepared uploads one at a time, each
     acknowledged by the cloud before the next one starts (a sender of blocking requests,

@@ -209,7 +209,8 @@ def test_virtual_and_real_link_agree_on_message_delivery(report):
     virtual = LinkProfile.from_network(profile)
     sizes = [1, 1_000, 10_000, 100_000, 1_000_000]
     with open_link(profile, "tun") as link:
-        real = message_times(link, sizes, repeats=5, warm_bytes=2_000_000)  # median of 5: one busy moment on a shared host moves a median of 3
+        # the median of 5: one busy moment on a shared host moves a median of 3
+        real = message_times(link, sizes, repeats=5, warm_bytes=2_000_000)
     rows = []
     for n in sizes:
         model = virtual.transfer_time(n + 8, "up")  # 8 B: the probe's length prefix

@@ -227,7 +227,8 @@ class PipeSDEdge(EdgePolicy):
         if not msg.verify and rows > 0:
             self.monitor.add_upload(rows, seconds)
 
-    async def _draft_one(self, edge: SpeculativeEdge, sender: SerialUploader, window: "_WindowState", room: int) -> None:
+    async def _draft_one(self, edge: SpeculativeEdge, sender: SerialUploader, window: "_WindowState",
+                         room: int) -> None:
         t0 = edge.ctx.clock.now()
         d = await edge.draft()
         self.monitor.add_generation(edge.ctx.clock.now() - t0)
