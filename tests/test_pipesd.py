@@ -219,3 +219,35 @@ def test_plan_follows_a_bandwidth_step_over_20_percent_only(tmp_path, factor, re
     print(f"\nuplink x{factor} at {step_at:.0f} s: re-plans for the link after the step: "
           f"{[(round(e['t'], 1), e['why'], e['plan']) for e in link_replans_after]}")
     assert bool(link_replans_after) == replans
+
+
+def test_online_tuning_picks_candidates_off_the_event_loop(monkeypatch):
+    """With tuner=online the GP's picks run in a background thread, never on the edge's
+    event loop, and each pick becomes the trigger's thresholds from the next verdict on."""
+    import threading
+
+    asks = []
+    real_ask = ThresholdTuner.ask
+
+    def ask(self):
+        r1, r2 = real_ask(self)
+        if self.budget == params["tuner_trials"]:  # not the sampler's warm-up study
+            asks.append((threading.current_thread().name, r1, r2))
+        return r1, r2
+
+    params = {"tuner": "online", "tuner_trials": 5, "tuner_tokens": 8}
+    monkeypatch.setattr(ThresholdTuner, "ask", ask)
+    kw = dict(vocab_size=VOCAB, seed=1, sharpness=6.0)
+    draft = create_engine("toy", role="draft", agreement=0.9, **kw)
+    target = create_engine("toy", role="target", **kw)
+    reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 80, SamplingParams(), seed=i) for i in range(4)]
+    recs = run_system("pipesd", draft, target, reqs, params,
+                      RunOptions(link=LINK, edge_cost=lambda op: 0.036, cloud_cost=lambda op: 0.015))
+    for req, rec in zip(reqs, recs):
+        assert rec.output_tokens == greedy_decode(target, req.prompt, 80)[0]
+    live = [(a[1], a[2]) for a in asks if not a[0].startswith("pipesd-tuner")]
+    picked = [(a[1], a[2]) for a in asks if a[0].startswith("pipesd-tuner") and a[1:] not in live]
+    assert len(live) == 1, f"only a round's first, random point is asked on the loop: {asks}"
+    assert len(picked) >= 4, f"the tuner made {len(picked)} background picks; the run should finish the round"
+    used = {(t["r1"], t["r2"]) for rec in recs for r in rec.rounds if (t := r.extra.get("trigger"))}
+    assert set(picked) <= used, "a candidate picked in the background was never used by the trigger"

@@ -13,6 +13,7 @@ only if it accepted the whole window and its token equals the first proactive to
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ from systems.api import EdgeContext, EdgePolicy, GenerationRequest
 from systems.messages import Upload
 from systems.pipesd.estimator import CostEstimate, EnvironmentMonitor, moved
 from systems.pipesd.plan import BatchPlan, plan_batches
-from systems.pipesd.tuner import METHODS, ThresholdTuner
+from systems.pipesd.tuner import METHODS, ThresholdTuner, warm_up
 from systems.protocol import UPLINK_Q, SerialUploader, SpeculativeEdge, VerifyingCloud, choose_rule
 
 TUNERS = ("none", "online")
@@ -96,7 +97,11 @@ class PipeSDConfig:
 
 
 class _OnlineTuning:
-    """PipeSD's online re-tuning: candidates scored over live accepted tokens (App. D)."""
+    """PipeSD's online re-tuning: candidates scored over live accepted tokens, re-run when
+    the TPT moves (App. D). The tuner picks each next candidate in a background thread (the
+    paper re-runs BO asynchronously; a GP fit takes ~0.1 s here): the edge keeps the
+    current thresholds meanwhile and switches at the next verdict, whose time and tokens,
+    served under the old thresholds, score no candidate."""
 
     def __init__(self, cfg: PipeSDConfig):
         self.cfg = cfg
@@ -107,9 +112,12 @@ class _OnlineTuning:
         self.rounds = 0
         self.recent: deque[tuple[float, int]] = deque()  # (seconds, tokens) per verdict
         self.reference: float | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipesd-tuner")
+        self._next: Future | None = None  # the next candidate, being picked in the background
+        self._worker.submit(warm_up, cfg.tuner_method)
 
     def start(self) -> tuple[float, float]:
-        """Begin a tuning round; returns its first candidate."""
+        """Begin a tuning round; returns its first candidate (a random point: no fit)."""
         self.rounds += 1
         self.tuner = ThresholdTuner(self.cfg.tuner_method, self.cfg.tuner_trials, self.cfg.seed + self.rounds)
         self.trial_time, self.trial_tokens = 0.0, 0
@@ -119,6 +127,10 @@ class _OnlineTuning:
     def observe(self, seconds: float, tokens: int, current: tuple[float, float]) -> tuple[float, float]:
         """Account a verdict's time and tokens; returns the thresholds to use next."""
         if self.tuner is not None:
+            if self._next is not None:
+                # waits only if the pick is still running: deterministic in virtual time
+                self.candidate, self._next = self._next.result(), None
+                return self.candidate
             self.trial_time += seconds
             self.trial_tokens += tokens
             if self.trial_tokens >= self.cfg.tuner_tokens:
@@ -129,7 +141,7 @@ class _OnlineTuning:
                     self.tuner, self.candidate, self.reference = None, None, None
                     self.recent.clear()
                     return best.r1, best.r2
-                self.candidate = self.tuner.ask()
+                self._next = self._worker.submit(self.tuner.ask)
             return self.candidate
         self.recent.append((seconds, tokens))
         while sum(n for _, n in self.recent) - self.recent[0][1] >= self.cfg.retune_window:

@@ -88,6 +88,17 @@ class ThresholdTuner:
         return TuneResult(r1, r2, tpt, list(self.history))
 
 
+def warm_up(method: str) -> None:
+    """Pay the GP sampler's one-time start-up (importing its tensor library, the first fit)
+    on a throwaway study, so that a live tuner's first ask does not."""
+    if method != "bo":
+        return
+    tuner = ThresholdTuner("bo", 2, 0)
+    while not tuner.done:
+        r1, r2 = tuner.ask()
+        tuner.tell(r1 + r2)
+
+
 def tune(objective: Callable[[float, float], float], method: str = "bo", trials: int = 16,
          seed: int = 0, progress: Callable[[int, float, float, float], None] | None = None) -> TuneResult:
     """Minimise ``objective(r1, r2)`` (a TPT in seconds) with the chosen method."""
