@@ -11,6 +11,7 @@ from harness.link import LinkProfile
 from systems.api import GenerationRequest
 from systems.edgellm.policy import update_r1
 from systems.engines import create_engine
+from systems.protocol import SpeculativeEdge
 from systems.sampling import SamplingParams
 from tests.support import greedy_decode
 
@@ -90,8 +91,6 @@ def test_edgellm_r1_follows_each_verdict(r1_update):
 def test_edgellm_uploads_one_at_a_time_and_drops_chunks_of_a_discarded_window(monkeypatch, report):
     """Each upload waits for the previous one's acknowledgement; chunks still queued when a
     rejection discards their window are never sent (the run stays lossless)."""
-    from systems.protocol import SpeculativeEdge
-
     events: dict[int, list[str]] = {}
     dropped = []
     real_send, real_ack, real_discard = SpeculativeEdge.send, SpeculativeEdge.next_ack, SpeculativeEdge.discard

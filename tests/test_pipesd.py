@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -224,8 +225,6 @@ def test_plan_follows_a_bandwidth_step_over_20_percent_only(tmp_path, factor, re
 def test_online_tuning_picks_candidates_off_the_event_loop(monkeypatch):
     """With tuner=online the GP's picks run in a background thread, never on the edge's
     event loop, and each pick becomes the trigger's thresholds from the next verdict on."""
-    import threading
-
     asks = []
     real_ask = ThresholdTuner.ask
 
