@@ -2,7 +2,7 @@
 
 ::
 
-    python -m netem.tunwire --edge NS:DEV --cloud NS:DEV --profile JSON [--origin T] \\
+    python -m netem.tunwire --edge NS:DEV --cloud NS:DEV --profile JSON \\
         --ready FILE --stats FILE
 
 It attaches to the TUN device in each namespace, reads every packet the kernel routes into
@@ -117,10 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--edge", required=True, help="NS:DEV of the edge side's TUN device")
     ap.add_argument("--cloud", required=True, help="NS:DEV of the cloud side's TUN device")
     ap.add_argument("--profile", required=True, help="the NetworkProfile as JSON (NetworkProfile.as_json)")
-    ap.add_argument("--origin", type=float, default=None,
-                    help="time.monotonic() at which the trace starts (default: once both devices are attached; "
-                         "written to the ready file)")
-    ap.add_argument("--ready", default=None, help="touch this file once both devices are attached")
+    ap.add_argument("--ready", default=None,
+                    help="write {pid, priority, origin} here once both devices are attached (origin: the "
+                         "time.monotonic() at which the trace starts)")
     ap.add_argument("--stats", default=None, help="write the counters here on SIGUSR1 and at exit")
     args = ap.parse_args(argv)
     profile = NetworkProfile.from_json(json.loads(args.profile))
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunwire: error: cannot attach the TUN devices: {exc}", file=sys.stderr)
         return 2
     priority = raise_priority()
-    origin = time.monotonic() if args.origin is None else args.origin
+    origin = time.monotonic()  # the trace's time zero: the wire carries packets from now on
     if args.ready:
         _write_json(args.ready, {"pid": os.getpid(), "priority": priority, "origin": origin})
     serve(fds[0], fds[1], profile, origin, args.stats)

@@ -245,7 +245,7 @@ def test_online_tuning_picks_candidates_off_the_event_loop(monkeypatch):
     for req, rec in zip(reqs, recs):
         assert rec.output_tokens == greedy_decode(target, req.prompt, 80)[0]
     live = [(a[1], a[2]) for a in asks if not a[0].startswith("pipesd-tuner")]
-    picked = [(a[1], a[2]) for a in asks if a[0].startswith("pipesd-tuner") and a[1:] not in live]
+    picked = [(a[1], a[2]) for a in asks if a[0].startswith("pipesd-tuner")]
     assert len(live) == 1, f"only a round's first, random point is asked on the loop: {asks}"
     assert len(picked) >= 4, f"the tuner made {len(picked)} background picks; the run should finish the round"
     used = {(t["r1"], t["r2"]) for rec in recs for r in rec.rounds if (t := r.extra.get("trigger"))}

@@ -100,7 +100,7 @@ class EdgeLLMEdge(EdgePolicy):
         products: dict[int, tuple[float, int]] = {}  # window -> (confidence product that closed it, its size)
         product, confidences, r1s = 1.0, [], []  # the open window's trigger state; r1s: R1 at each token
 
-        async def close_window() -> None:
+        def close_window() -> None:
             nonlocal product, confidences, r1s
             edge.note("trigger", {"product": product, "r1": self.r1, "confidences": confidences, "r1s": r1s})
             products[edge.window] = (product, edge.window_drafts)
@@ -117,7 +117,7 @@ class EdgeLLMEdge(EdgePolicy):
                     break
                 room = edge.draft_room
                 if confidences and edge.window_size and product <= self.r1:
-                    await close_window()  # a verdict raised R1 past the open window's product
+                    close_window()  # a verdict raised R1 past the open window's product
                 elif room > 0 and len(edge.awaiting) < cfg.max_windows:
                     d = await edge.draft()
                     # The first token beyond a pending window stands for that verdict's own
@@ -128,7 +128,7 @@ class EdgeLLMEdge(EdgePolicy):
                         confidences.append(d.confidence)
                         r1s.append(self.r1)
                     if (not lead and product <= self.r1) or edge.is_stop(d.token) or room == 1:
-                        await close_window()
+                        close_window()
                     elif edge.awaiting and edge.unsent - edge.lead_pending >= self.n_hat:
                         sender.put(edge.prepare(ack=True))
                 elif not edge.awaiting:

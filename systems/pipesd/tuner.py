@@ -17,6 +17,7 @@ next 20 accepted tokens it serves).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Callable
 
 import optuna
@@ -88,9 +89,10 @@ class ThresholdTuner:
         return TuneResult(r1, r2, tpt, list(self.history))
 
 
+@cache
 def warm_up(method: str) -> None:
     """Pay the GP sampler's one-time start-up (importing its tensor library, the first fit)
-    on a throwaway study, so that a live tuner's first ask does not."""
+    on a throwaway study, once per process, so that a live tuner's first ask does not."""
     if method != "bo":
         return
     tuner = ThresholdTuner("bo", 2, 0)
