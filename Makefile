@@ -5,22 +5,78 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PAIR ?= qwen25coder
-# llama-cpp-python builds from source; skipping the multimodal library halves the build.
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
-export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: test bench install models overhead clean
+# llama-cpp-python is built from source, once per flag set, into a project-local wheelhouse.
+# The flags are portable: correct on every x86-64 CPU with AVX2. Native detection would take
+# whatever the build machine offers (AVX-512, AMX) and the AMX path crashes in llama_decode on
+# the default pair, so native detection, AVX-512 and AMX are off. LLAVA_BUILD=OFF skips the
+# multimodal library, halving the build.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_CPU_ALL_VARIANTS=OFF \
+	-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=OFF \
+	-DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# A wheel is keyed by the package version, the interpreter and the flags: pip's own wheel
+# cache keys it by the sdist alone and would reuse a wheel built with other flags.
+LLAMA_FLAGS := $(strip $(LLAMA_CMAKE_ARGS))
+LLAMA_KEY := $(shell printf '%s|%s|%s' '$(LLAMA_CPP_VERSION)' \
+	"$$($(PYTHON) -c 'import sys; print(sys.implementation.cache_tag)')" '$(LLAMA_FLAGS)' \
+	| sha256sum | cut -c1-12)
+WHEELHOUSE := .wheelhouse/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_KEY)
+LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_KEY)
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+
+.PHONY: test bench install models selfcheck doctor overhead clean distclean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+
+$(WHEELHOUSE)/.built: | $(PY)
+	@echo "llama-cpp-python $(LLAMA_CPP_VERSION): building into $(WHEELHOUSE)"
+	@echo "  CMAKE_ARGS=$(LLAMA_FLAGS)"
+	@echo "  about 5 minutes on 2 cores; full log: $(WHEELHOUSE)/build.log"
+	@rm -rf $(WHEELHOUSE).partial && mkdir -p $(WHEELHOUSE).partial
+	@CMAKE_ARGS='$(LLAMA_FLAGS)' $(PY) -m pip wheel --no-cache-dir --no-deps --verbose \
+		--no-binary llama-cpp-python -w $(WHEELHOUSE).partial \
+		'llama-cpp-python==$(LLAMA_CPP_VERSION)' > $(WHEELHOUSE).partial/build.log 2>&1 \
+		|| { tail -n 40 $(WHEELHOUSE).partial/build.log; \
+		     echo "llama-cpp-python build failed; full log: $(WHEELHOUSE).partial/build.log"; exit 1; }
+	@grep -E 'Adding CPU backend variant' $(WHEELHOUSE).partial/build.log | sed 's/^ */  build: /' || true
+	@grep -A6 'Manually-specified variables were not used' $(WHEELHOUSE).partial/build.log \
+		| sed 's/^/  build warning: /' || true
+	@printf '%s\n' '$(LLAMA_FLAGS)' > $(WHEELHOUSE).partial/cmake_args.txt
+	@rm -rf $(WHEELHOUSE) && mv $(WHEELHOUSE).partial $(WHEELHOUSE)
+	@touch $@
+
+# Installs the wheel built with these flags over whatever llama-cpp-python the venv had.
+$(LLAMA_STAMP): $(WHEELHOUSE)/.built
+	$(PY) -m pip install --quiet --no-index --no-deps --force-reinstall \
+		$(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	@$(PY) -c 'import json, sys; json.dump(dict(version=sys.argv[1], cmake_args=sys.argv[2], \
+		key=sys.argv[3], wheelhouse=sys.argv[4]), open(sys.argv[5], "w"), indent=1)' \
+		'$(LLAMA_CPP_VERSION)' '$(LLAMA_FLAGS)' '$(LLAMA_KEY)' '$(abspath $(WHEELHOUSE))' \
+		$(VENV)/llama-cpp-build.json
+	@rm -f $(VENV)/.llama-cpp-* && touch $@
+
+# --only-binary with the wheelhouse as the one source of llama-cpp-python wheels: pip can
+# never build or fetch another one while resolving the project's dependencies.
+$(STAMP): pyproject.toml $(LLAMA_STAMP)
+	$(PY) -m pip install --quiet --find-links $(WHEELHOUSE) --only-binary llama-cpp-python \
+		-e '.[dev]'
 	@touch $(STAMP)
 
 models: $(STAMP)
 	$(PY) -m harness.cli fetch --pair $(PAIR)
+	$(PY) -m harness.cli selfcheck --pair $(PAIR)
+
+selfcheck: $(STAMP)
+	$(PY) -m harness.cli selfcheck --pair $(PAIR)
+
+doctor: $(STAMP)
+	$(PY) -m harness.cli doctor --pair $(PAIR)
 
 test: models
 	$(PY) -m pytest
@@ -33,3 +89,6 @@ overhead: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
+
+distclean: clean
+	rm -rf .wheelhouse

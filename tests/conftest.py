@@ -6,10 +6,30 @@ import pytest
 
 @pytest.fixture(scope="session")
 def default_pair_paths() -> dict[str, Path]:
-    """The default pair's model files, fetched and verified once per session (no work when cached)."""
-    from harness.pairs import DEFAULT_PAIR, ensure_pair, load_pair
+    """The default pair's model files, fetched, verified and self-checked once per session.
 
-    return ensure_pair(load_pair(DEFAULT_PAIR))
+    The self-check decodes a few tokens with each model in a child process first, so a
+    llama.cpp build that crashes on this CPU fails the tests that need the models, by name
+    and with the cause, instead of killing the whole test session with a signal.
+    """
+    from harness.pairs import DEFAULT_PAIR, ensure_pair, load_pair
+    from harness.selfcheck import SelfCheckError, check_pair
+
+    pair = load_pair(DEFAULT_PAIR)
+    paths = ensure_pair(pair)
+    if "passed" not in _SELFCHECK:
+        try:
+            check_pair(pair, paths, tokens=2, progress=None)
+            _SELFCHECK["passed"] = True
+        except SelfCheckError as exc:
+            _SELFCHECK["passed"] = False
+            _SELFCHECK["message"] = str(exc)
+    if not _SELFCHECK["passed"]:
+        pytest.fail(_SELFCHECK["message"], pytrace=False)
+    return paths
+
+
+_SELFCHECK: dict = {}
 
 
 @pytest.fixture(scope="session")
