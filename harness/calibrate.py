@@ -127,6 +127,8 @@ def fit(role: str, m: dict, name: str, source: str) -> RoleProfile:
 
 
 def run(args: argparse.Namespace) -> int:
+    from harness.contention import check_before_run, planned_threads
+
     for item in args.overrides:
         key, _, value = item.partition("=")
         if key not in ("pair", "name", "threads") or not value:
@@ -142,12 +144,14 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or f"measured_{host}_{pair.name}".replace("-", "_")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     threads = args.threads if args.threads is not None else "pair default"
+    contention = check_before_run(planned_threads(pair))
     profiles = {}
     for role, engine in (("edge", draft), ("cloud", target)):
         print(f"calibrating {role}: {engine.info.model} ...", flush=True)
         raw = measure_role(engine, role, args.repeats)
         source = (f"specwan calibrate on {host} ({platform.processor() or platform.machine()}), {when}; "
-                  f"{engine.info.backend}, threads={threads}; medians of {args.repeats}")
+                  f"{engine.info.backend}, threads={threads}; medians of {args.repeats}"
+                  + (f"; CONTENDED: {contention['summary']}" if contention["contended"] else ""))
         profiles[role] = fit(role, raw, f"{host}_{role}", source)
         print(f"  {profiles[role]}")
     out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "conf" / "device" / f"{name}.yaml"

@@ -38,7 +38,7 @@ class ContentionSample:
         return self.other_load_cores >= CONTENDED_CORES
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "contended": self.contended, "kind": "measured",
+        return {**asdict(self), "contended": self.contended, "summary": self.summary(), "kind": "measured",
                 "how": f"CPU time of every other process over {self.sampled_s:g} s (psutil)"}
 
     def summary(self) -> str:
