@@ -40,6 +40,10 @@ class ProtocolError(RuntimeError):
     """Edge and cloud disagree about the committed prefix, or a message is out of order."""
 
 
+UPLINK_Q = ("rule", "full")
+VERIFICATION = ("full", "sparse")
+
+
 def choose_rule(params: SamplingParams, verification: str) -> str:
     """The acceptance rule for a sampling setting and a plug-in's verification mode.
 
@@ -47,14 +51,11 @@ def choose_rule(params: SamplingParams, verification: str) -> str:
     "sparse" (ids and q(x) scalars up, top-K down). Greedy decoding uses the greedy rule in
     either case, since token ids are all it needs.
     """
-    if verification not in ("full", "sparse"):
+    if verification not in VERIFICATION:
         raise ValueError(f"verification must be 'full' or 'sparse', got {verification!r}")
     if params.greedy:
         return "greedy"
     return "rejection" if verification == "full" else "sparse"
-
-
-UPLINK_Q = ("rule", "full")
 
 
 @dataclass
@@ -268,11 +269,11 @@ class SpeculativeEdge:
         lead = bool(drafts) and not fixed and self.lead_pending
         self._lead_sent |= lead
         if self.rule == "rejection" or self.uplink_q == "full":
-            if lead:
-                msg.lead_implied = True
-                drafts = drafts[1:]
-            msg.q_rows = np.stack([self._q_row(d) for d in drafts]) if drafts else None
-        elif self.rule == "sparse":
+            rows = drafts[1:] if lead else drafts
+            msg.lead_implied = lead
+            msg.q_rows = np.stack([self._q_row(d) for d in rows]) if rows else None
+        if self.rule == "sparse":
+            # The sparse rule reads q(x), whatever else travels (full rows under uplink_q=full).
             msg.q_token = [d.q_token for d in drafts]
         self._sent_upto += n
         self._in_window += n
@@ -536,10 +537,15 @@ class VerifyingCloud(CloudPolicy):
         worker = asyncio.get_running_loop().create_task(self._work())
         try:
             while True:
-                env = await ctx.link.recv()
-                await self.handle(env)
+                # Wait on the worker too: an error in verification surfaces at once, not when
+                # (if ever) the next message arrives (a stop-and-wait edge sends none).
+                recv = asyncio.ensure_future(ctx.link.recv())
+                await asyncio.wait({recv, worker}, return_when=asyncio.FIRST_COMPLETED)
                 if worker.done():
+                    recv.cancel()
                     worker.result()
+                    raise ProtocolError("the verification worker stopped")
+                await self.handle(recv.result())
         finally:
             worker.cancel()
             # Sessions whose CloseSession is still on the link when serving stops.

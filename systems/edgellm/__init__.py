@@ -15,5 +15,5 @@ register_system(
     edge=EdgeLLMEdge,
     cloud=EdgeLLMCloud,
     description="adaptive sequence-confidence trigger, drafting on while verification is pending",
-    variants={"math": {"r1": 0.5, "n_hat": 4}},
+    variants={"math": {"r1": 0.5, "n_hat": 4}, "sparse": {"verification": "sparse"}},
 )

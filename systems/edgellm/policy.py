@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from systems.api import EdgeContext, EdgePolicy, GenerationRequest
-from systems.protocol import UPLINK_Q, SerialUploader, SpeculativeEdge, VerifyingCloud, choose_rule
+from systems.protocol import UPLINK_Q, VERIFICATION, SerialUploader, SpeculativeEdge, VerifyingCloud, choose_rule
 
 
 @dataclass
@@ -49,6 +49,9 @@ class EdgeLLMConfig:
                 raise ValueError(f"edgellm: {key} must be >= 1, got {getattr(self, key)}")
         if self.uplink_q not in UPLINK_Q:
             raise ValueError(f"edgellm: uplink_q must be one of {', '.join(UPLINK_Q)}, got {self.uplink_q!r}")
+        if self.verification not in VERIFICATION:
+            raise ValueError(f"edgellm: verification must be one of {', '.join(VERIFICATION)}, "
+                             f"got {self.verification!r}")
         if self.r1_update not in R1_UPDATES:
             raise ValueError(f"edgellm: r1_update must be one of {', '.join(R1_UPDATES)}, got {self.r1_update!r}")
 

@@ -13,5 +13,5 @@ register_system(
     edge=HSLEdge,
     cloud=HSLCloud,
     description="token-confidence trigger (verify when P <= R2), stop-and-wait",
-    variants={"low": {"r2": 0.3}},
+    variants={"low": {"r2": 0.3}, "sparse": {"verification": "sparse"}},
 )

@@ -22,5 +22,6 @@ register_system(
         "deep": {"max_windows": 3, "r1": 0.5, "r2": 0.2},
         "lead-row": {"lead_row": True, "r1": 0.5, "r2": 0.3},
         "online": {"tuner": "online", "tuner_trials": 3, "tuner_tokens": 4, "retune_window": 8},
+        "sparse": {"verification": "sparse"},
     },
 )

@@ -23,7 +23,7 @@ from systems.messages import Upload
 from systems.pipesd.estimator import CostEstimate, EnvironmentMonitor, moved
 from systems.pipesd.plan import BatchPlan, plan_batches
 from systems.pipesd.tuner import METHODS, ThresholdTuner, warm_up
-from systems.protocol import UPLINK_Q, SerialUploader, SpeculativeEdge, VerifyingCloud, choose_rule
+from systems.protocol import UPLINK_Q, VERIFICATION, SerialUploader, SpeculativeEdge, VerifyingCloud, choose_rule
 
 TUNERS = ("none", "online")
 
@@ -89,6 +89,9 @@ class PipeSDConfig:
             raise ValueError(f"pipesd: probe_sizes must be >= 0, got {self.probe_sizes}")
         if self.uplink_q not in UPLINK_Q:
             raise ValueError(f"pipesd: uplink_q must be one of {', '.join(UPLINK_Q)}, got {self.uplink_q!r}")
+        if self.verification not in VERIFICATION:
+            raise ValueError(f"pipesd: verification must be one of {', '.join(VERIFICATION)}, "
+                             f"got {self.verification!r}")
         if self.tuner not in TUNERS:
             raise ValueError(f"pipesd: tuner must be one of {', '.join(TUNERS)}, got {self.tuner!r}")
         if self.tuner_method not in METHODS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from systems.api import EdgeContext, EdgePolicy, GenerationRequest
-from systems.protocol import UPLINK_Q, SpeculativeEdge, VerifyingCloud, choose_rule
+from systems.protocol import UPLINK_Q, VERIFICATION, SpeculativeEdge, VerifyingCloud, choose_rule
 
 
 @dataclass
@@ -28,6 +28,9 @@ class VanillaConfig:
             raise ValueError(f"vanilla: gamma must be >= 1, got {self.gamma}")
         if self.uplink_q not in UPLINK_Q:
             raise ValueError(f"vanilla: uplink_q must be one of {', '.join(UPLINK_Q)}, got {self.uplink_q!r}")
+        if self.verification not in VERIFICATION:
+            raise ValueError(f"vanilla: verification must be one of {', '.join(VERIFICATION)}, "
+                             f"got {self.verification!r}")
 
 
 class VanillaEdge(EdgePolicy):

@@ -12,6 +12,8 @@ With the deterministic toy engines (exact, seeded distributions):
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections import Counter
 
 import pytest
@@ -19,7 +21,11 @@ import pytest
 from harness.inprocess import RunOptions, run_system
 from harness.link import LinkProfile
 from systems.api import GenerationRequest, get_system, system_names
+from systems.edgellm.policy import R1_UPDATES
 from systems.engines import create_engine
+from systems.pipesd.policy import TUNERS
+from systems.pipesd.tuner import METHODS
+from systems.protocol import UPLINK_Q, VERIFICATION, VerifyingCloud
 from systems.sampling import SamplingParams
 from tests.support import chi2_against, exact_sequence_probs, greedy_decode
 
@@ -58,10 +64,15 @@ def _reference(spec, draft, target):
     return draft if spec.reference == "draft" else target
 
 
-def _check_rounds(record):
+def _check_rounds(record, spec):
     emitted = 0
+    verifying = spec.cloud_cls is not None and issubclass(spec.cloud_cls, VerifyingCloud)
     for r in record.rounds:
-        assert r.edge_digest == r.cloud_digest or not r.cloud_digest, f"prefix disagreement in round {r.round}"
+        if r.extra.get("discarded"):  # an unused answer: nothing to agree on, nothing verified
+            assert r.cloud_digest == "" and r.verified == 0 and r.accepted == 0 and r.emitted == 0, r
+        else:
+            assert r.edge_digest == r.cloud_digest, f"prefix disagreement in round {r.round}"
+            assert bool(r.cloud_digest) == verifying, f"round {r.round}: a verdict without the cloud's digest"
         assert r.emitted <= r.accepted + 1, "a round emitted more than accepted + 1 tokens"
         assert r.accepted <= r.verified <= r.uploaded, f"round {r.round}: accepted/verified/uploaded out of order"
         emitted += r.emitted
@@ -87,7 +98,7 @@ def test_greedy_is_lossless(system, overrides):
                     assert rec.output_tokens == expected, (
                         f"{system} {overrides} seed={seed} agreement={agreement} link={link.name}: "
                         f"{rec.output_tokens} != reference {expected}")
-                    _check_rounds(rec)
+                    _check_rounds(rec, spec)
                     checked += 1
     assert checked == len(LINKS) * 6 * 5 * len(PROMPTS)
 
@@ -101,7 +112,7 @@ def test_sampling_preserves_distribution(system, overrides, params):
     records = run_system(spec, draft, target, reqs, overrides)
     counts = Counter(tuple(r.output_tokens) for r in records)
     for r in records[:200]:
-        _check_rounds(r)
+        _check_rounds(r, spec)
     expected = exact_sequence_probs(_reference(spec, draft, target), prompt, length, params)
     pvalue = chi2_against(counts, expected, n)
     assert pvalue > 1e-3, f"{system} {overrides}: output distribution differs from the reference (p={pvalue:.2e})"
@@ -122,3 +133,86 @@ def test_config_errors_name_the_key():
         spec.make_config({"gammma": 4})
     with pytest.raises(ValueError, match="gamma must be >= 1"):
         spec.make_config({"gamma": 0})
+
+
+# ---- every combination a system's options allow --------------------------------------------
+# The values of each enumerated option; bool options take both values. A system's option
+# that is a string must be listed here or under FREE, so a new option is never left out.
+CHOICES = {"verification": VERIFICATION, "uplink_q": UPLINK_Q, "tuner": TUNERS, "tuner_method": METHODS,
+           "r1_update": R1_UPDATES}
+FREE = {"q_dtype": "a dtype name, not a mode"}
+# Options that matter only under another's value, and settings that keep such runs short.
+ONLY_WITH = {"tuner_method": ("tuner", "online")}
+ALSO = {("tuner", "online"): {"tuner_trials": 3, "tuner_tokens": 4, "retune_window": 8}}
+
+
+def _options(spec) -> dict[str, tuple]:
+    out = {}
+    for f in dataclasses.fields(spec.config_cls):
+        default = getattr(spec.make_config(), f.name)
+        if isinstance(default, bool):
+            out[f.name] = (False, True)
+        elif f.name in CHOICES:
+            out[f.name] = tuple(CHOICES[f.name])
+        elif isinstance(default, str) or f.type in ("str", str):
+            assert f.name in FREE, f"{spec.name}: option {f.name!r} is neither enumerated nor free-form here"
+    return out
+
+
+def _combinations():
+    for name in system_names():
+        spec = get_system(name)
+        options = _options(spec)
+        keys = sorted(options)
+        for values in itertools.product(*(options[k] for k in keys)):
+            combo = dict(zip(keys, values))
+            defaults = spec.make_config()
+            if any(combo[k] != getattr(defaults, k) and combo.get(dep) != val
+                   for k, (dep, val) in ONLY_WITH.items() if k in combo):
+                continue
+            overrides = dict(combo)
+            for (k, v), extra in ALSO.items():
+                if combo.get(k) == v:
+                    overrides.update(extra)
+            label = ",".join(f"{k}={v}" for k, v in combo.items() if v != getattr(defaults, k)) or "defaults"
+            yield pytest.param(name, overrides, id=f"{name}[{label}]")
+
+
+COMBINATIONS = list(_combinations())
+
+
+def test_combinations_cover_sparse_verification():
+    for name in system_names():
+        if "verification" in _options(get_system(name)):
+            assert any(c.values[0] == name and c.values[1]["verification"] == "sparse" for c in COMBINATIONS)
+
+
+@pytest.mark.parametrize("system,overrides", COMBINATIONS)
+def test_every_option_combination(system, overrides):
+    """Each combination runs greedy (lossless) and at T = 1 (distribution kept, on fewer
+    samples than the registered variants get) on a jittery, lossy link with two edges."""
+    spec = get_system(system)
+    link, edge_cost, cloud_cost = LINKS[2]
+    opts = RunOptions(link=link, edge_cost=edge_cost, cloud_cost=cloud_cost, clients=2)
+    for seed in range(2):
+        draft, target = _pair(seed, 0.6)
+        ref = _reference(spec, draft, target)
+        reqs = [GenerationRequest(f"g{seed}-{i}", p, 16, SamplingParams(), seed=seed) for i, p in enumerate(PROMPTS)]
+        for req, rec in zip(reqs, run_system(spec, draft, target, reqs, overrides, opts)):
+            assert rec.output_tokens == greedy_decode(ref, req.prompt, req.max_new_tokens)[0]
+            _check_rounds(rec, spec)
+    draft, target = _pair(seed=3, agreement=0.6, vocab=4, sharpness=1.0)
+    prompt, length, n = [1, 2], 3, 1500
+    reqs = [GenerationRequest(f"r{i}", prompt, length, T1, seed=i) for i in range(n)]
+    records = run_system(spec, draft, target, reqs, overrides, RunOptions(clients=2))
+    for r in records:
+        _check_rounds(r, spec)
+    expected = exact_sequence_probs(_reference(spec, draft, target), prompt, length, T1)
+    pvalue = chi2_against(Counter(tuple(r.output_tokens) for r in records), expected, n)
+    assert pvalue > 1e-4, f"{system} {overrides}: output distribution differs from the reference (p={pvalue:.2e})"
+
+
+@pytest.mark.parametrize("system", [n for n in system_names() if "verification" in _options(get_system(n))])
+def test_unknown_verification_refused_at_config_time(system):
+    with pytest.raises(ValueError, match=f"^{system}: verification must be one of full, sparse, got 'topk'$"):
+        get_system(system).make_config({"verification": "topk"})
