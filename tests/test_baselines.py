@@ -119,3 +119,29 @@ def test_edgellm_uploads_one_at_a_time_and_drops_chunks_of_a_discarded_window(mo
     report(f"EdgeLLM serial uploads (toy pair): {sum(map(len, events.values())) // 2} sent, {len(dropped)} "
            f"dropped unsent when their window was discarded (sizes {sorted(dropped)} tokens)")
     assert dropped, "no queued chunk was ever dropped: the run never exercised the rule"
+
+
+def test_edgellm_r1_only_falls_when_every_draft_is_accepted():
+    """Draft = target under greedy decoding: every window is wholly correct, so every
+    verdict halves R1 (Eq. 7 with N_correct = N), including windows whose first token the
+    previous verdict committed as its own (lead_row: that token counts as correct)."""
+    kw = dict(vocab_size=64, seed=2, sharpness=2.0)
+    draft = create_engine("toy", role="draft", agreement=1.0, **kw)
+    target = create_engine("toy", role="target", **kw)
+    reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 40, SamplingParams(), seed=i) for i in range(4)]
+    recs = run_system("edgellm", draft, target, reqs, {"r1": 0.92, "lead_row": True, "reset_r1": True},
+                      RunOptions(link=LINK, edge_cost=lambda op: 0.036, cloud_cost=lambda op: 0.015))
+    with_lead = halvings = 0
+    for req, rec in zip(reqs, recs):
+        assert rec.output_tokens == greedy_decode(target, req.prompt, 40)[0]
+        r1s = []
+        for r in rec.rounds:
+            trig = r.extra.get("trigger")
+            if trig is None or r.extra.get("discarded"):
+                continue
+            with_lead += len(trig["confidences"]) == r.verified + 1
+            r1s += trig["r1s"]
+        assert all(b <= a for a, b in zip(r1s, r1s[1:])), f"R1 rose although every draft was accepted: {r1s}"
+        halvings += sum(b == pytest.approx(a / 2) for a, b in zip(r1s, r1s[1:]))
+    assert with_lead >= 3, "no window counted a first token the previous verdict committed"
+    assert halvings >= 3

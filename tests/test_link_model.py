@@ -45,11 +45,44 @@ def test_fifo_queueing_back_to_back():
     assert d[0] < d[1] < d[2]  # each waits for the previous one to serialize
 
 
-def test_jitter_spread_and_no_reordering():
+def test_jitter_spread():
     p = LinkProfile("jit", rtt_s=0.1, jitter_s=0.01, seed=3)
     d = _deliveries(p, [10] * 400, gap=0.05)
     assert statistics.pstdev(d) == pytest.approx(0.01, rel=0.25)
     assert statistics.mean(d) == pytest.approx(0.05, abs=0.003)
+
+
+def test_jitter_never_reorders():
+    """Messages 1 ms apart with 10 ms of jitter would overtake each other often if each kept
+    its own draw; on one stream they land in the order sent, a late one holding back those
+    behind it."""
+
+    async def go():
+        cloud = CloudEnd()
+        edge = cloud.new_link(LinkProfile("jit", rtt_s=0.1, jitter_s=0.01, seed=5)).edge_end("s")
+        for i in range(300):
+            await edge.send(Upload("s", round=i, start=0, tokens=[1]))
+            await asyncio.sleep(0.001)
+        return [await cloud.recv() for _ in range(300)]
+
+    got = run(go(), virtual=True)
+    assert [e.msg.round for e in got] == list(range(300))
+    times = [e.t_recv for e in got]
+    assert all(a <= b for a, b in zip(times, times[1:]))
+    held = sum(b == a for a, b in zip(times, times[1:]))  # landed together behind a late one
+    assert held > 30, f"only {held} messages were held back: the jitter cannot have tested the order"
+
+
+def test_jitter_never_delivers_before_sending():
+    """One-way delay 25 ms with 25 ms of jitter: a draw below -25 ms is clipped to zero delay,
+    so the delay is max(0, X), X ~ N(25 ms, 25 ms), whose mean is mu*Phi(1) + sigma*phi(1)."""
+    from scipy.stats import norm
+
+    mu = sigma = 0.025
+    d = _deliveries(LinkProfile("jit", rtt_s=2 * mu, jitter_s=sigma, seed=11), [10] * 2000, gap=1.0)
+    assert min(d) >= 0.0
+    assert sum(x == 0.0 for x in d) / len(d) == pytest.approx(norm.cdf(-1.0), abs=0.03)
+    assert statistics.mean(d) == pytest.approx(mu * norm.cdf(1.0) + sigma * norm.pdf(1.0), rel=0.05)
 
 
 def test_loss_costs_retransmission_timeouts():

@@ -14,11 +14,13 @@ from hypothesis import strategies as st
 from harness.inprocess import RunOptions, run_system
 from harness.link import LinkProfile
 from harness.results import RunWriter, build_manifest, load_run
-from systems.api import GenerationRequest
+from systems.api import GenerationRequest, SystemSpec
 from systems.engines import create_engine
 from systems.pipesd.estimator import EnvironmentMonitor, moved
+from systems.pipesd.policy import PipeSDCloud, PipeSDConfig, PipeSDEdge
 from systems.pipesd.plan import makespan, plan_batches
 from systems.pipesd.tuner import GRID, ThresholdTuner, tune
+from systems.protocol import SpeculativeEdge
 from systems.sampling import SamplingParams
 from tests.support import greedy_decode
 
@@ -49,17 +51,39 @@ def _compositions(n):
         yield sizes + [run]
 
 
+def _simulated_finish_ms(sizes, gamma, alpha, beta) -> int:
+    """The test's own model of one window, in whole milliseconds: token i is drafted at
+    i*gamma; a batch leaves once its last token is drafted and the link is free, and holds
+    the link for alpha + beta*size. Returns when the last batch has arrived."""
+    link_free, drafted = 0, 0
+    for size in sizes:
+        drafted += size
+        leaves = max(link_free, drafted * gamma)
+        link_free = leaves + alpha + beta * size
+    return link_free
+
+
 @settings(max_examples=60, deadline=None)
 @given(n_hat=st.integers(1, 10), gamma=st.integers(0, 200), alpha=st.integers(0, 200), beta=st.integers(0, 200))
 def test_plan_is_optimal_and_beats_every_fixed_size(n_hat, gamma, alpha, beta):
-    g, a, b = gamma / 1000, alpha / 1000, beta / 1000
-    plan = plan_batches(n_hat, g, a, b)
-    assert sum(plan.sizes) == n_hat
-    best = min(makespan(s, g, a, b) for s in _compositions(n_hat))
-    assert plan.makespan_s == pytest.approx(best, abs=1e-9)
+    """Against every way of cutting the window into batches (exhaustive, simulated by the
+    test's own model), the plan's batches finish first, and its stated makespan is theirs."""
+    plan = plan_batches(n_hat, gamma / 1000, alpha / 1000, beta / 1000)
+    assert sum(plan.sizes) == n_hat and all(s >= 1 for s in plan.sizes)
+    finish = _simulated_finish_ms(plan.sizes, gamma, alpha, beta)
+    assert plan.makespan_s == pytest.approx(finish / 1000, abs=1e-9)
+    assert finish == min(_simulated_finish_ms(s, gamma, alpha, beta) for s in _compositions(n_hat))
     for size in range(1, n_hat + 1):
         fixed = [size] * (n_hat // size) + ([n_hat % size] if n_hat % size else [])
-        assert plan.makespan_s <= makespan(fixed, g, a, b) + 1e-9
+        assert finish <= _simulated_finish_ms(fixed, gamma, alpha, beta)
+
+
+def test_plan_is_used_cyclically():
+    """A window that outgrows its plan starts the plan over (the batch after the last one
+    planned has the first one's size)."""
+    plan = plan_batches(20, 0.036, 0.025, 0.116)
+    assert plan.sizes == (1, 1, 4, 14)
+    assert [plan.size_at(k) for k in range(10)] == [1, 1, 4, 14, 1, 1, 4, 14, 1, 1]
 
 
 def test_plan_rejects_bad_input():
@@ -115,11 +139,14 @@ LINK = LinkProfile("slow-up", rtt_s=0.02, up_bps=2e5, down_bps=2e7, overhead_byt
 R1, R2 = 0.05, 0.1
 
 
+TARGET = create_engine("toy", role="target", vocab_size=VOCAB, seed=1, sharpness=6.0)
+
+
 @pytest.fixture(scope="module")
 def pipesd_run(tmp_path_factory):
     kw = dict(vocab_size=VOCAB, seed=1, sharpness=6.0)
     draft = create_engine("toy", role="draft", agreement=0.9, **kw)
-    target = create_engine("toy", role="target", **kw)
+    target = TARGET
     reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 80, SamplingParams(), seed=i) for i in range(6)]
     recs = run_system("pipesd", draft, target, reqs, {"r1": R1, "r2": R2},
                       RunOptions(link=LINK, edge_cost=lambda op: 0.036, cloud_cost=lambda op: 0.015 + 0.002 * op.tokens))
@@ -139,20 +166,28 @@ def _live(rounds):
 
 
 def test_windows_go_up_in_planned_batches(pipesd_run):
-    multi = 0
+    """The uploads the edge really sent (sizes booked by the protocol) follow the plan the
+    window started with, used cyclically, the last one a flush at the trigger of at most
+    the plan's next size. Windows whose plan changed while they were open are skipped."""
+    multi = outgrown = 0
     for r in _live(pipesd_run):
-        batches = r["extra"].get("batches")
-        if not batches or "restarted_from" in r["extra"]:
+        x = r["extra"]
+        if "upload_sizes" not in x or "restarted_from" in x or "plan" not in x:
             continue
-        for size, cap in batches[:-1]:
-            assert size == cap, f"window {r['round']}: a batch of {size} where the plan said {cap}"
-        assert 0 <= batches[-1][0] <= batches[-1][1], "the flush at the trigger exceeds the plan's batch"
-        lead = int(r["extra"].get("lead_implied", False))  # a first token sent as an id, outside the plan
-        assert sum(s for s, _ in batches) + lead == r["uploaded"]
-        if len(batches) > 1:
-            multi += 1
-            assert r["extra"]["upload_sizes"] == [s + (lead if i == 0 else 0) for i, (s, _) in enumerate(batches)]
+        if any(e["t"] > r["start"] for e in x.get("replans", [])):
+            continue
+        plan = x["plan"]
+        lead = int(x.get("lead_implied", False))  # a first token sent as an id, outside the plan
+        sizes = list(x["upload_sizes"])
+        sizes[0] -= lead
+        multi += 1
+        outgrown += len(sizes) > len(plan)
+        for k, size in enumerate(sizes[:-1]):
+            assert size == plan[k % len(plan)], f"window {r['round']}: sent {sizes} under the plan {plan}"
+        assert 0 <= sizes[-1] <= plan[(len(sizes) - 1) % len(plan)], f"window {r['round']}: {sizes} vs {plan}"
+        assert sum(sizes) + lead == r["uploaded"]
     assert multi >= 5, f"only {multi} windows went up in several batches"
+    assert outgrown >= 1, "no window outgrew its plan: the cyclic use went untested"
 
 
 def test_uploads_overlap_drafting(pipesd_run):
@@ -183,15 +218,30 @@ def test_trigger_points(pipesd_run):
 
 
 def test_proactive_tokens_kept_only_under_the_rule(pipesd_run):
+    """What the edge did with the tokens drafted on top of a pending window, seen in the
+    records: kept, they go on as the next window (its id is verified live); dropped, that
+    window is restarted under a new id or answered as unused. It keeps them exactly when
+    the verdict accepted the whole window and its token (the output's token at that
+    position) is the first proactive token."""
     kept = dropped = 0
-    for r in _live(pipesd_run):
-        pro = r["extra"].get("proactive")
-        if pro is None:
-            continue
-        rule = r["accepted"] == r["verified"] and pro["first"] == pro["verdict_token"]
-        assert pro["kept"] == rule
-        kept += rule
-        dropped += not rule
+    live = _live(pipesd_run)
+    by_request: dict[str, dict[int, dict]] = {}
+    for r in live:
+        by_request.setdefault(r["request_id"], {})[r["round"]] = r
+    for rid, rounds in by_request.items():
+        i = int(rid[1:])
+        output, _ = greedy_decode(TARGET, [i + 1, 2, 3], 80)
+        last = max(rounds)
+        for k, r in rounds.items():
+            pro = r["extra"].get("proactive")
+            if pro is None or k == last:
+                continue
+            verdict_token = output[r["committed"] - 3 - 1]
+            rule = r["accepted"] == r["verified"] and pro["first"] == verdict_token
+            assert (k + 1 in rounds) == rule, f"{rid} window {k}: rule says kept={rule}"
+            assert pro["kept"] == rule  # and the note says what happened
+            kept += rule
+            dropped += not rule
     assert kept > 0 and dropped > 0, f"promoted {kept}, discarded {dropped}: both paths must run"
 
 
@@ -250,3 +300,62 @@ def test_online_tuning_picks_candidates_off_the_event_loop(monkeypatch):
     assert len(picked) >= 4, f"the tuner made {len(picked)} background picks; the run should finish the round"
     used = {(t["r1"], t["r2"]) for rec in recs for r in rec.rounds if (t := r.extra.get("trigger"))}
     assert set(picked) <= used, "a candidate picked in the background was never used by the trigger"
+
+
+def _observed_run(monkeypatch, params, reqs, link):
+    """Run PipeSD with its real policies, keeping hold of each edge policy (to read its
+    monitor) and of every upload the edges sent."""
+    policies, sent = [], []
+
+    class ObservedEdge(PipeSDEdge):
+        def __init__(self, config):
+            super().__init__(config)
+            policies.append(self)
+            self.fed = []
+            add = self.monitor.add_upload
+            self.monitor.add_upload = lambda n, seconds: (self.fed.append(n), add(n, seconds))[1]
+
+    real_send = SpeculativeEdge.send
+
+    async def send(self, msg):
+        sent.append((msg.verify, len(msg.tokens) - msg.n_fixed - msg.lead_implied))
+        return await real_send(self, msg)
+
+    monkeypatch.setattr(SpeculativeEdge, "send", send)
+    kw = dict(vocab_size=VOCAB, seed=1, sharpness=6.0)
+    draft = create_engine("toy", role="draft", agreement=0.9, **kw)
+    spec = SystemSpec("pipesd-observed", PipeSDConfig, ObservedEdge, PipeSDCloud, "test only")
+    recs = run_system(spec, draft, TARGET, reqs, params,
+                      RunOptions(link=link, edge_cost=lambda op: 0.036, cloud_cost=lambda op: 0.015))
+    for req, rec in zip(reqs, recs):
+        assert rec.output_tokens == greedy_decode(TARGET, req.prompt, req.max_new_tokens)[0]
+    return recs, policies, sent
+
+
+def test_only_probes_and_non_verifying_uploads_feed_the_link_estimate(monkeypatch):
+    """α and β come from the probes and the batches sent ahead of a verification (App. D);
+    an upload that asks for verification is timed by the verdict's wait, not fed."""
+    reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 60, SamplingParams(), seed=i) for i in range(2)]
+    _, (policy,), sent = _observed_run(monkeypatch, {"r1": R1, "r2": R2, "history": 10_000}, reqs, LINK)
+    ahead = [rows for verify, rows in sent if not verify and rows > 0]
+    assert any(verify for verify, _ in sent) and len(ahead) >= 5
+    assert policy.fed == list(range(1, 9)) + ahead
+
+
+@pytest.mark.parametrize("max_windows", [1, 2, 3])
+def test_windows_in_flight_never_exceed_max_windows(monkeypatch, max_windows):
+    """A slow round trip keeps verdicts pending while the edge drafts on: the number of
+    windows awaiting their verdict reaches max_windows and never goes past it."""
+    depth = []
+    real_prepare = SpeculativeEdge.prepare
+
+    def prepare(self, *a, **kw):
+        msg = real_prepare(self, *a, **kw)
+        depth.append(len(self.awaiting))
+        return msg
+
+    monkeypatch.setattr(SpeculativeEdge, "prepare", prepare)
+    slow = LinkProfile("far", rtt_s=0.5, up_bps=2e6, down_bps=2e7, overhead_bytes=66)
+    reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 60, SamplingParams(), seed=i) for i in range(2)]
+    _observed_run(monkeypatch, {"r1": 0.5, "r2": 0.3, "max_windows": max_windows}, reqs, slow)
+    assert max(depth) == max_windows

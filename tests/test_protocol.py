@@ -30,13 +30,14 @@ class PipelinedConfig:
     depth: int = 2
     verification: str = "full"
     lead_row: bool = True
+    sparse_k: int = 10
 
 
 class PipelinedEdge(EdgePolicy):
     async def generate(self, request, ctx):
         gamma, depth = self.config.gamma, self.config.depth
         edge = SpeculativeEdge(ctx, request, choose_rule(request.sampling, self.config.verification),
-                               lead_row=self.config.lead_row)
+                               sparse_k=self.config.sparse_k, lead_row=self.config.lead_row)
         await edge.open()
         try:
             while not edge.done:
@@ -65,6 +66,14 @@ def _pair(seed, agreement, vocab=8, sharpness=2.0):
     return create_engine("toy", role="draft", agreement=agreement, **kw), create_engine("toy", role="target", **kw)
 
 
+def _promotions(rec) -> int:
+    """Windows drafted on top of a pending verdict that survived it: window k + 1 began
+    before window k's verdict was applied and was itself verified (a discard would have
+    restarted it under a new id or answered it as unused)."""
+    live = {r.round: r for r in rec.rounds if not r.extra.get("discarded")}
+    return sum(k + 1 in live and live[k + 1].start < r.end for k, r in live.items())
+
+
 @pytest.mark.parametrize("depth,lead_row", [(1, True), (2, True), (3, True), (2, False), (3, False)])
 def test_speculation_beyond_pending_verdicts_is_lossless(depth, lead_row):
     discarded = promoted = 0
@@ -76,15 +85,18 @@ def test_speculation_beyond_pending_verdicts_is_lossless(depth, lead_row):
                               RunOptions(link=LINK, edge_cost=lambda op: 0.02, cloud_cost=lambda op: 0.05, clients=2))
             for req, rec in zip(reqs, recs):
                 assert rec.output_tokens == greedy_decode(target, req.prompt, 30)[0]
+                promoted += _promotions(rec)
                 for r in rec.rounds:
                     if r.extra.get("discarded"):
                         discarded += 1
+                        assert r.verified == 0 and r.accepted == 0 and r.emitted == 0, "an unused answer counted"
                     else:
                         assert r.edge_digest == r.cloud_digest
-                        promoted += r.n_uploads > 0 and r.verified > 0 and r.accepted == r.verified
-    assert promoted > 0
     if depth > 1:
+        assert promoted > 0, "no speculation beyond a pending verdict was ever promoted"
         assert discarded > 0, "no window was ever discarded: the discard path went untested"
+    else:
+        assert promoted == 0, "stop-and-wait has nothing to promote"
 
 
 @pytest.mark.parametrize("verification,lead_row", [("full", True), ("sparse", True), ("full", False)])
@@ -154,3 +166,47 @@ def test_messages_round_trip():
     assert (v.n_accepted, v.token, v.digest) == (1, 5, "ab")
     with pytest.raises(ValueError, match="unknown message tag"):
         decode(b"\x92\x63\x00")
+
+
+@pytest.mark.parametrize("system,params", [("vanilla", {"verification": "sparse", "sparse_k": 1, "gamma": 4}),
+                                           (SPEC, {"verification": "sparse", "sparse_k": 1, "depth": 2})],
+                         ids=["vanilla", "pipelined"])
+def test_a_correction_the_edge_resampled_voids_what_was_drafted_beyond(system, params):
+    """With K = 1 a rejected draft token is often the target's top token, and then the edge's
+    resampled correction equals it; the cloud does not know that token until the edge sends
+    it and has dropped every draft beyond, so the edge must drop them too, whatever they
+    are. Edge and cloud stay in agreement (checked after every verdict) and every request
+    completes."""
+    draft, target = _pair(seed=4, agreement=0.5, vocab=6, sharpness=1.0)
+    params_t1 = SamplingParams(temperature=1.0)
+    reqs = [GenerationRequest(f"r{i}", [1 + i % 5, 2], 12, params_t1, seed=i) for i in range(200)]
+    recs = run_system(system, draft, target, reqs, params, RunOptions(link=LINK, clients=2))
+    for req, rec in zip(reqs, recs):
+        assert rec.error is None and 1 <= rec.n_tokens <= 12
+        assert sum(r.emitted for r in rec.rounds) == rec.n_tokens
+        for r in rec.rounds:
+            assert r.extra.get("discarded") or r.edge_digest == r.cloud_digest
+
+
+def test_round_records_account_for_every_token():
+    """Every output token is accounted for by a verdict the edge used: accepted drafts plus
+    one token of the verdict's own per live round (the last cut at the limit or a stop);
+    an unused answer (a window discarded, or still in flight at the end) counts nothing,
+    and the acceptance rate is over the drafts the used verdicts judged."""
+    dead_seen = 0
+    for seed in range(6):
+        draft, target = _pair(seed, 0.9)
+        reqs = [GenerationRequest(f"r{i}", [i + 1, 3], 9, SamplingParams(), seed=i) for i in range(4)]
+        recs = run_system(SPEC, draft, target, reqs, {"depth": 3, "gamma": 2},
+                          RunOptions(link=LINK, edge_cost=lambda op: 0.02, cloud_cost=lambda op: 0.05))
+        for rec in recs:
+            live = [r for r in rec.rounds if not r.extra.get("discarded")]
+            dead = [r for r in rec.rounds if r.extra.get("discarded")]
+            dead_seen += len(dead)
+            assert all((r.verified, r.accepted, r.emitted) == (0, 0, 0) for r in dead)
+            assert all(r.emitted == r.accepted + 1 for r in live[:-1])
+            assert 1 <= live[-1].emitted <= live[-1].accepted + 1
+            assert rec.accepted == sum(r.accepted for r in live)
+            assert rec.acceptance_rate == pytest.approx(rec.accepted / sum(r.verified for r in live))
+            assert all(r.wasted == r.drafted - r.accepted for r in rec.rounds)
+    assert dead_seen > 0, "no window was discarded: the case went untested"

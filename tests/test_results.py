@@ -39,8 +39,8 @@ CONFIG = {"system": "vanilla", "pair": "toy", "network": {"name": "lan", "rtt_ms
 
 
 def _round(rid: str, i: int, **kw) -> RoundRecord:
-    base = dict(start=float(i), end=i + 0.5, drafted=4, uploaded=4, verified=4, accepted=2, emitted=3,
-                wasted=2, n_uploads=1, bytes_up=20, bytes_down=30, t_draft=0.1, t_uplink=0.01,
+    base = dict(start=float(i), end=i + 0.5, drafted=5, uploaded=4, verified=4, accepted=2, emitted=3,
+                wasted=3, n_uploads=1, bytes_up=20, bytes_down=30, t_draft=0.1, t_uplink=0.01,
                 t_queue=0.0, t_verify=0.2, t_downlink=0.01, committed=10 + 3 * i,
                 edge_digest="e", cloud_digest="c", extra={"note": i})
     base.update(kw)
@@ -52,7 +52,7 @@ def _record(rid: str, n_rounds: int = 2, error: str | None = None, tokens: int |
     n = 3 * n_rounds if tokens is None else tokens
     return RequestRecord(
         request_id=rid, system="vanilla", prompt_tokens=5, output_tokens=list(range(n)),
-        start=0.0, end=float(n_rounds), token_times=[0.5 + i * 0.1 for i in range(n)],
+        start=0.25, end=float(n_rounds), token_times=[0.5 + i * 0.1 for i in range(n)],
         rounds=rounds, error=error, bytes_up=20 * n_rounds + 7, bytes_down=30 * n_rounds + 3,
     )
 
@@ -92,7 +92,12 @@ def test_rows_appended_per_request_and_parquet_readable(tmp_path, manifest):
     row = requests.iloc[1]
     assert list(row.output_ids) == list(range(6)) and row.n_tokens == 6
     assert row.system == "vanilla" and row.clock == "virtual" and row.config_hash == m["config_hash"]
+    # 2 rounds of 5 drafted, 4 verified, 2 accepted, 3 emitted; 6 tokens from 0.5 s, the
+    # request from 0.25 s to 2 s: acceptance over verified drafts, TPOT over the 5 after the first
     assert row.acceptance_rate == pytest.approx(0.5) and row.accepted_length == pytest.approx(3.0)
+    assert row.ttft == pytest.approx(0.25) and row.e2e == pytest.approx(1.75)
+    assert row.tpot == pytest.approx((1.75 - 0.25) / 5) and row.tokens_per_s == pytest.approx(6 / 1.75)
+    assert row.drafted == 10 and row.accepted == 4
     assert row.bytes_up == 47 and row.rounds == 2 and row.attempt == 1
     r = rounds[rounds.request_id == "c"].sort_values("round")
     assert list(r["round"]) == [0, 1, 2] and json.loads(r.iloc[2].extra) == {"note": 2}
@@ -220,7 +225,7 @@ def test_unmeasured_values_are_null_not_zero(tmp_path, manifest):
     for r in (rows["one"], rows["empty"]):
         assert r["energy_edge_j"] is None and r["energy_cloud_j"] is None and r["energy_kind"] is None
         assert r["energy_reason"] == ENERGY_NOT_MEASURED
-    assert rows["one"]["tpot"] is None and rows["one"]["ttft"] is not None
+    assert rows["one"]["tpot"] is None and rows["one"]["ttft"] == pytest.approx(0.5 - 0.25)
     e = rows["empty"]
     assert e["ttft"] is None and e["tpot"] is None and e["tokens_per_s"] is None
     assert e["acceptance_rate"] is None and e["accepted_length"] is None and e["category"] is None

@@ -1,0 +1,193 @@
+"""Reported metrics against hand-computed values: request figures, the round timeline, and
+what a window may draft.
+
+Every expected number here is worked out by hand from the scenario (costs, link, models),
+not from the code that reports it, so a slip in how a metric is computed or in what the
+shared protocol books shows up as a wrong number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from harness.inprocess import RunOptions, run_system
+from harness.link import LinkProfile
+from systems.api import EdgePolicy, GenerationRequest, SystemSpec
+from systems.engines import create_engine
+from systems.engines.toy import EOS
+from systems.protocol import SpeculativeEdge, VerifyingCloud
+from systems.records import RequestRecord, RoundRecord
+from systems.sampling import SamplingParams
+from tests.support import greedy_decode
+
+
+# ---- the request's figures from its rounds -------------------------------------------------
+def test_request_figures_by_hand():
+    """A request that started at 10 s: 6 tokens, first at 10.5 s, last at 11.5 s; two live
+    rounds verified 4 + 2 drafts of 5 + 3 drafted and accepted 3 + 2; a third window was
+    discarded (drafted 2, verified none)."""
+    rounds = [
+        RoundRecord("r", 0, 10.0, 10.5, drafted=5, uploaded=5, verified=4, accepted=3, emitted=4),
+        RoundRecord("r", 1, 10.5, 11.5, drafted=3, uploaded=2, verified=2, accepted=2, emitted=2),
+        RoundRecord("r", 2, 11.0, 11.6, drafted=2, uploaded=2, extra={"discarded": True}),
+    ]
+    rec = RequestRecord("r", "vanilla", 3, [5, 6, 7, 8, 9, 1], start=10.0, end=12.0,
+                        token_times=[10.5] * 4 + [11.5] * 2, rounds=rounds)
+    assert rec.ttft == pytest.approx(0.5)  # 10.5 - 10.0
+    assert rec.e2e == pytest.approx(2.0)
+    assert rec.tpot == pytest.approx((2.0 - 0.5) / 5)  # the 5 tokens after the first
+    assert rec.acceptance_rate == pytest.approx(5 / 6)  # accepted over verified, not over drafted (10)
+    assert rec.drafted == 10 and rec.accepted == 5
+    assert rec.accepted_length == pytest.approx(6 / 3)
+    s = rec.summary()
+    assert (s["ttft"], s["tpot"], s["acceptance_rate"]) == (rec.ttft, rec.tpot, rec.acceptance_rate)
+    assert s["tokens_per_s"] == pytest.approx(3.0)
+
+
+def test_undefined_figures_are_none():
+    one = RequestRecord("r", "vanilla", 3, [4], 1.0, 1.25, [1.25])
+    assert one.ttft == pytest.approx(0.25) and one.tpot is None and one.acceptance_rate is None
+    none = RequestRecord("r", "vanilla", 3, [], 1.0, 1.0, [])
+    assert none.ttft is None and none.tpot is None and none.accepted_length is None
+
+
+# ---- a scripted run, timed by hand ---------------------------------------------------------
+def _identical_pair(vocab: int = 8, seed: int = 0):
+    """A draft equal to its target: under greedy decoding every draft token is accepted."""
+    kw = dict(vocab_size=vocab, seed=seed, sharpness=2.0)
+    return create_engine("toy", role="draft", agreement=1.0, **kw), create_engine("toy", role="target", **kw)
+
+
+def _prompt_without_eos(target, n: int, stop_at: int | None = None) -> list[int]:
+    """A prompt whose greedy continuation has no EOS in its first ``n`` tokens (or, with
+    ``stop_at``, has its first EOS exactly at index ``stop_at``)."""
+    for a in range(1, 8):
+        for b in range(1, 8):
+            out, _ = greedy_decode(target, [a, b], n)
+            first = out.index(EOS) if EOS in out else None
+            if first == stop_at:
+                return [a, b]
+    raise AssertionError("no such prompt for this toy pair")
+
+
+RTT = 0.1
+DRAFT_S, EDGE_PREFILL_S, CLOUD_S = 0.01, 0.01, 0.05
+
+
+def test_vanilla_timeline_by_hand():
+    """Vanilla, γ = 4, draft = target, 10 tokens per request, two requests back to back on
+    one edge; RTT 0.1 s, no rate limit; each edge op 0.01 s, each cloud op 0.05 s.
+
+    From a request's start t0: OpenSession reaches the cloud at t0+0.05 and its prefill runs
+    until t0+0.10; the edge prefills until t0+0.01 and drafts 4 tokens until t0+0.05; they
+    reach the cloud at t0+0.10, are verified until t0+0.15, and the verdict (4 accepted +
+    the bonus: 5 tokens) lands at t0+0.20. The second window: drafts until t0+0.24, arrives
+    t0+0.29, verified until t0+0.34, lands at t0+0.39 with 5 more tokens. So TTFT 0.20 s,
+    end-to-end 0.39 s, TPOT (0.39 - 0.20) / 9, and the second request starts at 0.39 s."""
+    draft, target = _identical_pair()
+    prompts = [_prompt_without_eos(target, 10)] * 2
+    reqs = [GenerationRequest(f"r{i}", p, 10, SamplingParams(), seed=i) for i, p in enumerate(prompts)]
+    opts = RunOptions(link=LinkProfile("rtt", rtt_s=RTT),
+                      edge_cost=lambda op: EDGE_PREFILL_S if op.kind == "prefill" else DRAFT_S,
+                      cloud_cost=lambda op: CLOUD_S)
+    recs = run_system("vanilla", draft, target, reqs, {"gamma": 4}, opts)
+    for i, rec in enumerate(recs):
+        t0 = 0.39 * i
+        assert rec.start == pytest.approx(t0)
+        assert rec.n_tokens == 10
+        assert rec.token_times == pytest.approx([t0 + 0.20] * 5 + [t0 + 0.39] * 5)
+        assert rec.ttft == pytest.approx(0.20)
+        assert rec.e2e == pytest.approx(0.39)
+        assert rec.tpot == pytest.approx(0.19 / 9)
+        assert rec.acceptance_rate == 1.0 and rec.accepted_length == 5.0
+        for k, r in enumerate(rec.rounds):
+            assert (r.drafted, r.uploaded, r.verified, r.accepted, r.emitted, r.wasted) == (4, 4, 4, 4, 5, 0)
+            assert r.start == pytest.approx(t0 + (0.01, 0.20)[k])  # its first draft starts
+            assert r.end == pytest.approx(t0 + (0.20, 0.39)[k])
+            assert r.t_draft == pytest.approx(0.04)
+            assert r.t_uplink == pytest.approx(0.05)
+            assert r.t_queue == pytest.approx(0.0)
+            assert r.t_verify == pytest.approx(0.05)
+            assert r.t_downlink == pytest.approx(0.05)
+
+
+@dataclass
+class _NoConfig:
+    pass
+
+
+class _TwoPartEdge(EdgePolicy):
+    """Test-only: drafts 4 tokens, uploads 2, waits a second, uploads 2 asking for the verdict."""
+
+    async def generate(self, request, ctx):
+        edge = SpeculativeEdge(ctx, request, "greedy")
+        await edge.open()
+        try:
+            while not edge.done:
+                n = min(4, edge.remaining - 1)
+                for _ in range(n):
+                    await edge.draft()
+                if n > 2:
+                    await edge.upload(2)
+                    await ctx.clock.sleep(1.0)
+                await edge.upload(verify=True)
+                edge.apply(*await edge.next_verdict())
+        finally:
+            await edge.close()
+        return edge.output
+
+
+def test_round_uplink_time_is_the_closing_uploads():
+    """A window sent in two uploads a second apart: its uplink time is the closing upload's
+    flight (half the RTT on an unlimited link), not the time since the first one left."""
+    draft, target = _identical_pair()
+    spec = SystemSpec("two-part-test", _NoConfig, _TwoPartEdge, VerifyingCloud, "test only")
+    req = GenerationRequest("r", _prompt_without_eos(target, 10), 10, SamplingParams())
+    (rec,) = run_system(spec, draft, target, [req], None, RunOptions(link=LinkProfile("rtt", rtt_s=RTT)))
+    assert rec.output_tokens == greedy_decode(target, req.prompt, 10)[0]
+    assert [r.n_uploads for r in rec.rounds] == [2, 2]
+    for r in rec.rounds:
+        assert r.t_uplink == pytest.approx(RTT / 2)
+        assert r.end - r.start == pytest.approx(1.0 + RTT)  # the wait, then up and down
+
+
+# ---- what a window may draft ---------------------------------------------------------------
+# Each system set so that only the output's room (or a stop token) closes a window.
+ONE_WINDOW = [
+    ("vanilla", {"gamma": 100}),
+    ("hsl", {"r2": 0.0}),
+    ("edgellm", {"r1": 1e-12}),
+    ("pipesd", {"r1": 0.0, "r2": 0.0}),
+]
+
+
+@pytest.mark.parametrize("system,params", ONE_WINDOW, ids=[s for s, _ in ONE_WINDOW])
+def test_a_window_drafts_only_what_the_output_can_hold(system, params):
+    """N = 8 tokens, draft = target: the edge drafts N - 1 (the verdict adds one of its own),
+    all accepted, in one round; nothing is drafted that could never be emitted."""
+    draft, target = _identical_pair()
+    n = 8
+    req = GenerationRequest("r", _prompt_without_eos(target, n), n, SamplingParams())
+    (rec,) = run_system(system, draft, target, [req], params,
+                        RunOptions(link=LinkProfile("rtt", rtt_s=RTT), edge_cost=lambda op: DRAFT_S,
+                                   cloud_cost=lambda op: CLOUD_S))
+    assert rec.output_tokens == greedy_decode(target, req.prompt, n)[0]
+    (r,) = rec.rounds
+    assert (r.drafted, r.uploaded, r.verified, r.accepted, r.emitted, r.wasted) == (n - 1, n - 1, n - 1, n - 1, n, 0)
+    assert r.t_draft == pytest.approx((n - 1) * DRAFT_S)
+
+
+@pytest.mark.parametrize("system,params", ONE_WINDOW, ids=[s for s, _ in ONE_WINDOW])
+def test_a_window_stops_drafting_at_a_stop_token(system, params):
+    """The greedy continuation ends with EOS as its 6th token (limit 12): the edge drafts the
+    6 tokens up to and including EOS and no further; the verdict accepts them all."""
+    draft, target = _identical_pair(seed=4)
+    n, stop = 12, 5
+    req = GenerationRequest("r", _prompt_without_eos(target, n, stop_at=stop), n, SamplingParams())
+    (rec,) = run_system(system, draft, target, [req], params, RunOptions(link=LinkProfile("rtt", rtt_s=RTT)))
+    assert rec.output_tokens == greedy_decode(target, req.prompt, n)[0]
+    assert rec.output_tokens[-1] == EOS and rec.n_tokens == stop + 1
+    (r,) = rec.rounds
+    assert (r.drafted, r.verified, r.accepted, r.emitted, r.wasted) == (stop + 1, stop + 1, stop + 1, stop + 1, 0)
