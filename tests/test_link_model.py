@@ -74,14 +74,21 @@ def test_jitter_never_reorders():
 
 
 def test_jitter_never_delivers_before_sending():
-    """One-way delay 25 ms with 25 ms of jitter: a draw below -25 ms is clipped to zero delay,
-    so the delay is max(0, X), X ~ N(25 ms, 25 ms), whose mean is mu*Phi(1) + sigma*phi(1)."""
+    """One-way delay 25 ms with 25 ms of jitter after serializing at 1 Mbit/s: a draw below
+    -25 ms is clipped to zero delay, never to an arrival before the message is on the wire;
+    so the delay is serialization + max(0, X), X ~ N(25 ms, 25 ms), whose mean is
+    mu*Phi(1) + sigma*phi(1) past the serialization."""
     from scipy.stats import norm
 
+    from systems.messages import encode
+
     mu = sigma = 0.025
-    d = _deliveries(LinkProfile("jit", rtt_s=2 * mu, jitter_s=sigma, seed=11), [10] * 2000, gap=1.0)
-    assert min(d) >= 0.0
-    assert sum(x == 0.0 for x in d) / len(d) == pytest.approx(norm.cdf(-1.0), abs=0.03)
+    profile = LinkProfile("jit", rtt_s=2 * mu, up_bps=1e6, jitter_s=sigma, seed=11)
+    ser = profile.serialized_at(0.0, len(encode(Upload("s", round=0, start=0, tokens=[1] * 500))), "up")
+    assert ser > 0.004
+    d = [x - ser for x in _deliveries(profile, [1000] * 2000, gap=1.0)]
+    assert min(d) >= -1e-12
+    assert sum(x < 1e-12 for x in d) / len(d) == pytest.approx(norm.cdf(-1.0), abs=0.03)
     assert statistics.mean(d) == pytest.approx(mu * norm.cdf(1.0) + sigma * norm.pdf(1.0), rel=0.05)
 
 
