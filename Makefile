@@ -92,3 +92,11 @@ clean:
 
 distclean: clean
 	rm -rf .wheelhouse
+
+# Mutation testing, a tool like a benchmark (not part of `make test`): mutmut mutates systems/
+# and the virtual-time core of harness/ (link, clock, compute) and runs the fast tests against
+# each mutant, then prints the score and the survivors per module. Results are kept under
+# mutants/ and reused; MUTANTS='systems.records*' (mutmut's name globs) limits a run.
+.PHONY: mutate
+mutate: $(STAMP)
+	$(VENV)/bin/mutmut run $(MUTANTS); status=$$?; $(PY) benchmarks/mutation_score.py; exit $$status
