@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,8 +96,13 @@ def test_the_kernel_probe_explains_every_unavailable_backend():
     caps = kernel.capabilities().describe()
     assert set(caps) == {"netem", "tun", "relay", "none"}
     assert caps["relay"] == "available"
+    # A reason names what is missing; where a command failed, it quotes the command and its own error.
+    reason = re.compile(r"^(not running as root \(|iproute2's `ip` and `tc` commands are not installed$"
+                        r"|cannot create a network namespace: \S|/dev/net/tun does not exist \("
+                        r"|`(tc qdisc add dev lo root netem delay 1ms|ip tuntap add mode tun)` failed: \S)")
     for name, state in caps.items():
-        assert state == "available" or len(state) > 20  # a reason, with the command's own error
+        assert state == "available" or reason.match(state), f"{name}: {state!r}"
+    assert caps["none"] == "available"
 
 
 # ---- the links, measured -----------------------------------------------------------------------

@@ -63,7 +63,10 @@ def test_virtual_run_on_the_toy_pair(capsys):
 
     records = execute(_compose("pair=toy", "network=wan_50ms_10mbit", "workload.chat_template=false",
                                "workload.size=2", "max_new_tokens=16"))
-    assert len(records) == 2 and all(r.n_tokens > 0 for r in records)
+    assert len(records) == 2
+    for r in records:  # the limit or EOS (the toy's token 0) ends a request; no token before a round trip
+        assert r.n_tokens == 16 or (0 < r.n_tokens < 16 and r.output_tokens[-1] == 0)
+        assert r.ttft >= 0.05 and r.tpot > 0 and r.rounds
     assert "ms/token (modelled)" in capsys.readouterr().out
 
 
@@ -102,7 +105,8 @@ def test_wall_mode_matches_virtual_mode_tokens(tmp_path):
     # energy: the edge per request, the cloud per run, labelled by kind, never zero when unmeasured
     cloud = manifest["energy"]["cloud_run"]
     # (CPU time advances in 10 ms ticks, so a tiny toy run may read 0 J: a reading, not a gap)
-    assert cloud["kind"] in ("measured", "estimated") and cloud["joules"] >= 0
+    assert cloud["kind"] in ("measured", "estimated") and cloud["joules"] is not None
+    assert cloud["joules"] > 0 if cloud["kind"] == "estimated" else cloud["joules"] >= 0
     import pandas as pd
 
     rows = pd.read_parquet(tmp_path / "requests.parquet")
