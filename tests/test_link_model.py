@@ -99,3 +99,43 @@ def test_loss_costs_retransmission_timeouts():
     assert all(x >= -1e-12 for x in extra) and max(extra) >= 0.2  # a lost segment costs >= one RTO
     assert all(abs(x / 0.2 - round(x / 0.2)) < 1e-6 for x in extra)
 
+
+
+def test_counters_and_timeouts_with_jitter():
+    """RTT 250 ms with 20 ms of jitter: a lost segment costs RTT + 4 x jitter = 330 ms (above
+    Linux's 200 ms floor). The link counts each message, its bytes and each lost segment;
+    per message, the delay past the clean one is the number of its lost segments times the
+    RTO, within the jitter (the two runs draw different jitter)."""
+    from systems.messages import encode
+
+    profile = LinkProfile("l", rtt_s=0.25, up_bps=1e7, jitter_s=0.02, loss=0.05, seed=2, overhead_bytes=40)
+    assert profile.rto_s == pytest.approx(0.33)
+
+    async def go():
+        cloud = CloudEnd()
+        link = cloud.new_link(profile)
+        edge = link.edge_end("s")
+        loop = asyncio.get_running_loop()
+        msg = Upload("s", round=0, start=0, tokens=[1] * 10_000)
+        sent = []
+        for _ in range(60):
+            sent.append(loop.time())
+            await edge.send(msg)
+            await asyncio.sleep(2.0)
+        delays = [(await cloud.recv()).t_recv - t for t in sent]
+        return link.up, delays, len(encode(msg))
+
+    up, delays, nbytes = run(go(), virtual=True)
+    assert up.messages == 60 and up.bytes == 60 * nbytes
+    base = profile.serialized_at(0.0, nbytes, "up") + profile.rtt_s / 2
+    lost = [round((d - base) / profile.rto_s) for d in delays]
+    assert all(abs(d - base - k * profile.rto_s) < 0.1 for d, k in zip(delays, lost))
+    assert up.retransmissions == sum(lost) > 0
+
+
+def test_wire_bytes_of_a_small_message():
+    """One segment: the message, its framing and one set of headers."""
+    p = LinkProfile("w", overhead_bytes=26, header_bytes=52, mss=1448)
+    assert p.wire_bytes(100) == 100 + 26 + 52
+    assert p.wire_bytes(1448 - 26) == 1448 + 52 and p.wire_bytes(1448 - 25) == 1449 + 2 * 52
+    assert LinkProfile("w", overhead_bytes=26).wire_bytes(100) == 126

@@ -49,8 +49,12 @@ def test_request_figures_by_hand():
 def test_undefined_figures_are_none():
     one = RequestRecord("r", "vanilla", 3, [4], 1.0, 1.25, [1.25])
     assert one.ttft == pytest.approx(0.25) and one.tpot is None and one.acceptance_rate is None
+    assert one.summary()["tokens_per_s"] == pytest.approx(4.0)  # 1 token in 0.25 s
+    two = RequestRecord("r", "vanilla", 3, [4, 5], 1.0, 1.75, [1.25, 1.75])
+    assert two.tpot == pytest.approx(0.5)  # the smallest request with a TPOT
     none = RequestRecord("r", "vanilla", 3, [], 1.0, 1.0, [])
     assert none.ttft is None and none.tpot is None and none.accepted_length is None
+    assert none.summary()["tokens_per_s"] is None  # no time elapsed
 
 
 # ---- a scripted run, timed by hand ---------------------------------------------------------
