@@ -35,7 +35,9 @@ def test_hsl_verifies_at_the_first_unconfident_token_and_uploads_once():
     rounds = _run("hsl", {"r2": r2})
     fired = 0
     for r in rounds:
-        conf = r.extra["trigger"]["confidences"]
+        trig = r.extra["trigger"]
+        assert set(trig) == {"confidences", "r2"} and trig["r2"] == r2
+        conf = trig["confidences"]
         if not conf:  # the last token of a request: the verdict alone supplies it
             continue
         assert all(c > r2 for c in conf[:-1])

@@ -195,3 +195,32 @@ def test_a_window_stops_drafting_at_a_stop_token(system, params):
     assert rec.output_tokens[-1] == EOS and rec.n_tokens == stop + 1
     (r,) = rec.rounds
     assert (r.drafted, r.verified, r.accepted, r.emitted, r.wasted) == (stop + 1, stop + 1, stop + 1, stop + 1, 0)
+
+
+# Thresholds at 1.0 fire on every token, as the papers' comparisons are non-strict (P <= R2,
+# product <= R1): a draft so sharp that its confidences are (mostly exactly) 1.0 shows it.
+EVERY_TOKEN = [
+    ("hsl", {"r2": 1.0}),
+    ("edgellm", {"r1": 1.0}),
+    ("pipesd", {"r1": 1.0, "r2": 0.0}),
+    ("pipesd", {"r1": 0.0, "r2": 1.0}),
+]
+
+
+@pytest.mark.parametrize("system,params", EVERY_TOKEN, ids=["hsl-r2", "edgellm-r1", "pipesd-r1", "pipesd-r2"])
+def test_a_threshold_of_one_verifies_every_token(system, params):
+    kw = dict(vocab_size=8, seed=0, sharpness=1000.0)
+    draft = create_engine("toy", role="draft", agreement=1.0, **kw)
+    target = create_engine("toy", role="target", **kw)
+    req = GenerationRequest("r", _prompt_without_eos(target, 9), 9, SamplingParams())
+    (rec,) = run_system(system, draft, target, [req], {**params, "max_windows": 1} if system != "hsl" else params,
+                        RunOptions(link=LinkProfile("rtt", rtt_s=RTT)))
+    assert rec.output_tokens == greedy_decode(target, req.prompt, 9)[0]
+    live = [r for r in rec.rounds if not r.extra.get("discarded")]
+    if system == "edgellm":  # R1 halves after the first, wholly accepted window
+        assert live[0].verified == 1 and live[0].extra["trigger"]["r1"] == 1.0
+        return
+    # 9 tokens: four windows of one draft (each verdict adds its own token), then the last
+    # token comes from a verdict alone
+    assert [r.verified for r in live] == [1, 1, 1, 1, 0], [r.extra.get("trigger") for r in live]
+    assert [r.emitted for r in live] == [2, 2, 2, 2, 1]

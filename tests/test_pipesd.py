@@ -205,6 +205,11 @@ def test_trigger_points(pipesd_run):
         if not trig:
             continue
         conf = trig["confidences"]
+        assert (trig["r1"], trig["r2"]) == (R1, R2)
+        if conf:
+            assert trig["product"] == pytest.approx(math.prod(conf))
+            if trig["reason"] == "r2":
+                assert trig["p"] == conf[-1] <= R2
         for k in range(1, len(conf)):  # no earlier point met either threshold
             assert math.prod(conf[:k]) > R1 and conf[k - 1] > R2, f"window {r['round']} should have closed at {k}"
         fired = bool(conf) and (math.prod(conf) <= R1 or conf[-1] <= R2)  # none: a lead token at the limit
