@@ -30,11 +30,19 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
 install: $(STAMP)
 
+# pip is pinned: 26.3 refuses to download an sdist from the index whose metadata declares a
+# direct URL dependency (bigbench==1.0.0, a prompt set), where 26.1.2 downloads it.
+PIP_VERSION := 26.1.2
+PIP_STAMP := $(VENV)/.pip-$(PIP_VERSION)
+
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet pip
 
-$(WHEELHOUSE)/.built: | $(PY)
+$(PIP_STAMP): | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check 'pip==$(PIP_VERSION)'
+	@rm -f $(VENV)/.pip-* && touch $@
+
+$(WHEELHOUSE)/.built: | $(PIP_STAMP)
 	@echo "llama-cpp-python $(LLAMA_CPP_VERSION): building into $(WHEELHOUSE)"
 	@echo "  CMAKE_ARGS=$(LLAMA_FLAGS)"
 	@echo "  about 5 minutes on 2 cores; full log: $(WHEELHOUSE)/build.log"
@@ -63,7 +71,7 @@ $(LLAMA_STAMP): $(WHEELHOUSE)/.built
 
 # --only-binary with the wheelhouse as the one source of llama-cpp-python wheels: pip can
 # never build or fetch another one while resolving the project's dependencies.
-$(STAMP): pyproject.toml $(LLAMA_STAMP)
+$(STAMP): pyproject.toml $(LLAMA_STAMP) $(PIP_STAMP)
 	$(PY) -m pip install --quiet --find-links $(WHEELHOUSE) --only-binary llama-cpp-python \
 		-e '.[dev]'
 	@touch $(STAMP)
