@@ -356,6 +356,8 @@ class SystemSpec:
     ``reference`` names the model whose own greedy decode the system's greedy output must
     reproduce ("target" for every speculative system; "draft" for edge-only).
     ``variants`` are named config overrides the conformance suite also runs.
+    ``report`` (optional) turns a run's request records into the system's own figures
+    (a dict with a one-line ``summary``), shown beside the run's measurements.
     """
 
     name: str
@@ -365,6 +367,7 @@ class SystemSpec:
     description: str
     reference: str = "target"
     variants: dict = field(default_factory=dict)
+    report: Callable[[Sequence[Any]], dict | None] | None = None
 
     def make_config(self, overrides: dict | None = None):
         return build_config(self.config_cls, overrides or {}, where=f"system={self.name}")
@@ -389,12 +392,13 @@ def register_system(
     description: str,
     reference: str = "target",
     variants: dict | None = None,
+    report: Callable[[Sequence[Any]], dict | None] | None = None,
 ) -> SystemSpec:
     if name in _SYSTEMS:
         raise RuntimeError(f"system {name!r} registered twice")
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"config of system {name!r} must be a dataclass")
-    spec = SystemSpec(name, config, edge, cloud, description, reference, dict(variants or {}))
+    spec = SystemSpec(name, config, edge, cloud, description, reference, dict(variants or {}), report)
     _SYSTEMS[name] = spec
     return spec
 

@@ -189,6 +189,12 @@ class SpeculativeEdge:
         return max(0, self.remaining - 1 - len(spec))
 
     @property
+    def correction_unsent(self) -> bool:
+        """A correction the edge resampled is decided but not uploaded yet (it goes up as a
+        fixed token with the next upload)."""
+        return bool(self._fixed)
+
+    @property
     def window_size(self) -> int:
         """Draft tokens in the open window (uploaded or not)."""
         return self._in_window + self.unsent

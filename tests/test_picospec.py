@@ -1,0 +1,259 @@
+"""PicoSpec on the toy pair: bytes, timeline, pre-drafts, truncation, the performance model
+and the sparse split's exactness, each checked against hand-computed figures."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from harness.inprocess import RunOptions, run_system
+from harness.link import LinkProfile
+from systems.api import GenerationRequest, get_system
+from systems.engines import create_engine
+from systems.picospec.model import ModelInputs, expected_length_eq5, inputs, predict
+from systems.sampling import SamplingParams, probabilities
+from tests.support import chi2_against, exact_sequence_probs, greedy_decode
+
+PROMPT = [1, 2, 3]
+
+
+def _pair(seed=1, agreement=0.6, vocab=8, sharpness=2.0):
+    kw = dict(vocab_size=vocab, seed=seed, sharpness=sharpness)
+    return (create_engine("toy", role="draft", agreement=agreement, **kw),
+            create_engine("toy", role="target", **kw))
+
+
+def _costs(t_draft=0.02, t_verify=0.01):
+    """Edge: t_draft per draft token, nothing else; cloud: t_verify per verification pass."""
+    return (lambda op: t_draft if op.kind == "draft" else 0.0,
+            lambda op: t_verify if op.kind == "verify" else 0.0)
+
+
+def _run(config, requests, draft, target, rtt=0.08, t_draft=0.02, t_verify=0.01):
+    edge_cost, cloud_cost = _costs(t_draft, t_verify)
+    options = RunOptions(link=LinkProfile("wan", rtt_s=rtt), edge_cost=edge_cost, cloud_cost=cloud_cost)
+    return run_system("picospec", draft, target, requests, config, options)
+
+
+# ---- bytes on the wire -----------------------------------------------------------------------
+# msgpack sizes of the messages (systems/messages.py), with ids and positions below 128 (one
+# byte each), a q(x) scalar a float64 (9 bytes) and a session name of L characters:
+#   Upload under the sparse rule:        14 + L + f + 10 n   (n drafts, f fixed corrections)
+#   Upload with full fp16 rows, V = 8:   31 + L + 17 n       (1 id + 16 bytes of row per draft)
+#   PicoVerdict:                         69 + L + 10 k       (k top-K pairs: an id and a float64)
+SERIAL = {"parallel_draft": False, "fast_verify": False}  # one upload per round
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_sparse_split_bytes_per_round(k):
+    draft, target = _pair()
+    params = SamplingParams(temperature=1.0, top_k=k)
+    reqs = [GenerationRequest(f"r{i}", PROMPT, 16, params, seed=i) for i in range(8)]
+    records = _run({**SERIAL, "sparse_k": k}, reqs, draft, target)
+    rejected = accepted_all = 0
+    for rec in records:
+        name = len(f"c0-{rec.request_id}")
+        fixed = 0
+        for r in rec.rounds:
+            assert r.n_uploads == 1
+            assert r.bytes_up == 14 + name + fixed + 10 * r.uploaded, r
+            rejection = r.accepted < r.verified
+            assert r.bytes_down == 69 + name + (10 * k if rejection else 0), r
+            assert r.extra["correction"] == ("resampled" if rejection else "bonus")
+            fixed = int(rejection)  # the resampled correction rides on the next upload
+            rejected += rejection
+            accepted_all += not rejection
+    assert rejected > 5 and accepted_all > 5
+
+
+def test_full_rows_without_split_rejection():
+    draft, target = _pair()
+    reqs = [GenerationRequest(f"r{i}", PROMPT, 16, SamplingParams(temperature=1.0), seed=i) for i in range(4)]
+    records = _run({**SERIAL, "split_rejection": False}, reqs, draft, target)
+    for rec in records:
+        name = len(f"c0-{rec.request_id}")
+        for r in rec.rounds:
+            assert r.bytes_up == 31 + name + 17 * r.uploaded, r
+            assert r.bytes_down == 69 + name, r  # the cloud resamples: one id down, no pairs
+            assert r.extra["correction"] in ("bonus", "cloud")
+
+
+# ---- the pipeline's timeline ----------------------------------------------------------------------
+def test_parallel_drafting_timeline_when_every_draft_is_accepted():
+    """Draft = target, greedy: every round is a hit. Edge 20 ms a token, RTT 80 ms, a
+    verification pass 10 ms, n = 4. Round 0 drafts 4 tokens (0-80 ms) and is submitted at
+    80 ms; its verdict is back at 80 + 40 + 10 + 40 = 170 ms. Round 1 drafts its lead and 4
+    tokens from 80 ms (overlapping round 0's link and verification), done at 180 ms, and is
+    submitted then; each later round likewise: a cycle of max(5 x 20, 90) = 100 ms for 5 tokens."""
+    draft, target = _pair(agreement=1.0)
+    req = GenerationRequest("g", PROMPT, 20, SamplingParams())
+    (rec,) = _run({"fast_verify": False}, [req], draft, target)
+    assert rec.output_tokens == greedy_decode(target, PROMPT, 20)[0]
+    r = rec.rounds
+    assert [x.emitted for x in r] == [5, 5, 5, 5]
+    # the lead of a kept pre-drafted round is the verdict's own token: drafted, never uploaded
+    assert [x.drafted for x in r] == [4, 5, 5, 5] and [x.uploaded for x in r] == [4, 4, 4, 4]
+    assert [x.verified for x in r] == [4, 4, 4, 4]
+    assert [x.start for x in r] == pytest.approx([0.0, 0.08, 0.18, 0.28])
+    # settled after the draft in hand; the last round has nothing drafted beyond it
+    assert [x.end for x in r] == pytest.approx([0.18, 0.28, 0.38, 0.47])
+    assert r[0].t_uplink == pytest.approx(0.04) and r[0].t_downlink == pytest.approx(0.04)
+    assert r[0].t_verify == pytest.approx(0.01) and r[0].t_queue == pytest.approx(0.0)
+    verdict_0 = 0.08 + r[0].t_uplink + r[0].t_verify + r[0].t_downlink
+    assert r[1].start < verdict_0 == pytest.approx(0.17)  # round 1 was drafted while round 0 was in flight
+    for x in r[:-1]:
+        assert x.extra["predraft"]["kept"] and x.extra["predraft"]["discarded"] == 0
+    assert rec.e2e == pytest.approx(0.47)
+    (serial,) = _run({"fast_verify": False, "parallel_draft": False}, [req], draft, target)
+    assert serial.output_tokens == rec.output_tokens
+    assert serial.e2e == pytest.approx(4 * (0.08 + 0.09))  # stop-and-wait: draft, link, verify, link
+
+
+def test_predrafts_kept_only_under_the_rule_and_discards_are_waste():
+    draft, target = _pair(agreement=0.7)
+    reqs = [GenerationRequest(f"p{i}", p, 24, SamplingParams(), seed=i) for i, p in enumerate([[1, 2, 3], [5], [4, 6]])]
+    records = _run({"fast_verify": False}, reqs, draft, target, t_draft=0.03)
+    kept = discarded = 0
+    for rec, req in zip(records, reqs):
+        assert rec.output_tokens == greedy_decode(target, req.prompt, 24)[0]
+        rounds = rec.rounds
+        for i, r in enumerate(rounds):
+            pre = r.extra.get("predraft")
+            if pre is None:
+                continue
+            rule = r.accepted == r.verified and pre["first"] == pre["verdict_token"]
+            assert pre["kept"] == rule, r
+            if pre["kept"]:
+                kept += 1
+            else:
+                discarded += 1
+                if i + 1 < len(rounds):  # the discarded drafts are carried into the next round's record as waste
+                    nxt = rounds[i + 1]
+                    assert nxt.drafted >= pre["discarded"] + nxt.uploaded
+                    assert nxt.wasted >= pre["discarded"]
+    assert kept > 2 and discarded > 2
+
+
+def test_fast_verification_scores_streamed_tokens_early():
+    """Each drafted token goes up at once; the idle cloud scores it (one pass of 10 ms each),
+    so when round 0's request arrives nothing is left: its late part is 0."""
+    draft, target = _pair(agreement=1.0)
+    (rec,) = _run({}, [GenerationRequest("f", PROMPT, 20, SamplingParams())], draft, target)
+    r0 = rec.rounds[0]
+    assert r0.n_uploads == 5 and r0.extra["upload_sizes"] == [1, 1, 1, 1, 0]
+    assert r0.extra["early_tokens"] == 4 and r0.extra["t_verify_early"] == pytest.approx(0.04)
+    assert r0.t_verify == pytest.approx(0.0)
+    (slow,) = _run({"fast_verify": False}, [GenerationRequest("f", PROMPT, 20, SamplingParams())], draft, target)
+    assert slow.rounds[0].extra["t_verify_early"] == 0.0 and slow.rounds[0].t_verify == pytest.approx(0.01)
+    assert rec.e2e < slow.e2e and rec.output_tokens == slow.output_tokens
+
+
+def test_latency_aware_truncation():
+    """Edge 50 ms a token, RTT 80 ms, verification 10 ms: round 0 (4 tokens, 0-200 ms) is back
+    at 290 ms, so 90 ms is the predicted round trip. Round 1 began at 200 ms; at 300 ms, with
+    its lead and one draft, round 0's verdict is in and 100 ms >= 90 ms: it goes at once."""
+    draft, target = _pair(agreement=1.0)
+    req = GenerationRequest("t", PROMPT, 20, SamplingParams())
+    (rec,) = _run({"fast_verify": False}, [req], draft, target, t_draft=0.05)
+    note = rec.rounds[1].extra["truncated"]
+    assert note["drafts"] == 1 and rec.rounds[1].verified == 1
+    assert note["drafting_s"] == pytest.approx(0.10) and note["predicted_rtt_s"] == pytest.approx(0.09)
+    (full,) = _run({"fast_verify": False, "truncation": False}, [req], draft, target, t_draft=0.05)
+    assert all("truncated" not in r.extra for r in full.rounds)
+    assert [r.verified for r in full.rounds[:3]] == [4, 4, 4]
+    assert rec.output_tokens == full.output_tokens == greedy_decode(target, PROMPT, 20)[0]
+
+
+# ---- the performance model (paper §3.4) -----------------------------------------------------------
+def test_performance_model_by_hand():
+    m = ModelInputs(alpha=0.8, gamma=4, t_draft=0.1, t_rtt=0.05, t_verify=0.03, expected_length=3.0)
+    out = predict(m)
+    p_hit = 0.8 ** 4  # 0.4096
+    assert out["p_hit"] == pytest.approx(p_hit)
+    assert out["e_t_async_s"] == pytest.approx(p_hit * 0.1 + (1 - p_hit) * 0.18)
+    assert out["throughput_async"] == pytest.approx(3.0 / (p_hit * 0.1 + (1 - p_hit) * 0.18))
+    assert out["throughput_sync"] == pytest.approx(3.0 / 0.18)
+    assert expected_length_eq5(0.8, 4) == pytest.approx((1 - 0.8 ** 4) / 0.2)
+    assert expected_length_eq5(1.0, 4) == 4
+
+
+def test_performance_model_inputs_from_the_run_records():
+    """The all-hit run above: α = 1, γ = 4, T_draft = 20 ms x 19/4 uploaded tokens a round,
+    T_RTT = 80 ms, T_verify = 10 ms, E[L] = 5: E[T_async] = max(95, 90) ms."""
+    draft, target = _pair(agreement=1.0)
+    recs = _run({"fast_verify": False}, [GenerationRequest("g", PROMPT, 20, SamplingParams())], draft, target)
+    m = inputs(recs)
+    assert (m.alpha, m.gamma, m.expected_length) == (1.0, 4.0, 5.0)
+    assert m.t_draft == pytest.approx(0.02 * 19 / 4)
+    assert m.t_rtt == pytest.approx(0.08) and m.t_verify == pytest.approx(0.01)
+    rep = get_system("picospec").report(recs)
+    assert rep["e_t_async_s"] == pytest.approx(0.095) and rep["throughput_async"] == pytest.approx(5 / 0.095)
+    assert rep["measured_throughput"] == pytest.approx(20 / 0.47)
+    assert rep["model_error"] == pytest.approx((5 / 0.095) / (20 / 0.47) - 1)
+    assert "measured" in rep["summary"] and "modelled" in rep["summary"]
+
+
+# ---- the sparse split's exactness ------------------------------------------------------------------
+def test_sampling_exact_when_target_truncated_to_top_k(report):
+    draft, target = _pair(seed=3, agreement=0.6, vocab=8, sharpness=1.0)
+    k, n, length = 3, 6000, 3
+    params = SamplingParams(temperature=1.0, top_k=k)
+    reqs = [GenerationRequest(f"x{i}", [1, 2], length, params, seed=i) for i in range(n)]
+    records = run_system("picospec", draft, target, reqs, {"sparse_k": k})
+    counts = Counter(tuple(r.output_tokens) for r in records)
+    pvalue = chi2_against(counts, exact_sequence_probs(target, [1, 2], length, params), n)
+    report(f"picospec K={k}, target top-{k}, V=8: chi2 p-value against the target = {pvalue:.3f} "
+           f"({n} samples, measured)")
+    assert pvalue > 1e-3
+
+
+def test_untruncated_gap_is_measured_and_reported(report):
+    """The first output token's distribution is min(p, q) + P(reject) x norm(max(0, p̂ - q))
+    on the target's top K (p̂ = p there, 0 elsewhere): biased when p has more support."""
+    draft, target = _pair(seed=3, agreement=0.6, vocab=8, sharpness=1.0)
+    k, n = 2, 8000
+    params = SamplingParams(temperature=1.0)
+    p = probabilities(target.logits_for([1, 2]), params)
+    q = probabilities(draft.logits_for([1, 2]), params)
+    top = np.argsort(-p)[:k]
+    p_hat = np.zeros_like(p)
+    p_hat[top] = p[top]
+    residual = np.maximum(p_hat - q, 0.0)
+    residual = residual / residual.sum() if residual.sum() > 0 else p_hat / p_hat.sum()
+    predicted = np.minimum(p, q) + (1.0 - np.minimum(p, q).sum()) * residual
+    tv_gap = 0.5 * np.abs(predicted - p).sum()
+    reqs = [GenerationRequest(f"u{i}", [1, 2], 2, params, seed=i) for i in range(n)]
+    records = run_system("picospec", draft, target, reqs, {"sparse_k": k})
+    counts = Counter((r.output_tokens[0],) for r in records)
+    measured = np.array([counts.get((v,), 0) for v in range(p.size)]) / n
+    report(f"picospec K={k}, untruncated target, V=8: total-variation gap of the first token = {tv_gap:.4f} "
+           f"(modelled), {0.5 * np.abs(measured - p).sum():.4f} (measured over {n} samples)")
+    assert chi2_against(counts, {(v,): float(predicted[v]) for v in range(p.size) if predicted[v] > 0}, n) > 1e-3
+    assert tv_gap > 0.02
+    assert chi2_against(counts, {(v,): float(p[v]) for v in range(p.size)}, n) < 1e-6
+
+
+def test_speculation_past_a_resampled_correction_is_discarded():
+    """K = 1 and a draft that often puts more mass than the target on the target's top token:
+    the clipped residual is then empty and the correction falls back to p̂, so it can equal
+    the very draft token the cloud rejected. The cloud has dropped everything drafted beyond
+    the rejection; the edge must drop it too, pre-drafted round included, even though its
+    first token matches. Keeping it would leave edge and cloud on different prefixes."""
+    draft, target = _pair(seed=5, agreement=0.8, vocab=8, sharpness=1.0)
+    reqs = [GenerationRequest(f"s{i}", [1, 2, 3], 12, SamplingParams(temperature=1.0), seed=i) for i in range(150)]
+    records = _run({"sparse_k": 1}, reqs, draft, target)
+    same = 0
+    for rec in records:
+        for r in rec.rounds:
+            if r.extra.get("discarded"):
+                continue
+            assert r.edge_digest == r.cloud_digest
+            if r.extra.get("correction") != "resampled":
+                continue
+            if "predraft" in r.extra:
+                assert not r.extra["predraft"]["kept"], r
+            if r.extra["resampled_token"] == r.extra["rejected_draft"] and r.verified > r.accepted + 1:
+                same += 1
+    assert same >= 3, f"only {same} resampled corrections equal to the rejected draft with drafts beyond it"
