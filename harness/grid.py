@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from harness.run import ConfigError, conf_option, network_profile
+from harness.run import ConfigError, conf_option, network_profile, system_report
 from systems.api import get_system
 
 CONTEXT = {"scenario": "string", "dataset": "string", "method": "string"}
@@ -63,6 +63,10 @@ class Scenario:
     name: str
     network: str
     device: str
+    network_params: dict = field(default_factory=dict)  # overrides of the network profile's keys
+
+    def network_config(self) -> dict:
+        return {**_conf("network", self.network), **self.network_params}
 
 
 @dataclass(frozen=True)
@@ -97,11 +101,17 @@ def grid_spec(node) -> GridSpec:
             raise ConfigError(f"grid.{key} must be a positive integer, got {g.get(key)!r}")
     scenarios = []
     for name, s in (g.get("scenarios") or {}).items():
-        if set(s) != {"network", "device"}:
-            raise ConfigError(f"grid.scenarios.{name} needs exactly 'network' and 'device', got {sorted(s)}")
+        if not {"network", "device"} <= set(s) <= {"network", "device", "network_params"}:
+            raise ConfigError(f"grid.scenarios.{name} needs 'network' and 'device' (and optionally "
+                              f"'network_params'), got {sorted(s)}")
         _conf("network", s["network"])
         _conf("device", s["device"])
-        scenarios.append(Scenario(name, s["network"], s["device"]))
+        scenario = Scenario(name, s["network"], s["device"], dict(s.get("network_params") or {}))
+        try:
+            network_profile(scenario.network_config())
+        except (ValueError, TypeError, ConfigError) as exc:
+            raise ConfigError(f"grid.scenarios.{name}.network_params: {exc}") from None
+        scenarios.append(scenario)
     datasets = []
     for name, d in (g.get("datasets") or {}).items():
         if "workload" not in d or not d.get("methods"):
@@ -154,6 +164,7 @@ class Cell:
     cloud_busy_j: float | None = 0.0  # only while it prefills and verifies (what the paper integrates)
     cloud_kind: str | None = None
     params: dict = field(default_factory=dict)
+    system_report: dict | None = None  # the system's own figures over the cell (SystemSpec.report)
 
     @property
     def tpt_ms(self) -> float | None:
@@ -198,7 +209,7 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
 
     spec = grid_spec(cfg.grid)
     pair = pair_from_mapping(OmegaConf.to_container(cfg.pair, resolve=True), origin="pair (config)")
-    scenarios = {s.name: (network_profile(_conf("network", s.network)), _conf("device", s.device))
+    scenarios = {s.name: (network_profile(s.network_config()), _conf("device", s.device))
                  for s in spec.scenarios}
     paths = ensure_pair(pair)
     t0 = time.perf_counter()
@@ -260,6 +271,7 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
                                     "scenario": scenario.name, "dataset": dataset.name, "method": method.name},
                               energy=rec.energy)
                 _add(cell, rec)
+            cell.system_report = system_report(get_system(method.system), recs)
             cells.append(cell)
     _print(spec, cells, pair.name)
     _write_summary(Path(run_dir), spec, cells)
@@ -343,8 +355,18 @@ def summary_rows(spec: GridSpec, cells: list[Cell]) -> list[dict]:
             "paper_cloud_j_per_100": paper_energy, "cloud_j_per_100_with_idle": c.per_100(c.cloud_j),
             "cloud_energy_kind": c.cloud_kind,
             "r1": c.params.get("r1"), "r2": c.params.get("r2"),
+            **_report_columns(c),
         })
     return rows
+
+
+def _report_columns(c: Cell) -> dict:
+    """A system's own model beside the measurement (PicoSpec's §3.4 throughput), when it has one."""
+    rep = c.system_report
+    if not rep or "throughput_async" not in rep:
+        return {}
+    return {"tok_s": c.tokens / c.seconds if c.seconds else None, "model_tok_s": rep["throughput_async"],
+            "model_sync_tok_s": rep["throughput_sync"], "model_error": rep["model_error"]}
 
 
 def _fmt(v) -> str:

@@ -260,6 +260,8 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
             later += [nxt for t, rec in zip(todo, served)
                       if (nxt := workload.next_turn(t, rec.output_tokens, engine)) is not None]
             wave = later
+        if writer is not None and (rep := system_report(plan.system, records)) is not None:
+            writer.update_manifest({"system_report": rep})
     finally:
         if writer is not None:
             if link is not None and (counters := link.counters()) is not None:
@@ -284,11 +286,18 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
         print(f"  link (measured): RTT median {m['rtt_ms_median']:.2f} ms, goodput up "
               f"{m.get('up_goodput_mbps') or float('nan'):.3f} / down {m.get('down_goodput_mbps') or float('nan'):.3f} "
               f"Mbit/s, new connection {m['connect_ms_median']:.2f} ms")
+    if (rep := system_report(plan.system, records)) is not None:
+        print(f"  {rep['summary']}")
     if plan.mode == "virtual" and records:
         from harness.energy.report import describe_per_token
 
         print(f"  {describe_per_token(records)}")
     return records
+
+
+def system_report(spec, records) -> dict | None:
+    """The system's own figures for a run (:attr:`systems.api.SystemSpec.report`), if it has any."""
+    return spec.report(records) if spec.report is not None and records else None
 
 
 def _tokenizer_engine(pair, paths):

@@ -257,3 +257,63 @@ def test_speculation_past_a_resampled_correction_is_discarded():
             if r.extra["resampled_token"] == r.extra["rejected_draft"] and r.verified > r.accepted + 1:
                 same += 1
     assert same >= 3, f"only {same} resampled corrections equal to the rejected draft with drafts beyond it"
+
+
+# ---- presets ---------------------------------------------------------------------------------------
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from harness.run import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_rtt_and_n_presets_are_complete():
+    from harness.grid import grid_spec
+    from harness.run import network_profile
+
+    rtt = grid_spec(_compose("experiment=picospec_rtt").grid)
+    rtts = [network_profile(s.network_config()).rtt_s for s in rtt.scenarios]
+    assert rtts == pytest.approx([0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4])
+    assert {s.device for s in rtt.scenarios} == {"picospec_qwen"}
+    assert [m.system for m in rtt.datasets[0].methods] == ["cloud_only", "vanilla", "picospec"]
+    n = grid_spec(_compose("experiment=picospec_n").grid)
+    ns = [m.params["n"] for m in n.datasets[0].methods if m.system == "picospec"]
+    assert sorted(set(ns)) == list(range(2, 9))
+
+
+def test_rtt_preset_reports_the_model_beside_the_measurement(tmp_path):
+    """The preset's grid on the toy pair, three RTTs: PicoSpec's rows carry the model."""
+    from omegaconf import OmegaConf
+
+    from harness.grid import grid_spec, run_grid, summary_rows
+
+    cfg = _compose("experiment=picospec_rtt", "pair=toy", "grid.accepted_tokens=24", "grid.max_new_tokens=12",
+                   "+grid.datasets.math.workload_params={chat_template: false}")
+    OmegaConf.set_struct(cfg, False)
+    cfg.grid.scenarios = {k: v for k, v in cfg.grid.scenarios.items() if k in ("rtt0", "rtt100", "rtt400")}
+    cells = run_grid(cfg, tmp_path / "run")
+    rows = {(r["scenario"], r["method"]): r for r in summary_rows(grid_spec(cfg.grid), cells)}
+    for scenario in ("rtt0", "rtt100", "rtt400"):
+        pico = rows[(scenario, "picospec")]
+        assert pico["model_tok_s"] > 0 and pico["tok_s"] == pytest.approx(1e3 / pico["tpt_ms"])
+        assert pico["model_error"] == pytest.approx(pico["model_tok_s"] / pico["tok_s"] - 1)
+        assert "model_tok_s" not in rows[(scenario, "vanilla")]
+    # stop-and-wait loses with every step of RTT
+    assert rows[("rtt0", "vanilla")]["tpt_ms"] < rows[("rtt100", "vanilla")]["tpt_ms"] < rows[("rtt400", "vanilla")]["tpt_ms"]
+
+
+def test_every_picospec_run_reports_the_model(tmp_path, capsys):
+    import json
+
+    from harness.run import execute
+
+    cfg = _compose("pair=toy", "workload.chat_template=false", "workload.size=2", "max_new_tokens=12",
+                   "system=picospec", "network=picospec_wan", "device=picospec_qwen")
+    records = execute(cfg, run_dir=tmp_path / "run")
+    rep = json.loads((tmp_path / "run" / "manifest.json").read_text())["system_report"]
+    tokens, seconds = sum(r.n_tokens for r in records), sum(r.e2e for r in records)
+    assert rep["measured_throughput"] == pytest.approx(tokens / seconds)
+    assert rep["inputs"] == pytest.approx(inputs(records).__dict__)
+    assert rep["summary"] in capsys.readouterr().out
