@@ -34,16 +34,20 @@ def test_request_figures_by_hand():
         RoundRecord("r", 2, 11.0, 11.6, drafted=2, uploaded=2, extra={"discarded": True}),
     ]
     rec = RequestRecord("r", "vanilla", 3, [5, 6, 7, 8, 9, 1], start=10.0, end=12.0,
-                        token_times=[10.5] * 4 + [11.5] * 2, rounds=rounds)
+                        token_times=[10.5] * 4 + [11.5] * 2, rounds=rounds, bytes_up=123, bytes_down=45)
     assert rec.ttft == pytest.approx(0.5)  # 10.5 - 10.0
     assert rec.e2e == pytest.approx(2.0)
     assert rec.tpot == pytest.approx((2.0 - 0.5) / 5)  # the 5 tokens after the first
     assert rec.acceptance_rate == pytest.approx(5 / 6)  # accepted over verified, not over drafted (10)
     assert rec.drafted == 10 and rec.accepted == 5
     assert rec.accepted_length == pytest.approx(6 / 3)
-    s = rec.summary()
-    assert (s["ttft"], s["tpot"], s["acceptance_rate"]) == (rec.ttft, rec.tpot, rec.acceptance_rate)
-    assert s["tokens_per_s"] == pytest.approx(3.0)
+    assert rec.summary() == {
+        "request_id": "r", "system": "vanilla", "prompt_tokens": 3, "tokens": 6,
+        "ttft": pytest.approx(0.5), "tpot": pytest.approx(0.3), "e2e": pytest.approx(2.0),
+        "tokens_per_s": pytest.approx(3.0), "rounds": 3, "drafted": 10, "accepted": 5,
+        "acceptance_rate": pytest.approx(5 / 6), "accepted_length": pytest.approx(2.0),
+        "bytes_up": 123, "bytes_down": 45, "error": None,
+    }
 
 
 def test_undefined_figures_are_none():

@@ -35,8 +35,8 @@ from tests.support import greedy_decode
 def test_plan_golden(n_hat, gamma, alpha, beta, sizes, finish):
     plan = plan_batches(n_hat, gamma, alpha, beta)
     assert plan.sizes == sizes
-    assert plan.makespan_s == pytest.approx(finish, abs=1e-9)
-    assert makespan(sizes, gamma, alpha, beta) == pytest.approx(finish, abs=1e-9)
+    assert plan.makespan_s == pytest.approx(finish, abs=1e-12)  # whole nanoseconds
+    assert makespan(sizes, gamma, alpha, beta) == pytest.approx(finish, abs=1e-12)
 
 
 def _compositions(n):
@@ -91,6 +91,13 @@ def test_plan_rejects_bad_input():
         plan_batches(0, 0.036, 0.025, 0.116)
     with pytest.raises(ValueError, match="beta must be >= 0"):
         plan_batches(5, 0.036, 0.025, -1.0)
+    for i, name in enumerate(("gamma", "alpha", "beta")):
+        costs = [0.036, 0.025, 0.116]
+        costs[i] = -0.001
+        for fn, args in ((plan_batches, (5, *costs)), (makespan, ((1, 4), *costs))):
+            with pytest.raises(ValueError) as err:
+                fn(*args)
+            assert str(err.value) == f"plan: {name} must be >= 0 seconds, got -0.001"
 
 
 def test_replan_gate():
