@@ -138,6 +138,18 @@ def test_tuner_methods():
         ThresholdTuner("anneal")
 
 
+def test_tune_is_seeded_and_reports_each_trial():
+    def tpt(r1, r2):
+        return 0.1 + (r1 - 0.7) ** 2 + (r2 - 0.3) ** 2
+
+    seen = []
+    a = tune(tpt, "random", trials=5, seed=3, progress=lambda *x: seen.append(x))
+    assert tune(tpt, "random", trials=5, seed=3).trials == a.trials  # the same seed, the same candidates
+    assert tune(tpt, "random", trials=5).trials == tune(tpt, "random", trials=5, seed=0).trials != a.trials
+    assert seen == [(k + 1, r1, r2, t) for k, (r1, r2, t) in enumerate(a.trials)]
+    assert a.tpt == min(t for *_, t in a.trials)
+
+
 # ---- signatures in a run ---------------------------------------------------------------------
 VOCAB = 512
 # Uplink at 0.2 Mbit/s carries one fp16 row of 512 entries (~1 kB) in ~41 ms: the link costs
