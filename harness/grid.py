@@ -355,18 +355,21 @@ def summary_rows(spec: GridSpec, cells: list[Cell]) -> list[dict]:
             "paper_cloud_j_per_100": paper_energy, "cloud_j_per_100_with_idle": c.per_100(c.cloud_j),
             "cloud_energy_kind": c.cloud_kind,
             "r1": c.params.get("r1"), "r2": c.params.get("r2"),
-            **_report_columns(c),
+            **_report_columns(spec, c),
         })
     return rows
 
 
-def _report_columns(c: Cell) -> dict:
-    """A system's own model beside the measurement (PicoSpec's §3.4 throughput), when it has one."""
+def _report_columns(spec: GridSpec, c: Cell) -> dict:
+    """A system's own model beside the measurement (PicoSpec's §3.4 throughput), when it has
+    one, with the tokens per round beside the paper's acceptance length if it printed one."""
     rep = c.system_report
     if not rep or "throughput_async" not in rep:
         return {}
     return {"tok_s": c.tokens / c.seconds if c.seconds else None, "model_tok_s": rep["throughput_async"],
-            "model_sync_tok_s": rep["throughput_sync"], "model_error": rep["model_error"]}
+            "model_sync_tok_s": rep["throughput_sync"], "model_error": rep["model_error"],
+            "accept_len": rep["inputs"]["expected_length"],
+            "paper_accept_len": _paper(spec, c.dataset, "accept_len", c.scenario, c.method)}
 
 
 def _fmt(v) -> str:

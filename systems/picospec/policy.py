@@ -236,12 +236,20 @@ class PicoSpecCloud(VerifyingCloud):
     def __init__(self, config: PicoSpecConfig):
         super().__init__(config)
         self._early: dict[str, _Early] = {}
+        self._first: dict[tuple[str, int], float] = {}  # (session, round) -> its first upload's arrival
+        self._gap: dict[str, float] = {}  # session -> first upload to verification request, seconds
+        self._pass_s: float | None = None  # the duration of a forward pass here, seconds
 
     async def handle(self, env) -> None:
         await super().handle(env)
         msg = env.msg
         if isinstance(msg, CloseSession):
             self._early.pop(msg.session, None)
+            self._gap.pop(msg.session, None)
+            for key in [k for k in self._first if k[0] == msg.session]:
+                del self._first[key]
+        if isinstance(msg, Upload) and not msg.probe:
+            self._first.setdefault((msg.session, msg.round), env.t_recv)
         if (self.config.fast_verify and isinstance(msg, Upload) and not msg.probe and not msg.verify
                 and msg.session in self.sessions
                 and not any(j.kind == "preverify" and j.session == msg.session for j in self.jobs)):
@@ -281,6 +289,8 @@ class PicoSpecCloud(VerifyingCloud):
             entries.append(e)
         if not entries and not appended:
             return
+        if not self._in_time(sess.name, entries[0].round if entries else job.round):
+            return  # the tokens are scored with the verification request instead
         tokens = [e.token for e in entries]
         session = sess.verifier.session
         op = Op("verify", len(tokens) + appended, len(sess.tokens), sessions=(sess.name,))
@@ -292,9 +302,24 @@ class PicoSpecCloud(VerifyingCloud):
             early.tokens += tokens
         else:
             await self.ctx.compute.run(op, session.next_logits)
-        early.seconds += self.ctx.clock.now() - t0
+        early.seconds += self._timed(t0)
         if sess.name in self.sessions:
             self._early[sess.name] = early
+
+    def _in_time(self, session: str, round_id: int) -> bool:
+        """An early pass is worth starting only if it should end before the round's
+        verification request arrives (predicted from this session's past rounds and the
+        passes so far); otherwise it would delay that request's own pass."""
+        first, gap = self._first.get((session, round_id)), self._gap.get(session)
+        if first is None or gap is None or self._pass_s is None:
+            return False
+        return self.ctx.clock.now() + self._pass_s <= first + gap
+
+    def _timed(self, t0: float) -> float:
+        """Seconds since ``t0``, a forward pass's duration, kept for :meth:`_in_time`."""
+        seconds = self.ctx.clock.now() - t0
+        self._pass_s = seconds if self._pass_s is None else 0.5 * seconds + 0.5 * self._pass_s
+        return seconds
 
     def _usable(self, sess: CloudSession, job: Job, early: _Early) -> bool:
         base = len(sess.tokens)
@@ -311,6 +336,9 @@ class PicoSpecCloud(VerifyingCloud):
         if sess is None:
             return
         early = self._early.pop(sess.name, None)
+        if (first := self._first.pop((sess.name, job.round), None)) is not None:
+            gap = job.t_arrived - first
+            self._gap[sess.name] = gap if sess.name not in self._gap else 0.5 * gap + 0.5 * self._gap[sess.name]
         scored = early is not None and bool(early.tokens)
         if scored and not self._usable(sess, job, early):
             sess.verifier.session.rollback(len(sess.tokens))  # scored for a round now void
@@ -331,6 +359,7 @@ class PicoSpecCloud(VerifyingCloud):
             if rest:
                 op = Op("verify", len(rest), base + len(early.tokens), sessions=(sess.name,))
                 more = await self.ctx.compute.run(op, lambda: sess.verifier.session.score(rest))
+                self._timed(t0)
                 rows = np.concatenate([early.rows[:-1], more])
             else:
                 rows = early.rows
@@ -340,8 +369,10 @@ class PicoSpecCloud(VerifyingCloud):
             if tokens:
                 (out,) = await self.ctx.compute.run(
                     op, lambda: verify_batch([(sess.verifier, tokens, q_token, q_rows)]))
+                self._timed(t0)
             else:  # only the verdict's own token: the context may be scored already (a correction)
                 row = await self.ctx.compute.run(op, sess.verifier.session.next_logits)
+                self._timed(t0)
                 out = sess.verifier.decide(base, tokens, row[None, :], q_token, q_rows)
         t_verify = self.ctx.clock.now() - t0
         self._commit(sess, job, base, tokens, out)
