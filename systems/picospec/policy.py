@@ -15,12 +15,14 @@ Rules chosen where the paper is silent (each is "our choice" unless a source is 
   option (i)); otherwise it is discarded on both sides and its drafting shows as waste.
   A verdict interrupts drafting at the next token boundary.
 - Fast verification (§3.2). The edge uploads each drafted token at once (without asking
-  for verification); the cloud scores the tokens of a round that have arrived whenever it
-  is idle, and the round's verification request (sent when the round is complete) then
-  scores only the rest. After a rejection the correction the edge resampled goes up at
-  once, and the cloud evaluates it before the next round arrives. The early and late
-  parts of a round's verification are recorded (``t_verify_early`` in ``extra``,
-  ``t_verify`` the late part).
+  for verification); when idle, the cloud scores the tokens of a round that have arrived,
+  and the round's verification request (sent when the round is complete) then scores only
+  the rest. After a rejection the correction the edge resampled goes up at once, to be
+  evaluated before the next round arrives. An early pass starts only if it should end
+  before the round's request arrives (that request's arrival predicted from the session's
+  past rounds, the pass from past passes), so it never delays the late pass: with a large
+  fixed cost per pass there is no early work. The early and late parts of a round's
+  verification are recorded (``t_verify_early`` in ``extra``, ``t_verify`` the late part).
 - Separate rejection sampling (§3.3): the sparse rule of :mod:`systems.sampling`, K = 10
   (the paper's only K, addendum §1.1). Greedy decoding uses the greedy rule (ids only, the
   correction's id down: exact). ``split_rejection=False`` sends every draft token's full
