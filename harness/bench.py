@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
     manifest = build_manifest(config, {"clock": "virtual", "device_profiles": {"edge": edge.as_dict(),
                               "cloud": cloud.as_dict()}, "link": {"backend": "model (in-process)"},
                               "energy": energy.describe(), "contention": contention}, models=paths)
-    rows, category_rows, sweep_seconds = [], [], []
+    from harness.run import system_report
+
+    rows, category_rows, sweep_seconds, reports = [], [], [], {}
     with RunWriter(run_dir, manifest) as writer:
         for link in tqdm(links, desc="networks", unit="network"):
             t_net = time.perf_counter()
@@ -106,10 +108,16 @@ def run(args: argparse.Namespace) -> int:
                                         "seed": 0}, energy=rec.energy)
                 rows.append(_summarise(name, link.name, records))
                 category_rows += _by_category(name, link.name, served, records)
+                if (rep := system_report(get_system(name), records)) is not None:
+                    reports[f"{name} on {link.name}"] = rep
             sweep_seconds.append(time.perf_counter() - t_net)
+        if reports:
+            writer.update_manifest({"system_reports": reports})
     _add_speedups(rows)
     energy_notes = _energy_columns(rows, energy)
     _print_table(rows, pair.name, energy_notes)
+    for where, rep in reports.items():  # a system's own model beside its measurement
+        print(f"{where}: {rep['summary']}")
     _add_speedups(category_rows, by=("network", "category"))
     _print_categories(category_rows, workload.spec.name)
     first, rest = sweep_seconds[0], sweep_seconds[1:]

@@ -341,3 +341,17 @@ def test_table1_preset_carries_the_papers_figures():
         for scenario, (vanilla, pico) in paper_speedup[d.name].items():
             tpt = d.paper["tpt_ms"][scenario]
             assert tpt[0] / tpt[1] == pytest.approx(vanilla, abs=0.01) and tpt[0] / tpt[2] == pytest.approx(pico, abs=0.01)
+
+
+def test_bench_prints_the_model_for_picospec(tmp_path, capsys):
+    import json
+
+    from harness.cli import main
+
+    assert main(["bench", "--pair", "toy", "--systems", "picospec,vanilla", "--networks", "lan", "--prompts", "2",
+                 "--max-new-tokens", "12", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    (run_dir,) = list(tmp_path.iterdir())
+    reports = json.loads((run_dir / "manifest.json").read_text())["system_reports"]
+    assert list(reports) == ["picospec on lan"]
+    assert f"picospec on lan: {reports['picospec on lan']['summary']}" in out
