@@ -355,3 +355,22 @@ def test_bench_prints_the_model_for_picospec(tmp_path, capsys):
     reports = json.loads((run_dir / "manifest.json").read_text())["system_reports"]
     assert list(reports) == ["picospec on lan"]
     assert f"picospec on lan: {reports['picospec on lan']['summary']}" in out
+
+
+def test_wall_mode_on_the_toy_pair_is_lossless(tmp_path):
+    """Edge and cloud as separate processes over gRPC (wall clock): greedy output equals the
+    target's own decode, edge and cloud agree after every verdict, and PicoSpec's records
+    (early verification, pre-drafts) cross the process boundary."""
+    from harness.pairs import ensure_pair, load_pair, open_engines
+    from harness.wall import run_wall
+
+    requests = [GenerationRequest(f"w{i}", [1 + i, 2, 3], 24, seed=i) for i in range(3)]
+    pair = load_pair("toy")
+    _, target = open_engines(pair, ensure_pair(pair, progress=False))
+    records = run_wall("picospec", "toy", requests, clients=2, timeout_s=60, workdir=tmp_path)
+    for req, rec in zip(requests, records):
+        assert rec.error is None
+        assert rec.output_tokens == greedy_decode(target, req.prompt, req.max_new_tokens)[0]
+        live = [r for r in rec.rounds if not r.extra.get("discarded")]
+        assert live and all(r.edge_digest == r.cloud_digest for r in live)
+        assert all("t_verify_early" in r.extra for r in live)
