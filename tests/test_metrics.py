@@ -228,3 +228,23 @@ def test_a_threshold_of_one_verifies_every_token(system, params):
     # token comes from a verdict alone
     assert [r.verified for r in live] == [1, 1, 1, 1, 0], [r.extra.get("trigger") for r in live]
     assert [r.emitted for r in live] == [2, 2, 2, 2, 1]
+
+
+@pytest.mark.parametrize("system", ["hsl", "edgellm", "pipesd"])
+def test_papers_uplink_is_full_fp16_rows(system):
+    """As PipeSD's experiments run them, these systems send each draft token's full
+    distribution in fp16 by default, greedy decoding included: 2 bytes per vocabulary entry
+    (V = 4096: about 8 kB per token); q_dtype=float32 doubles it; uplink_q=rule sends ids."""
+    kw = dict(vocab_size=4096, seed=1, sharpness=2.0)
+    draft = create_engine("toy", role="draft", agreement=0.7, **kw)
+    target = create_engine("toy", role="target", **kw)
+    req = GenerationRequest("r", [1, 2], 24, SamplingParams())
+    per_token = {}
+    for name, params in [("fp16", {}), ("fp32", {"q_dtype": "float32"}), ("ids", {"uplink_q": "rule"})]:
+        (rec,) = run_system(system, draft, target, [req], params, RunOptions(link=LinkProfile("rtt", rtt_s=RTT)))
+        assert rec.output_tokens == greedy_decode(target, req.prompt, 24)[0]
+        rows = sum(r.uploaded - bool(r.extra.get("lead_implied")) for r in rec.rounds)
+        per_token[name] = sum(r.bytes_up for r in rec.rounds) / rows
+    assert 2 * 4096 <= per_token["fp16"] < 2 * 4096 * 1.05
+    assert 4 * 4096 <= per_token["fp32"] < 4 * 4096 * 1.05
+    assert per_token["ids"] < 64
