@@ -157,9 +157,9 @@ class PicoSpecEdge(EdgePolicy):
                     break
                 if cfg.fast_verify and edge.correction_unsent:
                     await edge.upload(0)  # Pre-Verify: the correction the edge resampled goes up at once
-                if not edge.awaiting and self._ready(edge, rnd):
+                if not edge.awaiting and (why := self._ready(edge, rnd)) is not None:
                     submitted[edge.window] = ctx.clock.now()
-                    if rnd.start is not None and rnd.overlapped and edge.window_drafts < cfg.n:
+                    if why == "truncated":
                         edge.note("truncated", {"drafts": edge.window_drafts, "drafting_s": ctx.clock.now() - rnd.start,
                                                 "predicted_rtt_s": self.predicted_rtt})
                     await edge.upload(verify=True)
@@ -176,13 +176,17 @@ class PicoSpecEdge(EdgePolicy):
             await edge.close()
         return edge.output
 
-    def _ready(self, edge: SpeculativeEdge, rnd: _Round) -> bool:
-        """The open round is to be submitted now (no round is in flight)."""
-        if edge.window_drafts >= self.config.n or edge.draft_room == 0:
-            return True
-        return (self.config.truncation and rnd.overlapped and rnd.start is not None and edge.window_drafts >= 1
-                and self.predicted_rtt is not None
-                and edge.ctx.clock.now() - rnd.start >= self.predicted_rtt)
+    def _ready(self, edge: SpeculativeEdge, rnd: _Round) -> str | None:
+        """Why the open round is to be submitted now ("full", "limit" or "truncated"), or
+        None to go on drafting (no round is in flight)."""
+        if edge.window_drafts >= self.config.n:
+            return "full"
+        if edge.draft_room == 0:
+            return "limit"  # a stop token, or the output's length
+        if (self.config.truncation and rnd.overlapped and rnd.start is not None and edge.window_drafts >= 1
+                and self.predicted_rtt is not None and edge.ctx.clock.now() - rnd.start >= self.predicted_rtt):
+            return "truncated"
+        return None
 
     def _settle(self, edge: SpeculativeEdge, notes: "_VerdictNotes", got, rnd: _Round,
                 submitted: dict[int, float]) -> _Round:
