@@ -72,13 +72,15 @@ def test_edgellm_r1_follows_each_verdict(r1_update):
     """Replaying the update over the recorded windows gives the R1 each next window used
     (one window pending at a time, so every trigger saw the R1 left by the verdict before).
     N is the window's length, or N̂: the mean length of the windows closed so far."""
-    rounds = [r for r in _run("edgellm", {"r1": 0.3, "r1_update": r1_update, "max_windows": 1, "n_hat": 4})
-              if "trigger" in r.extra]
+    history = 3
+    rounds = [r for r in _run("edgellm", {"r1": 0.3, "r1_update": r1_update, "max_windows": 1, "n_hat": 4,
+                                          "history": history}) if "trigger" in r.extra]
     lengths, checked, differs = [], 0, 0
     for prev, nxt in zip(rounds, rounds[1:]):
         trig = prev.extra["trigger"]
+        assert trig["product"] == pytest.approx(math.prod(trig["confidences"]))
         lengths.append(len(trig["confidences"]))
-        n_hat = max(1, round(sum(lengths[-100:]) / len(lengths[-100:])))  # the policy's history: 100 windows
+        n_hat = max(1, round(sum(lengths[-history:]) / len(lengths[-history:])))  # the last `history` windows
         n = max(1, lengths[-1]) if r1_update == "window" else n_hat
         differs += n != max(1, lengths[-1])
         want = update_r1(trig["r1"], trig["product"], prev.accepted, n)
@@ -147,3 +149,24 @@ def test_edgellm_r1_only_falls_when_every_draft_is_accepted():
         halvings += sum(b == pytest.approx(a / 2) for a, b in zip(r1s, r1s[1:]))
     assert with_lead >= 3, "no window counted a first token the previous verdict committed"
     assert halvings >= 3
+
+
+def test_edgellm_sends_proactive_tokens_in_chunks_of_n_hat():
+    """While a verdict is pending, drafted tokens go up in chunks of N̂, the mean length of
+    the last ``history`` windows closed (replayed from the records; the first chunk also
+    carries the lead token, sent as an id); the window's last upload is its flush."""
+    history = 2
+    recs = [r for r in _run("edgellm", {"r1": 0.3, "n_hat": 3, "history": history})]
+    lengths, chunked = [], 0
+    for r in recs:  # one edge device, requests in turn: windows close in this order
+        trig = r.extra.get("trigger")
+        if trig is None:
+            continue
+        n_hat = max(1, round(sum(lengths[-history:]) / len(lengths[-history:]))) if lengths else 3
+        sizes = r.extra.get("upload_sizes")
+        if sizes and "restarted_from" not in r.extra:
+            lead = int(bool(r.extra.get("lead_implied")))
+            assert [sizes[0] - lead] + sizes[1:-1] == [n_hat] * (len(sizes) - 1), (r.round, sizes, n_hat)
+            chunked += 1
+        lengths.append(len(trig["confidences"]))
+    assert chunked >= 5
