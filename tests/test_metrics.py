@@ -50,6 +50,15 @@ def test_request_figures_by_hand():
     }
 
 
+def test_a_round_as_a_row_has_every_field():
+    import dataclasses
+
+    r = RoundRecord("r", 2, 1.0, 1.5, drafted=5, verified=4, accepted=3, extra={"k": 1})
+    row = r.as_row()
+    assert set(row) == {f.name for f in dataclasses.fields(RoundRecord)}
+    assert (row["request_id"], row["round"], row["drafted"], row["verified"], row["extra"]) == ("r", 2, 5, 4, {"k": 1})
+
+
 def test_undefined_figures_are_none():
     one = RequestRecord("r", "vanilla", 3, [4], 1.0, 1.25, [1.25])
     assert one.ttft == pytest.approx(0.25) and one.tpot is None and one.acceptance_rate is None
