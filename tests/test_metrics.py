@@ -128,6 +128,12 @@ def test_vanilla_timeline_by_hand():
             assert r.t_queue == pytest.approx(0.0)
             assert r.t_verify == pytest.approx(0.05)
             assert r.t_downlink == pytest.approx(0.05)
+            assert (r.n_uploads, r.batch_size, r.committed) == (1, 1, len(prompts[i]) + 5 * (k + 1))
+            assert r.edge_digest == r.cloud_digest != "" and "upload_sizes" not in r.extra
+        # Every message down is a verdict; up, the rounds' uploads plus opening and closing.
+        assert rec.bytes_down == sum(r.bytes_down for r in rec.rounds) > 0
+        assert rec.bytes_up - sum(r.bytes_up for r in rec.rounds) == recs[0].bytes_up - sum(
+            r.bytes_up for r in recs[0].rounds) > 0
 
 
 @dataclass
@@ -162,12 +168,17 @@ def test_round_uplink_time_is_the_closing_uploads():
     draft, target = _identical_pair()
     spec = SystemSpec("two-part-test", _NoConfig, _TwoPartEdge, VerifyingCloud, "test only")
     req = GenerationRequest("r", _prompt_without_eos(target, 10), 10, SamplingParams())
-    (rec,) = run_system(spec, draft, target, [req], None, RunOptions(link=LinkProfile("rtt", rtt_s=RTT)))
+    (rec,) = run_system(spec, draft, target, [req], None,
+                        RunOptions(link=LinkProfile("rtt", rtt_s=RTT), edge_cost=lambda op: DRAFT_S))
     assert rec.output_tokens == greedy_decode(target, req.prompt, 10)[0]
     assert [r.n_uploads for r in rec.rounds] == [2, 2]
     for r in rec.rounds:
+        # 4 drafts (0.04 s), the first upload, a second's wait, the second upload, up and down
         assert r.t_uplink == pytest.approx(RTT / 2)
-        assert r.end - r.start == pytest.approx(1.0 + RTT)  # the wait, then up and down
+        assert r.end - r.start == pytest.approx(0.04 + 1.0 + RTT)
+        assert r.extra["upload_sizes"] == [2, 2]
+        assert r.extra["t_first_upload"] == pytest.approx(r.start + 0.04)
+        assert r.extra["t_last_draft"] == pytest.approx(r.start + 0.04)
 
 
 # ---- what a window may draft ---------------------------------------------------------------
