@@ -312,6 +312,16 @@ def test_rtt_preset_reports_the_model_beside_the_measurement(tmp_path):
     # stop-and-wait loses with every step of RTT
     vanilla = [rows[(s, "vanilla")]["tpt_ms"] for s in ("rtt0", "rtt100", "rtt400")]
     assert vanilla[0] < vanilla[1] < vanilla[2]
+    # the curves, from the run folder alone
+    from analysis.latency import latency_sweep, plot_latency_sweep
+
+    sweep = latency_sweep(tmp_path / "run")
+    pico = sweep[sweep["method"] == "picospec"]
+    assert list(pico["rtt_ms"]) == [0.0, 100.0, 400.0]
+    assert list(pico["model_tok_s"]) == pytest.approx([rows[(s, "picospec")]["model_tok_s"]
+                                                       for s in ("rtt0", "rtt100", "rtt400")])
+    assert sweep[sweep["method"] == "vanilla"]["model_tok_s"].isna().all()
+    assert plot_latency_sweep(sweep, tmp_path / "latency.png").stat().st_size > 0
 
 
 def test_every_picospec_run_reports_the_model(tmp_path, capsys):
