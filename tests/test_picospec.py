@@ -199,6 +199,7 @@ def test_performance_model_inputs_from_the_run_records():
     assert m.t_rtt == pytest.approx(0.08) and m.t_verify == pytest.approx(0.01)
     rep = get_system("picospec").report(recs)
     assert rep["e_t_async_s"] == pytest.approx(0.095) and rep["throughput_async"] == pytest.approx(5 / 0.095)
+    assert rep["expected_length_eq5"] == 4 and rep["throughput_async_eq5"] == pytest.approx(4 / 0.095)
     assert rep["measured_throughput"] == pytest.approx(20 / 0.47)
     assert rep["model_error"] == pytest.approx((5 / 0.095) / (20 / 0.47) - 1)
     assert "measured" in rep["summary"] and "modelled" in rep["summary"]
