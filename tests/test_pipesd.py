@@ -78,6 +78,12 @@ def test_plan_is_optimal_and_beats_every_fixed_size(n_hat, gamma, alpha, beta):
         assert finish <= _simulated_finish_ms(fixed, gamma, alpha, beta)
 
 
+def test_makespan_when_drafting_is_free():
+    """γ = 0: every token is ready at once, so the batches only queue on the link."""
+    assert makespan((2, 3), 0.0, 0.01, 0.002) == pytest.approx(0.01 + 0.004 + 0.01 + 0.006, abs=1e-12)
+    assert plan_batches(5, 0.0, 0.01, 0.002).sizes == (5,)
+
+
 def test_plan_is_used_cyclically():
     """A window that outgrows its plan starts the plan over (the batch after the last one
     planned has the first one's size)."""
@@ -148,6 +154,7 @@ def test_tune_is_seeded_and_reports_each_trial():
     assert tune(tpt, "random", trials=5).trials == tune(tpt, "random", trials=5, seed=0).trials != a.trials
     assert seen == [(k + 1, r1, r2, t) for k, (r1, r2, t) in enumerate(a.trials)]
     assert a.tpt == min(t for *_, t in a.trials)
+    assert tune(tpt, trials=3).trials == tune(tpt, "bo", trials=3, seed=0).trials  # BO by default
 
 
 # ---- signatures in a run ---------------------------------------------------------------------
