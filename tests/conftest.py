@@ -51,11 +51,30 @@ def report():
     return _REPORT.append
 
 
+_LOAD: dict = {}
+
+
+def _machine_load() -> str:
+    from harness.contention import sample
+
+    s = sample(0.5)
+    return ("CONTENDED: " if s.contended else "") + s.summary()
+
+
+def pytest_sessionstart(session):
+    """Other processes' load when the run starts: timing-sensitive tests fail under load, and this says so."""
+    _LOAD["start"] = _machine_load()
+
+
 def pytest_terminal_summary(terminalreporter):
     if _REPORT:
         terminalreporter.section("measured figures")
         for line in _REPORT:
             terminalreporter.write_line(line)
+    if "start" in _LOAD:
+        terminalreporter.section("machine load (measured, psutil)")
+        terminalreporter.write_line(f"at the start: {_LOAD['start']}")
+        terminalreporter.write_line(f"at the end: {_machine_load()}")
 
 
 def pytest_sessionfinish(session, exitstatus):
