@@ -366,7 +366,8 @@ def _report_columns(spec: GridSpec, c: Cell) -> dict:
     rep = c.system_report
     if not rep or "throughput_async" not in rep:
         return {}
-    return {"tok_s": c.tokens / c.seconds if c.seconds else None, "model_tok_s": rep["throughput_async"],
+    return {"tok_s": c.tokens / c.seconds if c.seconds else None,
+            "model_tok_s": rep["throughput_async"] if rep.get("pipelined", True) else rep["throughput_sync"],
             "model_sync_tok_s": rep["throughput_sync"], "model_error": rep["model_error"],
             "accept_len": rep["inputs"]["expected_length"],
             "paper_accept_len": _paper(spec, c.dataset, "accept_len", c.scenario, c.method)}

@@ -417,3 +417,17 @@ def test_latency_immunity_on_the_toy_pair(report):
     assert pico[3] < 0.9 * pico[0] and pico[4] < pico[3]
     assert all(b < a for a, b in zip(vanilla, vanilla[1:]))
     assert all(p > v for p, v in zip(pico[1:], vanilla[1:]))
+
+
+def test_model_without_parallel_drafting_is_stop_and_wait():
+    """Stop-and-wait, every draft accepted: a round is 4 x 20 ms drafting + 80 ms RTT + 10 ms
+    verification = 170 ms for 5 tokens, which is what the run measures (4 rounds, 0.68 s)."""
+    draft, target = _pair(agreement=1.0)
+    recs = _run({"fast_verify": False, "parallel_draft": False}, [GenerationRequest("s", PROMPT, 20, SamplingParams())],
+                draft, target)
+    rep = get_system("picospec").report(recs)
+    assert rep["pipelined"] is False
+    assert rep["inputs"]["t_draft"] == pytest.approx(0.08) and rep["throughput_sync"] == pytest.approx(5 / 0.17)
+    assert rep["measured_throughput"] == pytest.approx(20 / 0.68)
+    assert rep["model_error"] == pytest.approx(0.0, abs=1e-9)
+    assert "stop-and-wait: +0.0%" in rep["summary"]

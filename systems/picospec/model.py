@@ -97,7 +97,9 @@ def report(records: Sequence[RequestRecord]) -> dict | None:
            "throughput_async_eq5": predict(replace(m, expected_length=eq5))["throughput_async"],
            "measured_throughput": tokens / seconds if seconds > 0 else None,
            "measured_p_hit": kept / len(rounds) if rounds else None}
-    model = out["throughput_async"]
+    # without pre-drafting (parallel_draft off) the stop-and-wait form is the one that applies
+    out["pipelined"] = bool(rounds)
+    model = out["throughput_async"] if out["pipelined"] else out["throughput_sync"]
     out["model_error"] = (model / out["measured_throughput"] - 1.0) if model and out["measured_throughput"] else None
     out["summary"] = describe(out)
     return out
@@ -107,9 +109,10 @@ def describe(rep: dict) -> str:
     """One line: the model's throughput beside the measured one."""
     m = rep["inputs"]
     err = rep.get("model_error")
+    which = "pipelined" if rep.get("pipelined") else "stop-and-wait"
     return (f"PicoSpec performance model (§3.4, modelled from this run's records): α={m['alpha']:.3f} "
             f"γ={m['gamma']:.2f} T_draft={1e3 * m['t_draft']:.1f} ms T_RTT={1e3 * m['t_rtt']:.1f} ms "
             f"T_verify={1e3 * m['t_verify']:.1f} ms E[L]={m['expected_length']:.2f}: "
             f"{rep['throughput_async']:.2f} tok/s pipelined, {rep['throughput_sync']:.2f} stop-and-wait; "
             f"measured {rep['measured_throughput']:.2f} tok/s"
-            + (f" (model {100 * err:+.1f}%)" if err is not None else ""))
+            + (f" (model, {which}: {100 * err:+.1f}%)" if err is not None else ""))
