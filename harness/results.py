@@ -370,16 +370,10 @@ def package_versions(names: Sequence[str] = KEY_PACKAGES) -> dict[str, str | Non
 
 def machine_info() -> dict[str, Any]:
     """Platform, Python, CPU model, cores and memory of this machine."""
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
-                cpu_model = value.strip()
-                break
-    except OSError:
-        pass
-    cpu_model = cpu_model or platform.processor() or None
+    from harness.sysinfo import cpu_info
+
+    cpu = cpu_info()
+    cpu_model = cpu.model or platform.processor() or None
     memory = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -393,10 +387,7 @@ def machine_info() -> dict[str, Any]:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
+    usable = cpu.usable_cores
     return {
         "platform": platform.platform(),
         "system": platform.system(),
@@ -407,17 +398,16 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu_model,
         "cpu_count": os.cpu_count(),
         "cpu_usable": usable,
+        "cpu_simd": cpu.simd,
         "memory_bytes": memory,
     }
 
 
 def _llama_build_info() -> dict[str, Any]:
     """How the installed llama.cpp was built (flags, wheel), as ``specwan doctor`` reports it."""
-    from harness.sysinfo import cpu_info, llama_build
+    from harness.sysinfo import llama_build
 
-    build = llama_build().as_dict()
-    build["cpu_simd"] = cpu_info().simd
-    return build
+    return llama_build().as_dict()
 
 
 def _sidecar_hash(path: Path, sidecar: Path) -> str | None:
@@ -443,12 +433,11 @@ def model_file_info(path: str | os.PathLike | None) -> dict[str, Any]:
     if not p.is_file():
         return {"file": p.name, "path": str(p), "size": None, "sha256": None, "sha256_source": None,
                 "reason": "file not found"}
-    from harness.models import sha256_file, specwan_home
+    from harness.models import local_record, sha256_file
 
     candidates = [p.with_name(p.name + ".sha256")]
     try:  # local files are verified with a record kept in the cache, keyed by their path
-        key = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:24]
-        candidates.append(specwan_home() / "verified" / f"{key}.sha256")
+        candidates.append(local_record(p))
     except Exception:  # noqa: BLE001 - no cache location: just hash
         pass
     digest, source = None, "hashed"

@@ -113,15 +113,13 @@ def _error_line(stderr: str) -> str:
     return lines[-1] if lines else "no error message"
 
 
-def _machine_and_build() -> str:
-    cpu, build = cpu_info(), llama_build()
+def _machine_and_build(cpu, build) -> str:
     built = (f"llama-cpp-python {build.version} built with CMAKE_ARGS='{build.flags_summary()}'"
              + (f" (wheel {Path(build.installed_from).name})" if build.installed_from else ""))
     return f"CPU: {cpu.summary()}. {built}."
 
 
-def _crash_cause() -> str:
-    cpu, build = cpu_info(), llama_build()
+def _crash_cause(cpu, build) -> str:
     if cpu.missing_for_portable:
         return (f"This CPU lacks {', '.join(cpu.missing_for_portable)}, which llama.cpp's portable build needs; "
                 "run the suite on an x86-64 CPU with AVX2, FMA and F16C")
@@ -146,8 +144,9 @@ def diagnose(check: ModelCheck, outcome: WorkerOutcome, timeout: float | None = 
         return None
     how = exit_description(code if code is not None else 1)
     if code is not None and (code < 0 or 128 < code < 160):
+        cpu, build = cpu_info(), llama_build()
         return (f"self-check: {check.label} crashed, {how}, during {phase} in llama.cpp. "
-                f"{_machine_and_build()} {_crash_cause()}")
+                f"{_machine_and_build(cpu, build)} {_crash_cause(cpu, build)}")
     error = _error_line(outcome.stderr)
     damaged = ""
     if check.path is not None:

@@ -81,7 +81,7 @@ def cpu_info(cpuinfo: str | None = None) -> CpuInfo:
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
-        if key == "model name" and model is None:
+        if key in ("model name", "Model", "Hardware", "cpu model") and model is None:
             model = value.strip() or None
         elif key == "flags" and not flags:
             flags = frozenset(value.split())
