@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"workload {workload.spec.name}: {target.info.model} has no chat template; prompts go as raw text")
     turns = workload.first_turns(target)
     print(describe(workload))
+    names = _runnable(names, args.systems is not None, draft, target, edge)
     mdraft, mtarget = MemoEngine(draft), MemoEngine(target)
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -129,6 +130,29 @@ def run(args: argparse.Namespace) -> int:
     _write_category_summary(run_dir, category_rows)
     print(f"run folder: {run_dir}")
     return 0
+
+
+def _runnable(names, named: bool, draft, target, edge) -> list[str]:
+    """The systems that can run on this pair and edge profile. When every system was asked
+    for, the others are left out with the reason; a system named on the command line is refused."""
+    from harness.cli import UsageError
+    from harness.inprocess import check_engines
+    from harness.profiles import require_target_costs
+
+    keep = []
+    for name in names:
+        spec = get_system(name)
+        try:
+            check_engines(spec, spec.make_config(), draft, target)
+            if spec.edge_model == "target":
+                require_target_costs(edge, name)
+        except ValueError as exc:
+            if named:
+                raise UsageError(str(exc)) from exc
+            print(f"left out {name}: {exc}")
+            continue
+        keep.append(name)
+    return keep
 
 
 def _load_workload(args: argparse.Namespace):

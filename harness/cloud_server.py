@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         pair = load_pair(args.pair)
         path = ensure_role_model(pair, "target")
         engine = open_role_engine(pair, "target", path)
+        spec.check_engine(cfg, engine)
     except Exception as e:
         print(f"cloud_server: error: {e}", file=sys.stderr)
         return 2

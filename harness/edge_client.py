@@ -1,8 +1,9 @@
 """The edge process of wall mode: one edge device running a system's edge policy.
 
-It loads the draft model, opens one gRPC stream to the cloud (its requests' sessions share
-it), serves the requests one after another, and appends one JSON line per finished request
-to ``--out`` (the fields of :class:`systems.records.RequestRecord`, rounds included),
+It loads the edge's model (the draft; the target for a system whose edge runs target
+layers, :attr:`systems.api.SystemSpec.edge_model`), opens one gRPC stream to the cloud (its
+requests' sessions share it), serves the requests one after another, and appends one JSON
+line per finished request to ``--out`` (the fields of :class:`systems.records.RequestRecord`, rounds included),
 flushed at once, so a crash loses at most the request in flight. If the link to the cloud
 breaks (the cloud stopped or died) or a request fails, that request is written with
 ``error`` set and the client stops with a message and exit status 1.
@@ -181,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         requests = [request_from_json(json.loads(line))
                     for line in args.requests.read_text().splitlines() if line.strip()]
         pair = load_pair(args.pair)
-        draft = open_role_engine(pair, "draft", ensure_role_model(pair, "draft"))
+        # the draft for a speculative system; the target for one whose edge runs target layers
+        draft = open_role_engine(pair, spec.edge_model, ensure_role_model(pair, spec.edge_model))
+        spec.check_engine(cfg, draft)
     except Exception as e:
         print(f"edge_client: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,10 @@ held out of the evaluation (the workload's last ``grid.tune.prompts``).
 Each cell is one continuous run: one edge device serves the cell's prompts one after the
 other, keeping its state across them (a rate trace keeps running too).
 
+A method may name its own ``pair`` (a conf/pair option) when its system needs an engine the
+run's pair does not offer (split inference needs a target that runs a range of layers:
+``pair: qwen25coder-hf``); its engines load once, beside the run's.
+
 Greedy decoding makes every method emit the same tokens for a prompt, so stopping at N
 accepted tokens serves the same prompts to every method; forward passes are memoized
 (:class:`harness.memo.MemoEngine`), so scenarios after the first mostly replay them.
@@ -27,6 +31,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from harness.profiles import require_target_costs, role_profile
 from harness.run import ConfigError, conf_option, network_profile, system_report
 from systems.api import get_system
 
@@ -35,11 +40,13 @@ CONTEXT = {"scenario": "string", "dataset": "string", "method": "string"}
 
 @dataclass(frozen=True)
 class Method:
-    """One column of the table: a registered system with its parameters for a dataset."""
+    """One column of the table: a registered system with its parameters for a dataset, and
+    the pair it runs on when not the run's (a system needing an engine the run's pair lacks)."""
 
     name: str
     system: str
     params: dict
+    pair: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,15 @@ class GridSpec:
     datasets: tuple[Dataset, ...]
     tune: dict | None
     source: str = ""
+
+
+def _pair(name: str, where: str):
+    from harness.pairs import PairError, load_pair
+
+    try:
+        return load_pair(name)
+    except PairError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _conf(group: str, name: str) -> dict:
@@ -123,13 +139,26 @@ def grid_spec(node) -> GridSpec:
         _conf("workload", d["workload"])
         methods = []
         for mname, m in d["methods"].items():
+            where = f"grid.datasets.{name}.methods.{mname}"
+            extra = sorted(set(m) - {"system", "params", "pair"})
+            if extra:
+                raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)}; valid: pair, params, system")
             try:
-                get_system(m["system"]).make_config(m.get("params") or {})
+                system = get_system(m["system"])
+                system.make_config(m.get("params") or {})
             except KeyError as exc:
-                raise ConfigError(f"grid.datasets.{name}.methods.{mname}: {exc}") from None
+                raise ConfigError(f"{where}: {exc}") from None
             except (ValueError, TypeError) as exc:
-                raise ConfigError(f"grid.datasets.{name}.methods.{mname}: {exc}") from None
-            methods.append(Method(mname, m["system"], dict(m.get("params") or {})))
+                raise ConfigError(f"{where}: {exc}") from None
+            if m.get("pair") is not None:
+                _pair(m["pair"], where)
+            for scenario in scenarios:
+                if system.edge_model == "target":
+                    try:
+                        require_target_costs(role_profile(_conf("device", scenario.device)["edge"]), system.name)
+                    except ValueError as exc:
+                        raise ConfigError(f"{where} in grid.scenarios.{scenario.name}: {exc}") from None
+            methods.append(Method(mname, m["system"], dict(m.get("params") or {}), m.get("pair")))
         datasets.append(Dataset(name, d["workload"], tuple(methods), dict(d.get("paper") or {}),
                                 dict(d.get("workload_params") or {})))
     if not scenarios or not datasets:
@@ -198,10 +227,9 @@ def tune_thresholds(system: str, params: dict, draft, target, requests, options,
 def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
     """Run the grid of ``cfg.grid``; records go to ``run_dir`` as each request finishes."""
     from harness.energy.virtual import VirtualEnergy
-    from harness.inprocess import RunOptions, run_system
+    from harness.inprocess import RunOptions, check_engines, run_system
     from harness.memo import MemoEngine
     from harness.pairs import ensure_pair, open_engines, pair_from_mapping
-    from harness.profiles import role_profile
     from harness.contention import check_before_run, planned_threads
     from harness.results import DEFAULT_KEY_FIELDS, RunWriter, build_manifest
     from workloads import load_workload, workload_spec
@@ -217,7 +245,21 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
     print(f"grid {spec.name}: pair {pair.name} loaded in {time.perf_counter() - t0:.1f} s; "
           f"{len(spec.scenarios)} scenarios x {len(spec.datasets)} datasets, "
           f"{spec.accepted_tokens} accepted tokens per method", file=sys.stderr)
-    mdraft, mtarget = MemoEngine(draft), MemoEngine(target)
+    engines = {pair.name: (MemoEngine(draft), MemoEngine(target))}  # pair name -> memoized engines
+    for d in spec.datasets:
+        for m in d.methods:
+            if m.pair is not None and m.pair not in engines:
+                other = _pair(m.pair, f"grid.datasets.{d.name}.methods.{m.name}")
+                t0 = time.perf_counter()
+                engines[m.pair] = tuple(MemoEngine(e) for e in open_engines(other, ensure_pair(other)))
+                print(f"  method {m.name}: pair {other.name} loaded in {time.perf_counter() - t0:.1f} s",
+                      file=sys.stderr)
+            try:
+                check_engines(get_system(m.system), get_system(m.system).make_config(m.params),
+                              *engines[m.pair or pair.name])
+            except ValueError as exc:
+                raise ConfigError(f"grid.datasets.{d.name}.methods.{m.name}: {exc}") from None
+    mdraft, mtarget = engines[pair.name]
     tune = spec.tune or {}
     held_out = int(tune.get("prompts", 1)) if tune.get("systems") else 0
     turns_by_dataset = {}  # dataset -> (prompts to evaluate on, prompts held out for tuning)
@@ -264,9 +306,9 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
             # other, keeping its state (PipeSD's estimates and window history, EdgeLLM's R1),
             # as in the paper's runs of 1000 accepted tokens.
             requests = [replace(t.request, max_new_tokens=n) for t, n in budgets[dataset.name]]
-            recs = run_system(method.system, mdraft, mtarget, requests, params, options)
+            recs = run_system(method.system, *engines[method.pair or pair.name], requests, params, options)
             for (turn, _), rec in zip(budgets[dataset.name], recs):
-                writer.append(rec, {"system": method.system, "pair": pair.name, "network": link.name,
+                writer.append(rec, {"system": method.system, "pair": method.pair or pair.name, "network": link.name,
                                     "workload": dataset.workload, **turn.context(), "clock": "virtual", "seed": 0,
                                     "scenario": scenario.name, "dataset": dataset.name, "method": method.name},
                               energy=rec.energy)

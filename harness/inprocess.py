@@ -87,7 +87,22 @@ def run_system(
     spec = get_system(system) if isinstance(system, str) else system
     options = options or RunOptions()
     cfg = spec.make_config(config)
-    return run(_serve(spec, cfg, draft, target, list(requests), options), options.virtual)
+    check_engines(spec, cfg, draft, target)
+    return run(_serve(spec, cfg, edge_engine(spec, draft, target), target, list(requests), options), options.virtual)
+
+
+def check_engines(spec: SystemSpec, cfg, draft: Engine | None, target: Engine | None) -> None:
+    """Raise ValueError (one line, naming the fix) if a side of the system cannot run with
+    ``cfg`` on the engine it would get (:attr:`SystemSpec.check`)."""
+    spec.check_engine(cfg, edge_engine(spec, draft, target))
+    if spec.cloud_cls is not None:
+        spec.check_engine(cfg, target)
+
+
+def edge_engine(spec: SystemSpec, draft: Engine | None, target: Engine | None) -> Engine | None:
+    """The engine an edge device of ``spec`` runs: the draft's, or the target's when its
+    edge runs target layers (:attr:`SystemSpec.edge_model`)."""
+    return target if spec.edge_model == "target" else draft
 
 
 async def serve_request(
@@ -108,14 +123,15 @@ async def serve_request(
 
     The per-request part of every edge device, shared by the in-process runner and the
     wall-mode edge client (:mod:`harness.edge_client`): a drafter seeded by the request, the
-    policy's context, and the record. ``traffic()`` gives the device link's (bytes up, bytes
-    down) so far; the record holds what this request added. Pass ``recorder`` to keep hold of
-    what was emitted if the request fails.
+    policy's context, and the record. ``draft`` is the edge device's engine: the draft
+    model's, or the target's for a system whose edge runs the target (no drafter then).
+    ``traffic()`` gives the device link's (bytes up, bytes down) so far; the record holds what
+    this request added. Pass ``recorder`` to keep hold of what was emitted if the request fails.
     """
     recorder = recorder if recorder is not None else RequestRecorder(clock)
     rng = np.random.default_rng(req.seed)
-    drafter = Drafter(draft, req.sampling, rng, q_dtype) if draft is not None else None
-    ctx = EdgeContext(session, clock, compute, link, recorder, drafter, rng)
+    drafter = Drafter(draft, req.sampling, rng, q_dtype) if draft is not None and spec.edge_model == "draft" else None
+    ctx = EdgeContext(session, clock, compute, link, recorder, drafter, rng, engine=draft)
     traffic = traffic or (lambda: (0, 0))
     await policy.warm_up(ctx)
     start, (up0, down0) = clock.now(), traffic()
@@ -134,7 +150,7 @@ def _compute(cost):
     return InstantCompute() if cost is None else ModelledCompute(cost)
 
 
-async def _serve(spec: SystemSpec, cfg, draft, target, requests, options: RunOptions) -> list[RequestRecord]:
+async def _serve(spec: SystemSpec, cfg, edge, target, requests, options: RunOptions) -> list[RequestRecord]:
     clock = LoopClock()
     cloud_end = CloudEnd()
     cloud_task = None
@@ -163,7 +179,7 @@ async def _serve(spec: SystemSpec, cfg, draft, target, requests, options: RunOpt
             n0 = len(getattr(compute, "intervals", ()))
             records[i] = await serve_request(
                 spec, policy, req, session=session, clock=clock, compute=compute,
-                link=link.edge_end(session), draft=draft, recorder=recorder, q_dtype=options.q_dtype,
+                link=link.edge_end(session), draft=edge, recorder=recorder, q_dtype=options.q_dtype,
                 traffic=lambda link=link: (link.up.bytes, link.down.bytes),
             )
             edge_busy[i] = list(getattr(compute, "intervals", ())[n0:])

@@ -49,6 +49,10 @@ class MemoEngine(Engine):
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
         return self.inner.apply_chat_template(messages, add_generation_prompt)
 
+    def layer_split(self):
+        """The wrapped engine's own (split inference): its parts are not memoized."""
+        return self.inner.layer_split()
+
     def _open_state(self) -> _MemoState:
         return _MemoState()
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.energy.select import EnergyConfig, energy_config
 from harness.link import LinkProfile
-from harness.profiles import RoleProfile, role_profile
+from harness.profiles import RoleProfile, require_target_costs, role_profile
 from netem.profile import NetworkProfile, ProfileError, parse_profile
 from systems.api import SystemSpec, get_system
 from systems.sampling import SamplingParams
@@ -100,6 +100,11 @@ def make_plan(cfg: DictConfig) -> Plan:
         raise ConfigError(f"device: missing the {exc.args[0]!r} profile") from exc
     except ValueError as exc:
         raise ConfigError(f"device: {exc}") from exc
+    if cfg.mode == "virtual" and system.edge_model == "target":
+        try:
+            require_target_costs(edge, system.name)
+        except ValueError as exc:
+            raise ConfigError(f"device: {exc}") from exc
     energy_node = cfg.get("energy")
     try:
         energy = energy_config(None if energy_node is None else OmegaConf.to_container(energy_node, resolve=True))
@@ -195,7 +200,7 @@ def link_manifest(plan: Plan, link, probe: dict | None) -> dict:
 
 def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
     from harness.contention import check_before_run, planned_threads
-    from harness.inprocess import RunOptions, run_system
+    from harness.inprocess import RunOptions, check_engines, run_system
     from harness.pairs import ensure_pair, open_engines
     from harness.results import RunWriter, build_manifest
 
@@ -205,6 +210,10 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
         draft, target = _tokenizer_engine(plan.pair, paths), None
     else:
         draft, target = open_engines(plan.pair, paths)
+        try:
+            check_engines(plan.system, plan.system_config, draft, target)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     engine = target or draft
     workload, turns = build_workload(cfg, engine)
     context = {"system": plan.system.name, "pair": plan.pair.name, "network": plan.link.name,

@@ -61,6 +61,9 @@ class Op:
     per session for ``batch`` sessions at total context ``context``), or "decode" (one
     autoregressive target token). ``sessions`` names the sessions the work serves, so a
     shared device's time (and energy) can be attributed to them; empty when unknown.
+    ``layers`` = ``(first, last, n_layers)`` marks work that runs only the target's decoder
+    layers ``[first, last)`` of its ``n_layers`` (split inference; a "prefill" of the prompt's
+    positions or a "decode" of one), so a profile prices that share of a target forward pass.
     """
 
     kind: str
@@ -68,6 +71,7 @@ class Op:
     context: int
     batch: int = 1
     sessions: tuple[str, ...] = ()
+    layers: tuple[int, int, int] | None = None
 
 
 class Compute(Protocol):
@@ -126,7 +130,11 @@ class GenerationRequest:
 
 @dataclass
 class EdgeContext:
-    """Everything an edge policy may use while serving one request."""
+    """Everything an edge policy may use while serving one request.
+
+    ``engine`` is the edge device's model (:attr:`SystemSpec.edge_model`); ``drafter`` drafts
+    with it when that model is the draft (None otherwise).
+    """
 
     session: str
     clock: Clock
@@ -135,6 +143,7 @@ class EdgeContext:
     recorder: Recorder
     drafter: "Drafter | None"
     rng: np.random.Generator
+    engine: Engine | None = None
 
 
 @dataclass
@@ -358,6 +367,12 @@ class SystemSpec:
     ``variants`` are named config overrides the conformance suite also runs.
     ``report`` (optional) turns a run's request records into the system's own figures
     (a dict with a one-line ``summary``), shown beside the run's measurements.
+    ``edge_model`` names the model the edge device runs: "draft" (every speculative system)
+    or "target" (split inference runs the target's first layers there).
+    ``check`` (optional) ``check(config, engine)`` refuses an engine a side of the system
+    cannot run on (a missing capability, a setting the model does not allow) with one line
+    naming the problem and the fix (a ValueError); the harness calls it with each side's
+    engine before serving anything (:meth:`check_engine`).
     """
 
     name: str
@@ -368,9 +383,16 @@ class SystemSpec:
     reference: str = "target"
     variants: dict = field(default_factory=dict)
     report: Callable[[Sequence[Any]], dict | None] | None = None
+    edge_model: str = "draft"
+    check: Callable[[Any, Engine], None] | None = None
 
     def make_config(self, overrides: dict | None = None):
         return build_config(self.config_cls, overrides or {}, where=f"system={self.name}")
+
+    def check_engine(self, config, engine: Engine | None) -> None:
+        """Raise ValueError (one line) if this system cannot run with ``config`` on ``engine``."""
+        if self.check is not None and engine is not None:
+            self.check(config, engine)
 
 
 _SYSTEMS: dict[str, SystemSpec] = {}
@@ -393,12 +415,17 @@ def register_system(
     reference: str = "target",
     variants: dict | None = None,
     report: Callable[[Sequence[Any]], dict | None] | None = None,
+    edge_model: str = "draft",
+    check: Callable[[Any, Engine], None] | None = None,
 ) -> SystemSpec:
     if name in _SYSTEMS:
         raise RuntimeError(f"system {name!r} registered twice")
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"config of system {name!r} must be a dataclass")
-    spec = SystemSpec(name, config, edge, cloud, description, reference, dict(variants or {}), report)
+    if edge_model not in ("draft", "target"):
+        raise ValueError(f"system {name!r}: edge_model must be 'draft' or 'target', got {edge_model!r}")
+    spec = SystemSpec(name, config, edge, cloud, description, reference, dict(variants or {}), report,
+                      edge_model, check)
     _SYSTEMS[name] = spec
     return spec
 

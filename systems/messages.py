@@ -14,7 +14,7 @@ from typing import ClassVar
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 _REGISTRY: dict[int, type] = {}
 
@@ -151,6 +151,22 @@ class Ack(Message):
     round: int
     n_tokens: int
     probe: bool = False
+
+
+@_message(8)
+@dataclass
+class HiddenStates(Message):
+    """Edge -> cloud (split inference): the hidden states the edge's first layers computed for
+    positions ``start ... start + len(states) - 1``, shape ``(positions, hidden_size)``, in the
+    dtype they travel in. The cloud runs the remaining layers on them and answers with the next
+    token (:class:`TokenOut`). The sampling settings matter on a session's first message only."""
+
+    start: int
+    states: np.ndarray
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
 
 
 def _pack_value(v):

@@ -1,4 +1,5 @@
-"""Shared mechanics of speculative plug-ins: the edge session and the verifying server.
+"""Shared mechanics of plug-ins: the speculative edge session, the verifying server, and the
+receipt of a token stream the cloud decodes alone.
 
 These are not algorithms; they are the bookkeeping every system needs and must get right
 identically: which tokens are committed, which speculative tokens survive a verdict,
@@ -31,13 +32,31 @@ from systems.api import (
     prefix_digest,
     verify_batch,
 )
-from systems.messages import Ack, CloseSession, OpenSession, Upload, Verdict
+from systems.messages import Ack, CloseSession, OpenSession, TokenOut, Upload, Verdict
 from systems.records import RoundRecord
 from systems.sampling import SamplingParams, resample_sparse, softmax
 
 
 class ProtocolError(RuntimeError):
     """Edge and cloud disagree about the committed prefix, or a message is out of order."""
+
+
+async def receive_token(ctx: EdgeContext, request: GenerationRequest, output: list[int], start: float,
+                        bytes_up: int, stream: str, extra: dict | None = None) -> TokenOut:
+    """Receive the next token of a stream the cloud decodes (cloud-only, split inference):
+    check its order, append it to ``output``, emit it and record its round (one token, from
+    ``start``, with ``bytes_up`` the edge sent for it). ``stream`` names it in errors."""
+    env = await ctx.link.recv()
+    msg = env.msg
+    if not isinstance(msg, TokenOut) or msg.index != len(output):
+        raise ProtocolError(f"{stream} stream out of order: {msg!r}")
+    output.append(msg.token)
+    ctx.recorder.emit([msg.token])
+    ctx.recorder.round(RoundRecord(
+        request_id=request.request_id, round=msg.index, start=start, end=ctx.clock.now(), emitted=1,
+        bytes_up=bytes_up, bytes_down=env.nbytes, t_verify=msg.t_compute,
+        t_downlink=env.t_recv - env.t_sent, committed=len(request.prompt) + len(output), extra=extra or {}))
+    return msg
 
 
 UPLINK_Q = ("rule", "full")

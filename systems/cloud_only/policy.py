@@ -9,8 +9,7 @@ import numpy as np
 
 from systems.api import CloudContext, CloudPolicy, EdgeContext, EdgePolicy, GenerationRequest, Op
 from systems.messages import CloseSession, Generate, TokenOut
-from systems.protocol import ProtocolError
-from systems.records import RoundRecord
+from systems.protocol import ProtocolError, receive_token
 from systems.sampling import SamplingParams, probabilities, sample
 
 
@@ -30,18 +29,8 @@ class CloudOnlyEdge(EdgePolicy):
         output: list[int] = []
         first_up = nbytes
         while True:
-            env = await ctx.link.recv()
-            msg = env.msg
-            if not isinstance(msg, TokenOut) or msg.index != len(output):
-                raise ProtocolError(f"cloud-only stream out of order: {msg!r}")
-            output.append(msg.token)
-            ctx.recorder.emit([msg.token])
-            now = ctx.clock.now()
-            ctx.recorder.round(RoundRecord(
-                request_id=request.request_id, round=msg.index, start=t_prev, end=now, emitted=1,
-                bytes_up=first_up, bytes_down=env.nbytes, t_verify=msg.t_compute,
-                t_downlink=env.t_recv - env.t_sent, committed=len(request.prompt) + len(output)))
-            first_up, t_prev = 0, now
+            msg = await receive_token(ctx, request, output, t_prev, first_up, "cloud-only")
+            first_up, t_prev = 0, ctx.clock.now()
             if msg.last:
                 break
         await ctx.link.send(CloseSession(ctx.session))

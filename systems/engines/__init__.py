@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from systems.engines.base import Engine, EngineError, EngineInfo, EngineSession
+from systems.engines.base import Engine, EngineError, EngineInfo, EngineSession, LayerSplit, ModelPart
 
 _BACKENDS = {
     "llamacpp": ("systems.engines.llamacpp", "LlamaCppEngine"),
@@ -28,4 +28,5 @@ def create_engine(kind: str, **options) -> Engine:
     return getattr(import_module(module), cls)(**options)
 
 
-__all__ = ["Engine", "EngineError", "EngineInfo", "EngineSession", "create_engine", "engine_kinds"]
+__all__ = ["Engine", "EngineError", "EngineInfo", "EngineSession", "LayerSplit", "ModelPart", "create_engine",
+           "engine_kinds"]

@@ -9,6 +9,9 @@ The invariant every backend keeps: the key/value state covers ``tokens[:n_evalua
 ``n_evaluated < len(tokens)`` whenever the logits after the last token are not cached. A
 backend implements only :meth:`Engine._forward` (evaluate tokens for one or several sessions
 in one pass) and :meth:`Engine._truncate` (drop KV entries); the bookkeeping lives here.
+
+A backend may also offer :class:`LayerSplit` (:meth:`Engine.layer_split`): its forward pass
+run a range of decoder layers at a time, for split inference.
 """
 
 from __future__ import annotations
@@ -78,6 +81,11 @@ class Engine(ABC):
 
     def new_session(self) -> "EngineSession":
         return EngineSession(self, self._open_state())
+
+    def layer_split(self) -> "LayerSplit | None":
+        """The model run a range of decoder layers at a time, if this backend can (split
+        inference); None when it cannot."""
+        return None
 
     @abstractmethod
     def _open_state(self) -> object:
@@ -198,3 +206,89 @@ class EngineSession:
         if not self._closed:
             self.engine._close_state(self._state)
             self._closed = True
+
+
+class LayerSplit(ABC):
+    """A capability an engine may offer: its forward pass run a range of decoder layers at a time.
+
+    Split inference runs the embedding and layers ``[0, k)`` on one device and layers
+    ``[k, n)``, the final norm and the output head on another; the hidden states of the new
+    positions cross between them. Each part of a sequence keeps a KV cache for its own layers.
+    """
+
+    @property
+    @abstractmethod
+    def n_layers(self) -> int:
+        """Decoder layers in the model."""
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int:
+        """Width of a hidden state: the numbers one position carries between two parts."""
+
+    def open_part(self, first: int, last: int) -> "ModelPart":
+        """Layers ``[first, last)`` over a new, empty sequence."""
+        if not (isinstance(first, int) and isinstance(last, int) and 0 <= first < last <= self.n_layers):
+            raise EngineError(f"a model part needs 0 <= first < last <= {self.n_layers} (the model's layers), "
+                              f"got [{first}, {last})")
+        return self._open_part(first, last)
+
+    @abstractmethod
+    def _open_part(self, first: int, last: int) -> "ModelPart":
+        """Backend state for layers ``[first, last)`` (checked) over an empty sequence."""
+
+
+class ModelPart(ABC):
+    """Layers ``[first, last)`` of a model over one sequence, with their own KV cache.
+
+    :meth:`run` appends positions ``length ... length + m - 1``. The part that starts at layer
+    0 takes token ids and embeds them; a later part takes the hidden states the part before it
+    returned, shape ``(m, hidden_size)``. The part that ends at the last layer returns logits
+    (after the final norm and the output head) for the last ``logits_to_keep`` positions; any
+    other part returns the hidden states of all ``m`` positions. Results are float32.
+    """
+
+    def __init__(self, split: LayerSplit, first: int, last: int):
+        self.split, self.first, self.last = split, first, last
+        self.length = 0
+        self.closed = False
+
+    @property
+    def takes_tokens(self) -> bool:
+        return self.first == 0
+
+    @property
+    def gives_logits(self) -> bool:
+        return self.last == self.split.n_layers
+
+    def run(self, inputs, logits_to_keep: int = 1) -> np.ndarray:
+        """Run the part's layers on ``inputs`` (token ids or hidden states) at the next positions."""
+        if self.closed:
+            raise EngineError("model part is closed")
+        if self.takes_tokens:
+            x = np.asarray(inputs)
+            if x.ndim != 1 or not np.issubdtype(x.dtype, np.integer):
+                raise EngineError(f"layers [0, {self.last}) take a list of token ids, got an array of shape "
+                                  f"{x.shape} and dtype {x.dtype}")
+        else:
+            x = np.asarray(inputs, dtype=np.float32)
+            if x.ndim != 2 or x.shape[1] != self.split.hidden_size:
+                raise EngineError(f"layers [{self.first}, {self.last}) take hidden states of shape "
+                                  f"(positions, {self.split.hidden_size}), got {x.shape}")
+        m = len(x)
+        if m == 0:
+            raise EngineError("nothing to run: no positions given")
+        keep = min(logits_to_keep, m) if self.gives_logits else m
+        if keep < 1:
+            raise EngineError(f"logits_to_keep must be >= 1, got {logits_to_keep}")
+        out = self._run(x, self.length, keep)
+        self.length += m
+        return out
+
+    @abstractmethod
+    def _run(self, x: np.ndarray, start: int, keep: int) -> np.ndarray:
+        """Evaluate ``x`` at positions ``start...``; the last ``keep`` rows of the output."""
+
+    def close(self) -> None:
+        """Release the part's cache."""
+        self.closed = True

@@ -6,6 +6,15 @@ noise: ``agreement * target + (1 - agreement) * noise``, so ``agreement=1`` give
 identical to the target and lower values give more rejections. Because every distribution
 is an explicit function of the context, tests can compute the exact probability of any
 output sequence and compare it with what speculative decoding produced.
+
+The same function is also computed by a stack of ``n_layers`` layers (:meth:`ToyEngine.layer_split`),
+so split inference runs on the toy genuinely: a hidden state holds the ``order`` most recent
+token ids of its position (-1 where the sequence is shorter), the embedding puts the
+position's own token in slot 0, and ``order - 1`` of the layers are attention layers, spread
+over the stack, each filling one more slot from the previous position's hidden state at its
+input (which it keeps in its own KV cache); the other layers pass hidden states through.
+The output head reads the window and the position and gives :meth:`ToyEngine.logits_for`'s
+logits. A part after the first sees only hidden states and positions, never token ids.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from systems.engines.base import Engine, EngineError, EngineInfo, fingerprint_vocabulary
+from systems.engines.base import Engine, EngineError, EngineInfo, LayerSplit, ModelPart, fingerprint_vocabulary
 
 EOS = 0
 
@@ -33,6 +42,7 @@ class ToyEngine(Engine):
         eos_logit: float = -3.0,
         order: int = 3,
         n_ctx: int = 4096,
+        n_layers: int = 6,
         **_ignored,
     ):
         if role not in ("draft", "target"):
@@ -41,7 +51,10 @@ class ToyEngine(Engine):
             raise EngineError(f"toy vocabulary needs at least 2 tokens, got {vocab_size}")
         if not 0.0 <= agreement <= 1.0:
             raise EngineError(f"agreement must be in [0, 1], got {agreement}")
+        if n_layers < max(1, order - 1):
+            raise EngineError(f"toy n_layers must be >= max(1, order - 1) = {max(1, order - 1)}, got {n_layers}")
         self.role, self.seed, self.agreement = role, seed, agreement
+        self.n_layers = n_layers
         self.sharpness, self.eos_logit, self.order = sharpness, eos_logit, order
         self._cache: dict[tuple, np.ndarray] = {}
         pieces = [f"<t{i}>" for i in range(vocab_size)]
@@ -63,7 +76,11 @@ class ToyEngine(Engine):
 
     def logits_for(self, context: Sequence[int]) -> np.ndarray:
         """The exact logits this engine gives after ``context``."""
-        key = (len(context), *tuple(context[-self.order :]))
+        return self._logits_at(len(context), tuple(context[-self.order :]))
+
+    def _logits_at(self, length: int, window: tuple) -> np.ndarray:
+        """The logits after a context of ``length`` tokens ending with ``window`` (its last ``order``)."""
+        key = (length, *window)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
@@ -112,3 +129,63 @@ class ToyEngine(Engine):
 
     def _truncate(self, state: list[int], n_keep: int) -> None:
         del state[n_keep:]
+
+    def layer_split(self) -> "_ToyLayers":
+        return _ToyLayers(self)
+
+
+class _ToyLayers(LayerSplit):
+    """The toy's stack of layers (see the module docstring); attention layer j fills slot j."""
+
+    def __init__(self, engine: ToyEngine):
+        self.engine = engine
+        order, n = engine.order, engine.n_layers
+        # slot j (1 <= j < order) is filled by layer (j * n) // order: increasing, within the stack
+        self.fills = {(j * n) // order: j for j in range(1, order)}
+
+    @property
+    def n_layers(self) -> int:
+        return self.engine.n_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.engine.order
+
+    def _open_part(self, first: int, last: int) -> "_ToyPart":
+        return _ToyPart(self, first, last)
+
+
+class _ToyPart(ModelPart):
+    """Toy layers ``[first, last)``; the KV cache of an attention layer is its inputs' previous slot."""
+
+    def __init__(self, split: _ToyLayers, first: int, last: int):
+        super().__init__(split, first, last)
+        self.kv = {k: [] for k in split.fills if first <= k < last}
+
+    def _run(self, x: np.ndarray, start: int, keep: int) -> np.ndarray:
+        engine = self.split.engine
+        if start + len(x) > engine.info.n_ctx:
+            raise EngineError(f"context of {start + len(x)} tokens exceeds n_ctx={engine.info.n_ctx}")
+        if self.takes_tokens:
+            h = np.full((len(x), engine.order), -1.0, dtype=np.float32)
+            h[:, 0] = x
+        else:
+            h = np.array(x, dtype=np.float32)
+        for layer in range(self.first, self.last):
+            slot = self.split.fills.get(layer)
+            if slot is None:
+                continue
+            cache = self.kv[layer]
+            seen = cache + [float(v) for v in h[:, slot - 1]]  # this layer's input, position by position
+            h[:, slot] = [seen[start + p - 1] if start + p >= 1 else -1.0 for p in range(len(h))]
+            cache[:] = seen
+        if not self.gives_logits:
+            return h
+        rows = []
+        for p in range(len(h) - keep, len(h)):
+            ids = np.rint(h[p]).astype(np.int64)
+            if np.any(np.abs(h[p] - ids) > 1e-3) or np.any(ids < -1) or np.any(ids >= engine.info.vocab_size):
+                raise EngineError(f"toy hidden state at position {start + p} holds no token ids: {h[p].tolist()}")
+            window = tuple(int(t) for t in ids[::-1] if t >= 0)
+            rows.append(engine._logits_at(start + p + 1, window))
+        return np.stack(rows)

@@ -140,7 +140,7 @@ def test_config_errors_name_the_key():
 # that is a string must be listed here or under FREE, so a new option is never left out.
 CHOICES = {"verification": VERIFICATION, "uplink_q": UPLINK_Q, "tuner": TUNERS, "tuner_method": METHODS,
            "r1_update": R1_UPDATES}
-FREE = {"q_dtype": "a dtype name, not a mode"}
+FREE = {"q_dtype": "a dtype name, not a mode", "hidden_dtype": "a dtype name, not a mode"}
 # Options that matter only under another's value, and settings that keep such runs short.
 ONLY_WITH = {"tuner_method": ("tuner", "online")}
 ALSO = {("tuner", "online"): {"tuner_trials": 3, "tuner_tokens": 4, "retune_window": 8}}
