@@ -206,6 +206,7 @@ def test_performance_model_inputs_from_the_run_records():
 
 
 # ---- the sparse split's exactness ------------------------------------------------------------------
+@pytest.mark.statistical
 def test_sampling_exact_when_target_truncated_to_top_k(report):
     draft, target = _pair(seed=3, agreement=0.6, vocab=8, sharpness=1.0)
     k, n, length = 3, 6000, 3
@@ -219,6 +220,7 @@ def test_sampling_exact_when_target_truncated_to_top_k(report):
     assert pvalue > 1e-3
 
 
+@pytest.mark.statistical
 def test_untruncated_gap_is_measured_and_reported(report):
     """The first output token's distribution is min(p, q) + P(reject) x norm(max(0, p̂ - q))
     on the target's top K (p̂ = p there, 0 elsewhere): biased when p has more support."""

@@ -99,6 +99,7 @@ def test_speculation_beyond_pending_verdicts_is_lossless(depth, lead_row):
         assert promoted == 0, "stop-and-wait has nothing to promote"
 
 
+@pytest.mark.statistical
 @pytest.mark.parametrize("verification,lead_row", [("full", True), ("sparse", True), ("full", False)])
 def test_speculation_preserves_distribution(verification, lead_row):
     draft, target = _pair(seed=5, agreement=0.6, vocab=4, sharpness=1.0)
