@@ -107,3 +107,32 @@ def test_processing_top_k_top_p_and_errors():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="q\\(x\\) = 0"):
         verify_rejection(np.ones((2, 2)) / 2, np.array([[1.0, 0.0]]), [1], np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("vocab", [5, 12, 40, 5000])
+def test_sparse_verdict_carries_the_k_largest_in_descending_order(vocab):
+    """On a rejection the downlink carries exactly TopK(p) at the rejected position, most
+    probable first, with p's own values (checked against a full sort; a vocabulary in the
+    thousands too, where a partial partition's leftovers are no longer in order)."""
+    rng = np.random.default_rng(vocab)
+    for trial in range(30):
+        p = rng.dirichlet(np.ones(vocab) * 0.5)
+        x = int(np.argmin(p))
+        p[x] = 0.0  # the draft token is one the target never emits: certain rejection
+        p /= p.sum()
+        p_rows = np.stack([p, p])
+        for k in sorted({1, 2, 3, vocab - 1, vocab, vocab + 5}):
+            out = verify_sparse(p_rows, [0.5], [x], rng, k)
+            kk = min(k, vocab)
+            expected = [int(t) for t in np.argsort(-p, kind="stable")[:kk]]
+            assert (out.n_accepted, out.token) == (0, None)
+            assert list(out.topk_ids) == expected, (trial, k)
+            assert list(out.topk_probs) == [float(p[t]) for t in expected]
+
+
+def test_sparse_rule_refuses_what_cannot_have_been_sampled():
+    p_rows = np.full((2, 3), 1 / 3)
+    with pytest.raises(ValueError, match="q\\(x\\) = 0"):
+        verify_sparse(p_rows, [0.0], [1], np.random.default_rng(0), 3)
+    with pytest.raises(ValueError, match="top-K size must be >= 1, got 0"):
+        verify_sparse(p_rows, [0.5], [1], np.random.default_rng(0), 0)

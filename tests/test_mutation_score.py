@@ -1,0 +1,31 @@
+"""The mutation report's ledger of equivalent edits: matched by function and changed line."""
+
+from benchmarks.mutation_score import Equivalent, changed_lines, explain, load_equivalents
+
+DIFF = """--- systems/sampling.py
++++ systems/sampling.py
+@@ -1,3 +1,3 @@
+ def f(p, q):
+-    if u < min(1.0, r):
++    if u <= min(1.0, r):
+         return 1
+"""
+
+
+def test_changed_lines_leave_out_the_headers():
+    assert changed_lines(DIFF) == (["if u < min(1.0, r):"], ["if u <= min(1.0, r):"])
+
+
+def test_a_survivor_is_explained_only_by_its_own_function_and_line():
+    entry = Equivalent("systems.sampling.x_f", "if u < min(1.0, r):", "if u <= min(1.0, r):", "probability zero")
+    assert explain("systems.sampling.x_f__mutmut_7", DIFF, [entry]) is entry
+    assert explain("systems.sampling.x_g__mutmut_7", DIFF, [entry]) is None  # another function
+    other = Equivalent("systems.sampling.x_f", "if u < min(1.0, r):", "if u < min(2.0, r):", "u < 1")
+    assert explain("systems.sampling.x_f__mutmut_7", DIFF, [other]) is None  # another edit
+
+
+def test_the_ledger_parses_and_every_entry_gives_a_reason():
+    entries = load_equivalents()
+    assert entries, "benchmarks/mutation_equivalents.toml is empty"
+    for e in entries:
+        assert e.function.count(".") >= 2 and e.before != e.after and len(e.why) > 20, e
