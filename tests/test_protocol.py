@@ -15,8 +15,8 @@ import pytest
 
 from harness.inprocess import RunOptions, run_system
 from harness.link import LinkProfile
-from systems.api import EdgePolicy, SystemSpec
-from systems.messages import Upload, Verdict, decode, encode
+from systems.api import EdgeContext, EdgePolicy, SystemSpec
+from systems.messages import TokenOut, Upload, Verdict, decode, encode
 from systems.protocol import SpeculativeEdge, VerifyingCloud, choose_rule
 from systems.sampling import SamplingParams
 from systems.api import GenerationRequest
@@ -211,3 +211,31 @@ def test_round_records_account_for_every_token():
             assert rec.acceptance_rate == pytest.approx(rec.accepted / sum(r.verified for r in live))
             assert all(r.wasted == r.drafted - r.accepted for r in rec.rounds)
     assert dead_seen > 0, "no window was discarded: the case went untested"
+
+
+class _Delivers:
+    """The edge's end of a link on which the cloud has sent exactly ``msg``."""
+
+    def __init__(self, msg):
+        self.msg = msg
+
+    async def recv(self):
+        from systems.api import Envelope
+
+        return Envelope(self.msg, nbytes=12, t_sent=0.0, t_recv=0.01)
+
+
+@pytest.mark.parametrize("msg", [TokenOut("s", index=1, token=7), TokenOut("s", index=0, token=7, last=True),
+                                 Verdict("s", 0, 0, 0, 0, 7)],
+                         ids=["skipped-index", "repeated-index", "not-a-token"])
+def test_a_streamed_token_out_of_order_is_refused(msg):
+    """Cloud-only and split-inference streams accept the next index only, and only a TokenOut."""
+    import asyncio
+
+    from systems.protocol import ProtocolError, receive_token
+
+    output = [5] if isinstance(msg, TokenOut) and msg.last else []  # index 0 again after one token
+    ctx = EdgeContext("s", None, None, _Delivers(msg), None, None, None)  # refused before any clock or record
+    request = GenerationRequest("r", [1, 2], 4, SamplingParams())
+    with pytest.raises(ProtocolError, match="^split stream out of order: "):
+        asyncio.run(receive_token(ctx, request, output, 0.0, 0, "split"))

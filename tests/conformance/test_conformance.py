@@ -68,6 +68,7 @@ def _check_rounds(record, spec):
     emitted = 0
     verifying = spec.cloud_cls is not None and issubclass(spec.cloud_cls, VerifyingCloud)
     for r in record.rounds:
+        assert r.request_id == record.request_id, f"round {r.round} recorded under another request"
         if r.extra.get("discarded"):  # an unused answer: nothing to agree on, nothing verified
             assert r.cloud_digest == "" and r.verified == 0 and r.accepted == 0 and r.emitted == 0, r
         else:
