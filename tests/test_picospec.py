@@ -347,15 +347,19 @@ def test_table1_preset_carries_the_papers_figures():
 
     spec = grid_spec(_compose("experiment=picospec_table1").grid)
     assert [s.device for s in spec.scenarios] == ["picospec_qwen", "picospec_llama"]
-    paper_speedup = {"humaneval": {"qwen": (0.44, 1.13), "llama": (1.45, 2.90)},
-                     "math": {"qwen": (0.58, 1.45), "llama": (1.35, 2.51)}}  # vanilla, PicoSpec (Table 1)
+    paper_speedup = {"humaneval": {"qwen": (0.44, 1.13, 0.53), "llama": (1.45, 2.90, 0.66)},
+                     "math": {"qwen": (0.58, 1.45, 0.54), "llama": (1.35, 2.51, 0.63)}}  # vanilla, PicoSpec, split
     for d in spec.datasets:
         names = [m.name for m in d.methods]
-        assert names == ["ar", "vanilla", "picospec", "wo_parallel_draft", "wo_fast_verify", "wo_split_rejection"]
-        for scenario, (vanilla, pico) in paper_speedup[d.name].items():
+        assert names == ["ar", "vanilla", "picospec", "wo_parallel_draft", "wo_fast_verify", "wo_split_rejection",
+                         "split"]
+        split = d.methods[-1]
+        assert (split.system, split.params, split.pair) == ("split_inference", {"edge_layers": 3}, "qwen25coder-hf")
+        for scenario, (vanilla, pico, split_inf) in paper_speedup[d.name].items():
             tpt = d.paper["tpt_ms"][scenario]
             assert tpt[0] / tpt[1] == pytest.approx(vanilla, abs=0.01)
             assert tpt[0] / tpt[2] == pytest.approx(pico, abs=0.01)
+            assert tpt[0] / tpt[6] == pytest.approx(split_inf, abs=0.005)
 
 
 def test_bench_prints_the_model_for_picospec(tmp_path, capsys):

@@ -304,6 +304,32 @@ def test_specwan_run_refuses_an_edge_profile_without_target_costs(tmp_path):
     assert make_plan(cfg_ok).edge.prices_target
 
 
+def test_a_virtual_run_records_that_its_times_are_modelled(tmp_path, capsys):
+    """The run says where its split-inference times come from: the virtual clock, the device
+    profiles with the edge's target costs and their declared source."""
+    import json
+
+    import pandas as pd
+    from hydra import compose, initialize_config_dir
+
+    from harness.run import CONF_DIR, execute
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("config", overrides=["system=split_inference", "pair=toy", "device=picospec_qwen",
+                                           "network=picospec_wan", "workload=smoke", "workload.chat_template=false",
+                                           "workload.size=1", "max_new_tokens=4"])
+    (rec,) = execute(cfg, run_dir=tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    edge = manifest["device_profiles"]["edge"]
+    assert manifest["clock"] == "virtual" and edge["kind"] == "declared"
+    assert (edge["target_step_s"], edge["target_layers"]) == (1.332, 64)
+    assert edge["target_source"].startswith("assumption")
+    rounds = pd.read_parquet(tmp_path / "rounds.parquet")
+    assert set(rounds["clock"]) == {"virtual"} and len(rounds) == rec.n_tokens
+    assert "ms/token (modelled)" in capsys.readouterr().out
+    assert rec.rounds[1].extra["t_edge"] == pytest.approx(3 / 64 * 1.332)
+
+
 def test_the_toy_needs_room_for_its_window():
     with pytest.raises(EngineError, match=r"n_layers must be >= max\(1, order - 1\) = 3"):
         create_engine("toy", order=4, n_layers=2)

@@ -143,3 +143,22 @@ def test_gguf_vocab_tokens_match_gguf_reader(draft_model_path):
     tokens = gguf_vocab_tokens(draft_model_path)
     assert tokens == reference and len(tokens) == 151936
     assert fingerprint_vocabulary(tokens) == gguf_vocab_fingerprint(draft_model_path)
+
+
+def test_layer_split_matches_the_unsplit_model(engine):
+    """The model run as two parts (layers 0-2 and 3-23, each with its own cache) gives the
+    unsplit model's logits after the prompt and after each next token."""
+    prompt = engine.tokenize(PROMPT)
+    split = engine.layer_split()
+    assert (split.n_layers, split.hidden_size) == (24, 896)
+    edge, cloud = split.open_part(0, 3), split.open_part(3, 24)
+    session = engine.new_session()
+    want = session.prefill(prompt)
+    got = cloud.run(edge.run(prompt))
+    assert got.shape == (1, engine.vocab_size)
+    np.testing.assert_allclose(got[0], want, atol=1e-4, rtol=0)
+    for _ in range(3):
+        token = int(np.argmax(want))
+        want = session.score([token])[-1]
+        np.testing.assert_allclose(cloud.run(edge.run([token]))[0], want, atol=1e-4, rtol=0)
+    session.close()
