@@ -170,3 +170,20 @@ def test_edgellm_sends_proactive_tokens_in_chunks_of_n_hat():
             chunked += 1
         lengths.append(len(trig["confidences"]))
     assert chunked >= 5
+
+
+def test_cloud_only_rounds_by_hand():
+    """Cloud-only records one round per streamed token: the committed length after it, and a
+    downlink time equal to the link's transfer time of that message on an idle link."""
+    link = LinkProfile("fixed", rtt_s=0.04, up_bps=1e6, down_bps=2e6, overhead_bytes=66)
+    kw = dict(vocab_size=512, seed=2, sharpness=6.0)
+    draft = create_engine("toy", role="draft", agreement=0.9, **kw)
+    target = create_engine("toy", role="target", **kw)
+    req = GenerationRequest("c", [4, 5, 6], 8, SamplingParams())
+    (rec,) = run_system("cloud_only", draft, target, [req], {},
+                        RunOptions(link=link, edge_cost=lambda op: 0.0, cloud_cost=lambda op: 0.01))
+    assert rec.output_tokens == greedy_decode(target, req.prompt, 8)[0]
+    assert [r.round for r in rec.rounds] == list(range(8))
+    for i, r in enumerate(rec.rounds):
+        assert (r.request_id, r.emitted, r.committed) == ("c", 1, 3 + i + 1)
+        assert r.t_downlink == pytest.approx(link.transfer_time(r.bytes_down, "down"), rel=1e-9)

@@ -139,3 +139,22 @@ def test_wire_bytes_of_a_small_message():
     assert p.wire_bytes(100) == 100 + 26 + 52
     assert p.wire_bytes(1448 - 26) == 1448 + 52 and p.wire_bytes(1448 - 25) == 1449 + 2 * 52
     assert LinkProfile("w", overhead_bytes=26).wire_bytes(100) == 126
+
+
+def test_a_network_profile_carries_every_field_into_the_virtual_link():
+    """The virtual link models the same profile the real backends realise: every field the
+    two share arrives unchanged (each set to a value no default has)."""
+    from dataclasses import fields
+
+    from netem.profile import NetworkProfile, RateStep, Trace
+
+    trace = Trace((RateStep(0.0, 1e6, 2e6), RateStep(1.0, 3e6, 4e6)))
+    net = NetworkProfile("wan-x", rtt_s=0.083, up_bps=3.1e6, down_bps=7.7e6, jitter_s=0.004,
+                         jitter_distribution="uniform", loss=0.013, overhead_bytes=11, header_bytes=40,
+                         mss=1300, trace=trace, seed=17)
+    link = LinkProfile.from_network(net)
+    shared = {f.name for f in fields(LinkProfile)} & {f.name for f in fields(NetworkProfile)}
+    assert shared == {"name", "rtt_s", "up_bps", "down_bps", "jitter_s", "jitter_distribution", "loss",
+                      "overhead_bytes", "header_bytes", "mss", "trace", "seed"}
+    for name in shared:
+        assert getattr(link, name) == getattr(net, name), name
