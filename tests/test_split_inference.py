@@ -39,43 +39,50 @@ def qwen():
     return TransformersEngine.from_model(Qwen2ForCausalLM(config), name="tiny-qwen2", n_ctx=512)
 
 
-def _reference_rows(engine, tokens, prefill):
-    """The unsplit model's logits after each position: all prompt positions in one forward
-    pass, then one position a pass (the schedule the split parts run)."""
+def _blocks(tokens, sizes):
+    """``tokens`` cut into blocks of ``sizes`` (the last size repeats until they run out)."""
+    out, i = [], 0
+    sizes = list(sizes)
+    while i < len(tokens):
+        n = sizes.pop(0) if len(sizes) > 1 else sizes[0]
+        out.append(tokens[i:i + n])
+        i += n
+    return out
+
+
+def _reference_rows(engine, tokens, sizes):
+    """The unsplit model's logits after each position, the sequence run in blocks of ``sizes``."""
     torch = pytest.importorskip("torch")
-    model = engine._model
     from transformers import DynamicCache
 
+    model = engine._model
     cache = DynamicCache(config=model.config)
-    rows = []
+    rows, start = [], 0
     with torch.inference_mode():
-        blocks = [tokens[:prefill]] + [[t] for t in tokens[prefill:]]
-        start = 0
-        for block in blocks:
-            ids = torch.tensor([block])
+        for block in _blocks(tokens, sizes):
             pos = torch.arange(start, start + len(block))[None]
-            out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
+            out = model(input_ids=torch.tensor([block]), position_ids=pos, past_key_values=cache, use_cache=True)
             rows += list(out.logits[0].float().numpy())
             start += len(block)
     return np.stack(rows)
 
 
-def _split_rows(engine, tokens, prefill, cut):
+def _split_rows(engine, tokens, sizes, cut):
+    """The same through two parts cut after layer ``cut``; every position's logits."""
     split = engine.layer_split()
     edge, cloud = split.open_part(0, cut), split.open_part(cut, split.n_layers)
-    rows = [cloud.run(edge.run(tokens[:prefill]), logits_to_keep=prefill)]
-    for t in tokens[prefill:]:
-        rows.append(cloud.run(edge.run([t])))
+    rows = [cloud.run(edge.run(block), logits_to_keep=len(block)) for block in _blocks(tokens, sizes)]
     assert edge.length == cloud.length == len(tokens)
     return np.concatenate(rows)
 
 
 # ---- (a) the split forward equals the unsplit one ----------------------------------------------
 @pytest.mark.parametrize("cut", [1, 3, 5])
-def test_split_forward_equals_unsplit_at_every_position(qwen, cut):
+@pytest.mark.parametrize("sizes", [(5, 1), (5, 3, 1)], ids=["prefill-then-one", "a-block-after-the-prompt"])
+def test_split_forward_equals_unsplit_at_every_position(qwen, cut, sizes):
     tokens = PROMPT + [42, 17, 88, 1, 60, 2]
-    want = _reference_rows(qwen, tokens, len(PROMPT))
-    got = _split_rows(qwen, tokens, len(PROMPT), cut)
+    want = _reference_rows(qwen, tokens, sizes)
+    got = _split_rows(qwen, tokens, sizes, cut)
     assert got.shape == want.shape == (len(tokens), 97)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     # and against the engine's own scoring path (the one every other system uses)
@@ -89,7 +96,7 @@ def test_three_parts_chain_like_two(qwen):
     split = qwen.layer_split()
     a, b, c = split.open_part(0, 2), split.open_part(2, 4), split.open_part(4, 6)
     rows = [c.run(b.run(a.run(tokens[:5])), logits_to_keep=5)] + [c.run(b.run(a.run([t]))) for t in tokens[5:]]
-    np.testing.assert_allclose(np.concatenate(rows), _reference_rows(qwen, tokens, 5), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate(rows), _reference_rows(qwen, tokens, (5, 1)), atol=1e-5, rtol=0)
 
 
 def test_hidden_states_are_the_models_own(qwen):
@@ -109,7 +116,7 @@ def test_toy_layers_give_the_toy_logits(cut):
     engine = ToyEngine(vocab_size=8, seed=2, n_layers=6, order=4)
     rng = np.random.default_rng(1)
     tokens = [int(t) for t in rng.integers(0, 8, 14)]
-    got = _split_rows(engine, tokens, 6, cut)
+    got = _split_rows(engine, tokens, (6, 3, 1), cut)
     want = np.stack([engine.logits_for(tokens[: i + 1]) for i in range(len(tokens))])
     assert np.array_equal(got, want)
 
