@@ -136,3 +136,25 @@ def test_sparse_rule_refuses_what_cannot_have_been_sampled():
         verify_sparse(p_rows, [0.0], [1], np.random.default_rng(0), 3)
     with pytest.raises(ValueError, match="top-K size must be >= 1, got 0"):
         verify_sparse(p_rows, [0.5], [1], np.random.default_rng(0), 0)
+
+
+def test_processed_distribution_by_hand():
+    """Temperature divides the logits; top-k keeps the k largest (all of them when k is at
+    least the vocabulary); top-p keeps the smallest most-probable set reaching p."""
+    logits = np.array([2.0, 1.0, 0.0, -1.0])
+    for t in (0.5, 1.0, 2.0):
+        e = np.exp(logits / t)
+        assert probabilities(logits, SamplingParams(t)) == pytest.approx(e / e.sum(), rel=1e-12)
+    e = np.exp(logits)
+    full = e / e.sum()
+    for k in (4, 10):
+        assert probabilities(logits, SamplingParams(1.0, top_k=k)) == pytest.approx(full, rel=1e-12)
+    assert probabilities(logits, SamplingParams(1.0, top_k=2)) == pytest.approx(
+        np.array([e[0], e[1], 0, 0]) / (e[0] + e[1]), rel=1e-12)
+    # full = 0.644, 0.237, 0.087, 0.032 (cumulative 0.644, 0.881, 0.968): 0.9 needs the first
+    # three, 0.85 the first two, 0.6 the first alone
+    assert probabilities(logits, SamplingParams(1.0, top_p=0.85)) == pytest.approx(
+        np.array([e[0], e[1], 0, 0]) / (e[0] + e[1]), rel=1e-12)
+    assert probabilities(logits, SamplingParams(1.0, top_p=0.9)) == pytest.approx(
+        np.array([e[0], e[1], e[2], 0]) / (e[0] + e[1] + e[2]), rel=1e-12)
+    assert probabilities(logits, SamplingParams(1.0, top_p=0.6)) == pytest.approx(np.array([1.0, 0, 0, 0]))
