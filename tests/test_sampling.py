@@ -158,3 +158,35 @@ def test_processed_distribution_by_hand():
     assert probabilities(logits, SamplingParams(1.0, top_p=0.9)) == pytest.approx(
         np.array([e[0], e[1], e[2], 0]) / (e[0] + e[1] + e[2]), rel=1e-12)
     assert probabilities(logits, SamplingParams(1.0, top_p=0.6)) == pytest.approx(np.array([1.0, 0, 0, 0]))
+
+
+def _top_p_oracle(p: np.ndarray, top_p: float) -> set[int]:
+    """The nucleus by a plain loop: most probable first, equal probabilities by lower id."""
+    kept, mass = set(), 0.0
+    for i in sorted(range(p.size), key=lambda i: (-p[i], i)):
+        kept.add(i)
+        mass += p[i]
+        if mass >= top_p * p.sum() - 1e-12:
+            return kept
+    return kept
+
+
+def test_top_k_and_top_p_edges_ties_and_vanishing_tokens():
+    """Top-k keeps exactly the k largest; ties at the nucleus' edge keep the lower ids, on every CPU (a stable order; numpy's
+    default sort is not stable where it uses SIMD sorting); top-p = 1 keeps a token whose
+    probability is below 1e-12; with top-k first, the nucleus is of what top-k left."""
+    rng = np.random.default_rng(0)
+    for n in (20, 64, 300):
+        logits = rng.integers(0, 4, n).astype(float)  # four levels: many ties
+        for top_p in (0.1, 0.33, 0.5, 0.8):
+            probs = probabilities(logits, SamplingParams(1.0, top_p=top_p))
+            assert set(np.flatnonzero(probs)) == _top_p_oracle(probabilities(logits, SamplingParams(1.0)), top_p)
+    assert probabilities(np.array([0.0, -40.0]), SamplingParams(1.0, top_p=1.0))[1] > 0
+    for n in (10, 50, 2000):  # past a thousand, numpy partitions without sorting the rest
+        logits = rng.normal(size=n)
+        for k in (1, 2, 3, 7):
+            kept = set(np.flatnonzero(probabilities(logits, SamplingParams(1.0, top_k=k))))
+            assert kept == {int(i) for i in np.argsort(-logits)[:k]}, (n, k)
+    logits = np.array([2.0, 1.0, 0.0, -1.0])  # top-2 leaves 0.731, 0.269 of its mass
+    assert probabilities(logits, SamplingParams(1.0, top_k=2, top_p=0.7)) == pytest.approx(np.array([1.0, 0, 0, 0]))
+    assert np.count_nonzero(probabilities(logits, SamplingParams(1.0, top_k=2, top_p=0.75))) == 2
