@@ -187,3 +187,34 @@ def test_cloud_only_rounds_by_hand():
     for i, r in enumerate(rec.rounds):
         assert (r.request_id, r.emitted, r.committed) == ("c", 1, 3 + i + 1)
         assert r.t_downlink == pytest.approx(link.transfer_time(r.bytes_down, "down"), rel=1e-9)
+
+
+def _edgellm_run(params, stop_at=None, n=60):
+    kw = dict(vocab_size=512, seed=2, sharpness=6.0)
+    draft = create_engine("toy", role="draft", agreement=0.9, **kw)
+    target = create_engine("toy", role="target", **kw)
+    prompt = [3, 2, 3]
+    ref = greedy_decode(target, prompt, n)[0]
+    stop = () if stop_at is None else (ref[stop_at],)
+    req = GenerationRequest("e", prompt, n, SamplingParams(), stop_ids=stop)
+    (rec,) = run_system("edgellm", draft, target, [req], params,
+                        RunOptions(link=LINK, edge_cost=lambda op: 0.036, cloud_cost=lambda op: 0.015))
+    assert rec.output_tokens == (ref if stop_at is None else ref[: ref.index(stop[0]) + 1])
+    return rec, [r for r in rec.rounds if not r.extra.get("discarded")]
+
+
+@pytest.mark.parametrize("stop_at", [None, 14])
+def test_edgellm_every_window_is_closed_by_its_trigger(stop_at):
+    """Each window the edge sends for verification is closed by the trigger rule, which notes
+    it: the confidence product fell to R1, a stop token was drafted, or the output is full."""
+    rec, rounds = _edgellm_run({"r1": 0.3}, stop_at)
+    assert rounds and all("trigger" in r.extra for r in rounds), [r.extra for r in rounds]
+
+
+def test_edgellm_trigger_fires_when_the_product_equals_r1():
+    """The rule is product <= R1: with R1 set to the first draft's own confidence, the first
+    window closes after that one token."""
+    _, rounds = _edgellm_run({"r1": 0.3})
+    c1 = rounds[0].extra["trigger"]["confidences"][0]
+    _, rounds = _edgellm_run({"r1": c1})
+    assert rounds[0].extra["trigger"]["confidences"] == [c1]
