@@ -30,19 +30,22 @@ EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.toml")
 @dataclass(frozen=True)
 class Equivalent:
     """A surviving edit shown unable to change behaviour: in ``function`` (mutmut's name up to
-    ``__mutmut_``), the line ``before`` becomes ``after`` (both stripped)."""
+    ``__mutmut_``), the line ``before`` becomes ``after`` (both stripped). ``context``: lines
+    that must stand unchanged near the edit, for a line the function holds more than once."""
 
     function: str
     before: str
     after: str
     why: str
+    context: tuple[str, ...] = ()
 
 
 def load_equivalents(path: Path = EQUIVALENTS) -> list[Equivalent]:
     if not path.is_file():
         return []
     entries = tomllib.loads(path.read_text())["equivalent"]
-    return [Equivalent(e["function"], e["before"].strip(), e["after"].strip(), e["why"]) for e in entries]
+    return [Equivalent(e["function"], e["before"].strip(), e["after"].strip(), e["why"],
+                       tuple(c.strip() for c in e.get("context", ()))) for e in entries]
 
 
 def changed_lines(diff: str) -> tuple[list[str], list[str]]:
@@ -56,8 +59,9 @@ def explain(mutant: str, diff: str, equivalents: list[Equivalent]) -> Equivalent
     """The ledger entry a survivor matches: same function, one line changed as recorded."""
     function = mutant.rsplit("__mutmut_", 1)[0]
     removed, added = changed_lines(diff)
+    kept = {ln[1:].strip() for ln in diff.splitlines() if ln.startswith(" ")}
     for e in equivalents:
-        if e.function == function and removed == [e.before] and added == [e.after]:
+        if e.function == function and removed == [e.before] and added == [e.after] and kept.issuperset(e.context):
             return e
     return None
 

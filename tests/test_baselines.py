@@ -209,6 +209,9 @@ def test_edgellm_every_window_is_closed_by_its_trigger(stop_at):
     it: the confidence product fell to R1, a stop token was drafted, or the output is full."""
     rec, rounds = _edgellm_run({"r1": 0.3}, stop_at)
     assert rounds and all("trigger" in r.extra for r in rounds), [r.extra for r in rounds]
+    for r in rounds:  # the product is of this window's own confidences, from 1
+        trig = r.extra["trigger"]
+        assert trig["product"] == pytest.approx(math.prod(trig["confidences"]), rel=1e-12)
 
 
 def test_edgellm_trigger_fires_when_the_product_equals_r1():

@@ -29,3 +29,18 @@ def test_the_ledger_parses_and_every_entry_gives_a_reason():
     assert entries, "benchmarks/mutation_equivalents.toml is empty"
     for e in entries:
         assert e.function.count(".") >= 2 and e.before != e.after and len(e.why) > 20, e
+
+
+def test_a_repeated_line_is_told_apart_by_its_context():
+    diff = """--- a.py
++++ a.py
+@@ -1,4 +1,4 @@
+     elif not edge.awaiting:
+         send()
+-        x = 1.0
++        x = 2.0
+"""
+    here = Equivalent("m.x_f", "x = 1.0", "x = 2.0", "reached only at the end", ("elif not edge.awaiting:",))
+    elsewhere = Equivalent("m.x_f", "x = 1.0", "x = 2.0", "reached only at the end", ("def close():",))
+    assert explain("m.x_f__mutmut_1", diff, [here]) is here
+    assert explain("m.x_f__mutmut_1", diff, [elsewhere]) is None
