@@ -67,14 +67,15 @@ def test_edgellm_r1_update():
     assert update_r1(0.6, 0.25, n_correct=4, n=4) == pytest.approx(0.3)  # N_correct = N: halved
 
 
-@pytest.mark.parametrize("r1_update", ["window", "n_hat"])
-def test_edgellm_r1_follows_each_verdict(r1_update):
+@pytest.mark.parametrize("r1_update,c_floor", [("window", 1e-6), ("n_hat", 1e-6), ("window", 0.4)])
+def test_edgellm_r1_follows_each_verdict(r1_update, c_floor):
     """Replaying the update over the recorded windows gives the R1 each next window used
     (one window pending at a time, so every trigger saw the R1 left by the verdict before).
-    N is the window's length, or N̂: the mean length of the windows closed so far."""
+    N is the window's length, or N̂: the mean length of the windows closed so far; the
+    product is floored at the configured C floor."""
     history = 3
     rounds = [r for r in _run("edgellm", {"r1": 0.3, "r1_update": r1_update, "max_windows": 1, "n_hat": 4,
-                                          "history": history}) if "trigger" in r.extra]
+                                          "history": history, "c_floor": c_floor}) if "trigger" in r.extra]
     lengths, checked, differs = [], 0, 0
     for prev, nxt in zip(rounds, rounds[1:]):
         trig = prev.extra["trigger"]
@@ -83,7 +84,7 @@ def test_edgellm_r1_follows_each_verdict(r1_update):
         n_hat = max(1, round(sum(lengths[-history:]) / len(lengths[-history:])))  # the last `history` windows
         n = max(1, lengths[-1]) if r1_update == "window" else n_hat
         differs += n != max(1, lengths[-1])
-        want = update_r1(trig["r1"], trig["product"], prev.accepted, n)
+        want = update_r1(trig["r1"], trig["product"], prev.accepted, n, c_floor)
         if prev.request_id == nxt.request_id and nxt.extra["trigger"]["r1s"]:
             assert nxt.extra["trigger"]["r1s"][0] == pytest.approx(want)
             checked += 1
@@ -212,6 +213,8 @@ def test_edgellm_every_window_is_closed_by_its_trigger(stop_at):
     for r in rounds:  # the product is of this window's own confidences, from 1
         trig = r.extra["trigger"]
         assert trig["product"] == pytest.approx(math.prod(trig["confidences"]), rel=1e-12)
+        # its verdict's downlink: the message's bytes, at least the link's one-way time for them
+        assert r.bytes_down > 0 and r.t_downlink >= LINK.transfer_time(r.bytes_down, "down") - 1e-12
 
 
 def test_edgellm_trigger_fires_when_the_product_equals_r1():
