@@ -190,3 +190,27 @@ def test_top_k_and_top_p_edges_ties_and_vanishing_tokens():
     logits = np.array([2.0, 1.0, 0.0, -1.0])  # top-2 leaves 0.731, 0.269 of its mass
     assert probabilities(logits, SamplingParams(1.0, top_k=2, top_p=0.7)) == pytest.approx(np.array([1.0, 0, 0, 0]))
     assert np.count_nonzero(probabilities(logits, SamplingParams(1.0, top_k=2, top_p=0.75))) == 2
+
+
+class _Draws:
+    """A generator whose uniform draws are given: to put a draw on a boundary exactly."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0)
+
+
+def test_sample_never_picks_a_token_without_mass():
+    """Draws on the cumulative boundaries (0 exactly, a step's exact top) land on a token with
+    mass; a vector with no mass is refused."""
+    from systems.sampling import sample
+
+    probs = np.array([0.0, 0.5, 0.0, 0.5, 0.0])
+    assert sample(probs, _Draws(0.0)) == 1
+    assert sample(probs, _Draws(0.5)) == 3
+    assert sample(probs, _Draws(0.9999999999)) == 3
+    for empty in (np.zeros(3), np.array([0.0, -1.0, 0.5])):
+        with pytest.raises(ValueError, match="^cannot sample from a distribution with no mass$"):
+            sample(empty, _Draws(0.3))
