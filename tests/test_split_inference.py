@@ -177,6 +177,9 @@ def test_uplink_carries_positions_times_hidden_size_times_two(qwen):
     assert [r.extra["positions"] for r in half.rounds] == positions
     assert [r.extra["hidden_bytes"] for r in half.rounds] == [p * 32 * 2 for p in positions]
     assert [r.extra["hidden_bytes"] for r in full.rounds] == [p * 32 * 4 for p in positions]
+    for rec, dtype in ((half, "float16"), (full, "float32")):  # what each round says it carried, and where
+        assert {(r.extra["hidden_dtype"], r.extra["edge_layers"], r.extra["n_layers"]) for r in rec.rounds} == \
+            {(dtype, 3, 6)}
     # The message around the states is the same in both runs: the difference is the states' own size.
     assert [f.bytes_up - h.bytes_up for f, h in zip(full.rounds, half.rounds)] == [p * 32 * 2 for p in positions]
     envelope = {r.bytes_up - r.extra["hidden_bytes"] for r in half.rounds[1:]}
