@@ -336,8 +336,10 @@ def open_link(profile: NetworkProfile, backend: str | None = None, workdir: str 
             link.up()
             yield link
         finally:
-            link.close()
-            if own:
-                import shutil
+            try:
+                link.close()
+            finally:  # the folder goes even when closing the link fails
+                if own:
+                    import shutil
 
-                shutil.rmtree(work, ignore_errors=True)
+                    shutil.rmtree(work, ignore_errors=True)

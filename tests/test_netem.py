@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,6 +236,7 @@ from netem.backends import open_link
 from netem.profile import parse_profile
 with open_link(parse_profile({"name": "h", "rtt_ms": 10, "up_mbps": 10}), "tun") as link:
     print(",".join(link.namespaces.values()), flush=True)
+    print(link.workdir, flush=True)
     time.sleep(60)
 """
 
@@ -247,6 +249,7 @@ def test_links_are_torn_down_on_signals_and_stale_sets_cleaned(sig):
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         names = proc.stdout.readline().strip().split(",")
+        workdir = Path(proc.stdout.readline().strip())
         assert len(names) == 2 and all(n in ns.list_ours() for n in names)
         proc.send_signal(sig)
         proc.wait(timeout=15)
@@ -255,12 +258,15 @@ def test_links_are_torn_down_on_signals_and_stale_sets_cleaned(sig):
             proc.kill()
             proc.wait()
     if sig == signal.SIGKILL:  # no chance to clean up: the next start removes the dead owner's set
+        assert workdir.name.startswith("specwan-link-")
+        shutil.rmtree(workdir)  # the killed holder's own folder, which only it could have removed
         assert all(n in ns.list_ours() for n in names)
         live = [n for n in ns.list_ours() if ns.owner(n) == os.getpid()]
         removed = ns.clean_stale()
         assert set(names) <= set(removed) and not set(live) & set(removed)
     time.sleep(0.2)
     assert not set(names) & set(ns.list_ours())
+    assert not workdir.exists(), "the link's work folder outlived it"
 
 
 # ---- wall mode over the link, on the toy pair -------------------------------------------------------
