@@ -15,6 +15,14 @@ from systems.sampling import SamplingParams, probabilities, sample
 from systems.split_inference.config import SplitInferenceConfig, layers_of
 
 
+def _layers_op(session: str, start: int, positions: int, layers: tuple[int, int, int]) -> Op:
+    """The work of running a slice of the target's layers on new positions from ``start``: the
+    prompt's prefill at position 0, one decode step after it."""
+    if start == 0:
+        return Op("prefill", positions, 0, sessions=(session,), layers=layers)
+    return Op("decode", 1, start, sessions=(session,), layers=layers)
+
+
 class SplitEdge(EdgePolicy):
     """Run the target's first layers on the new position(s), send their hidden states up,
     emit the token that comes back; one round per token."""
@@ -34,8 +42,7 @@ class SplitEdge(EdgePolicy):
         try:
             while True:
                 start = part.length
-                op = (Op("prefill", len(inputs), 0, sessions=(ctx.session,), layers=layers) if start == 0
-                      else Op("decode", 1, start, sessions=(ctx.session,), layers=layers))
+                op = _layers_op(ctx.session, start, len(inputs), layers)
                 t0 = ctx.clock.now()
                 hidden = await ctx.compute.run(op, lambda: part.run(inputs))
                 t_edge = ctx.clock.now() - t0
@@ -120,8 +127,7 @@ class SplitCloud(CloudPolicy):
                                 f"the cloud holds {part.length}")
         states = np.asarray(msg.states, dtype=np.float32)
         layers = (self.config.edge_layers, n_layers, n_layers)
-        op = (Op("prefill", len(states), 0, sessions=(msg.session,), layers=layers) if msg.start == 0
-              else Op("decode", 1, msg.start, sessions=(msg.session,), layers=layers))
+        op = _layers_op(msg.session, msg.start, len(states), layers)
         t0 = ctx.clock.now()
         logits = await ctx.compute.run(op, lambda: part.run(states))
         token = sample(probabilities(logits[-1], sess.params), sess.rng)
