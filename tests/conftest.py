@@ -74,18 +74,32 @@ def pytest_sessionstart(session):
         _LOAD["start"] = _machine_load()
 
 
+# Under a mutation run a test may take this many times its measured duration, plus the
+# constant, before it fails as hung: loose enough for two busy cores, and far below
+# mutmut's own limit, which is for the whole set of a mutant's tests.
+MUTANT_TEST_SLACK = 10.0
+MUTANT_TEST_CONSTANT_S = 15.0
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under a mutation run, fastest tests first.
+    """Under a mutation run, fastest tests first, each with a time limit of its own.
 
     mutmut stops at a mutant's first failing test (-x) and passes the tests in no
     particular order; with the slow statistical tests first, a mutant a one-second test
-    catches would cost minutes. The durations are the ones mutmut measured.
+    catches would cost minutes. A mutant that makes a policy loop forever (one that never
+    asks for verification) fails the first test it hangs, in seconds, instead of holding
+    a worker until mutmut's limit for all its tests. The durations are the ones mutmut
+    measured.
     """
     stats = Path(__file__).resolve().parents[1] / "mutmut-stats.json"  # mutmut's copy of the tree
     if not _under_mutation_run() or not stats.is_file():
         return
     durations = json.loads(stats.read_text()).get("duration_by_test", {})
     items.sort(key=lambda item: durations.get(item.nodeid, float("inf")))
+    for item in items:
+        if item.nodeid in durations:
+            limit = MUTANT_TEST_SLACK * durations[item.nodeid] + MUTANT_TEST_CONSTANT_S
+            item.add_marker(pytest.mark.timeout(limit))
 
 
 def pytest_terminal_summary(terminalreporter):
