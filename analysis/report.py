@@ -1,0 +1,325 @@
+"""The suite's report: one self-contained ``report.html`` (figures as base64 PNG data URIs, CSS
+inline, no external URL) and a ``report.md`` with the PNGs beside it, built from run folders.
+
+    python -m analysis.report results/sweep-1 [more runs or sweeps...] [--out DIR]
+
+It holds a manifest summary per run; the summary table per system and network (median TTFT,
+TPOT, end-to-end latency, acceptance rate, bytes each way and energy per token, each with its
+bootstrap CI); the paired speedup table with its verdicts; every figure of
+:data:`analysis.figures.FIGURES` the records can give (and why the others were left out); and
+each number's provenance: *modelled* (virtual time: device profiles and the link model),
+*measured* (wall clock, hardware counters, or counted from the records: tokens, bytes,
+verdicts) or *estimated* (energy from a power model). Nothing is re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import math
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import figures as F
+from analysis.load import RunFolderError, _label, find_runs, load_runs
+from analysis.stats import Verdict, summarise
+from harness.results import load_run
+
+HTML_NAME, MD_NAME = "report.html", "report.md"
+# (column, heading, scale, provenance: "time" follows the clock, else fixed)
+SUMMARY_METRICS: tuple[tuple[str, str, float, str], ...] = (
+    ("ttft", "TTFT, s", 1.0, "time"),
+    ("tpot", "TPOT, ms", 1e3, "time"),
+    ("e2e", "end-to-end, s", 1.0, "time"),
+    ("acceptance_rate", "acceptance rate", 1.0, "measured"),
+    ("bytes_up", "bytes up", 1.0, "measured"),
+    ("bytes_down", "bytes down", 1.0, "measured"),
+)
+PROVENANCE_NOTE = ("Provenance of each number: modelled = virtual time (device profiles and the link model); "
+                   "measured = wall clock, a hardware counter, or counted from the records (tokens, bytes, "
+                   "verdicts); estimated = energy from a power model. Cells: median [95% bootstrap CI].")
+
+
+@dataclass
+class Section:
+    """One part of the report: a heading, paragraphs, an optional table (strings) and figures
+    (name, title, PNG bytes, caption)."""
+
+    heading: str
+    paragraphs: list[str] = field(default_factory=list)
+    table: pd.DataFrame | None = None
+    figures: list[tuple[str, str, bytes, str]] = field(default_factory=list)
+
+
+# ---- what ran ---------------------------------------------------------------------------------------
+
+
+def run_manifests(paths: Iterable[str | os.PathLike]) -> dict[str, dict]:
+    """Each run's manifest, by the ``run`` label :func:`analysis.load.load_runs` gives it."""
+    found: dict[Path, str] = {}
+    for path in paths:
+        for run_dir in find_runs(path):
+            found.setdefault(run_dir.resolve(), _label(run_dir, Path(path)))
+    return {label: load_run(run_dir)[0] for run_dir, label in found.items()}
+
+
+def _short(text: object, limit: int = 70) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _energy_source(manifest: dict) -> str:
+    parts = []
+    for role in F.ROLES:
+        info = (manifest.get("energy") or {}).get(role) or {}
+        kind = info.get("kind") or "none"
+        why = info.get("source") or info.get("reason") or ""
+        parts.append(f"{role}: {kind}" + (f" ({_short(why, 60)})" if why else ""))
+    return "; ".join(parts)
+
+
+def manifest_table(manifests: dict[str, dict], requests: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: git commit, pair, systems, networks, clock, energy source per role."""
+    rows = []
+    for run, m in manifests.items():
+        mine = requests[requests["run"] == run]
+        git = m.get("git") or {}
+        commit = git.get("commit")
+        commit = (commit[:12] + (" (dirty)" if git.get("dirty") else "")) if commit else f"none ({git.get('reason')})"
+        pair = ((m.get("config") or {}).get("pair") or {})
+        pair = pair.get("name") if isinstance(pair, dict) else pair
+        rows.append({
+            "run": run, "git commit": commit,
+            "pair": pair or ", ".join(map(str, mine["pair"].dropna().unique())),
+            "systems": ", ".join(map(str, mine["system"].dropna().unique())),
+            "networks": ", ".join(map(str, mine["network"].dropna().unique())),
+            "clock": m.get("clock") or "unknown", "requests": len(mine), "energy source": _energy_source(m)})
+    return pd.DataFrame(rows)
+
+
+# ---- numbers ----------------------------------------------------------------------------------------
+
+
+def fmt(value: float, scale: float = 1.0) -> str:
+    """A number for a table: thousands separated from 1000 up, else 3 significant digits; n/a for NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    v = float(value) * scale
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def _cell(est: float, low: float, high: float, scale: float, provenance: str) -> str:
+    ci = f" [{fmt(low, scale)}, {fmt(high, scale)}]" if not (math.isnan(low) or math.isnan(high)) else ""
+    return f"{fmt(est, scale)}{ci} {provenance}" if not math.isnan(est) else "n/a"
+
+
+def summary_table(requests: pd.DataFrame, *, confidence_level: float = 0.95, n_resamples: int = 9999) -> pd.DataFrame:
+    """One row per system and network: the median of each of :data:`SUMMARY_METRICS` and the
+    energy per token per role, each as ``median [low, high] provenance`` (bootstrap CI from
+    :func:`analysis.stats.summarise`); energy of different kinds is never pooled."""
+    by = ["system", "network"]
+    groups = requests[by].drop_duplicates().sort_values(by, kind="stable")
+    table = groups.reset_index(drop=True).copy()
+    table["requests"] = [int(((requests["system"] == s) & (requests["network"] == n)).sum())
+                         for s, n in zip(groups["system"], groups["network"])]
+    for column, heading, scale, kind in SUMMARY_METRICS:
+        if column not in requests.columns:
+            continue
+        stats = summarise(requests, column, by=by, confidence_level=confidence_level,
+                          n_resamples=n_resamples).set_index(by)
+        cells = []
+        for s, n in zip(groups["system"], groups["network"]):
+            r = stats.loc[(s, n)]
+            rows = requests[(requests["system"] == s) & (requests["network"] == n)]
+            provenance = F.time_provenance(rows) if kind == "time" else kind
+            cells.append(_cell(r["estimate"], r["low"], r["high"], scale, provenance))
+        table[heading] = cells
+    energy = F.energy_per_token_table(requests, confidence_level=confidence_level, n_resamples=n_resamples)
+    for role in F.ROLES:
+        cells = []
+        for s, n in zip(groups["system"], groups["network"]):
+            mine = energy[(energy["system"] == s) & (energy["network"] == n) & (energy["role"] == role)]
+            cells.append("; ".join(_cell(r.estimate, r.low, r.high, 1.0, r.kind) for r in mine.itertuples())
+                         or "n/a (not measured)")
+        table[f"{role} J/token"] = cells
+    return table
+
+
+def verdict_words(verdict: str, baseline: str, confidence_level: float, note: str | None = None) -> str:
+    """A speedup verdict in words: faster / slower than the baseline, or indistinguishable, at the level."""
+    level = f"{round(100 * confidence_level)}%"
+    words = {Verdict.CANDIDATE_LOWER.value: f"faster than {baseline} at {level}",
+             Verdict.CANDIDATE_HIGHER.value: f"slower than {baseline} at {level}"}.get(
+        verdict, f"indistinguishable at {level}")
+    return words + (f" ({note})" if note and verdict == Verdict.INDISTINGUISHABLE.value else "")
+
+
+def speedup_rows(requests: pd.DataFrame, *, baseline: str | None = None, metric: str = F.TIME_METRIC,
+                 confidence_level: float = 0.95, n_resamples: int = 9999) -> pd.DataFrame:
+    """The paired speedup table for the report: per system and network, the speedup over the
+    baseline on ``metric``, its CI, the pairs used, the verdict in words and the provenance."""
+    table = F.speedup_table(requests, baseline=baseline, metric=metric, confidence_level=confidence_level,
+                            n_resamples=n_resamples)
+    extra = [c for c in ("pair", "workload") if c in table.columns]
+    out = []
+    for r in table.itertuples(index=False):
+        rows = requests[(requests["network"] == r.network) & requests["system"].isin([r.candidate, r.baseline])]
+        ci = "n/a" if math.isnan(r.low) or math.isnan(r.high) else f"[{fmt(r.low)}, {fmt(r.high)}]"
+        out.append({"system": r.candidate, "network": r.network, **{c: getattr(r, c) for c in extra},
+                    "baseline": r.baseline, f"speedup ({metric})": fmt(r.estimate),
+                    f"{round(100 * confidence_level)}% CI": ci, "pairs": r.n_pairs,
+                    "verdict": verdict_words(r.verdict, r.baseline, confidence_level, r.note),
+                    "provenance": F.time_provenance(rows)})
+    return pd.DataFrame(out)
+
+
+# ---- assembling ---------------------------------------------------------------------------------------
+
+
+def _specs(baseline: str | None) -> list[F.FigureSpec]:
+    if baseline is None:
+        return list(F.FIGURES)
+    speedups = (F.speedup_vs_rtt, F.speedup_vs_bandwidth)
+    return [replace(s, function=partial(s.function, baseline=baseline)) if s.function in speedups else s
+            for s in F.FIGURES]
+
+
+def report_sections(paths: Sequence[str | os.PathLike], *, baseline: str | None = None,
+                    metric: str = F.TIME_METRIC, n_resamples: int = 9999) -> list[Section]:
+    """The report's sections, built from the run folders at ``paths`` (as :func:`load_runs`
+    reads them). Raises :class:`analysis.load.RunFolderError` for a path that is not a run."""
+    requests, rounds = load_runs(paths)
+    manifests = run_manifests(paths)
+    sections = [Section("Runs", [f"{len(manifests)} run(s), {len(requests)} request(s), {len(rounds)} round(s)."],
+                        manifest_table(manifests, requests))]
+    sections.append(Section("Summary per system and network", [PROVENANCE_NOTE],
+                            summary_table(requests, n_resamples=n_resamples)))
+    try:
+        speed = speedup_rows(requests, baseline=baseline, metric=metric, n_resamples=n_resamples)
+        sections.append(Section("Paired speedup", [
+            f"Speedup = mean {metric} of the baseline / mean {metric} of the system over the same prompts, turns "
+            "and seeds (paired); CI: paired BCa bootstrap. Where the CI holds 1 the two are indistinguishable."],
+            speed))
+    except ValueError as exc:  # no baseline, or only the baseline ran
+        sections.append(Section("Paired speedup", [f"No speedup table: {exc}."]))
+    drawn, left_out = F.draw_figures(requests, rounds, _specs(baseline))
+    titles = {s.name: s.title for s in F.FIGURES}
+    figs = Section("Figures")
+    for name, fig in drawn.items():
+        figs.figures.append((name, titles[name], F.figure_png(fig), F.figure_caption(fig)))
+    if left_out:
+        figs.paragraphs.append("Left out: " + "; ".join(f"{titles[n]}: {why}" for n, why in left_out.items()) + ".")
+    sections.append(figs)
+    return sections
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
+h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;margin-top:2em}
+table{border-collapse:collapse;font-size:.8em;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
+th{background:#f0f0f0}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:.8em;color:#444}.note{font-size:.85em;color:#444}
+"""
+
+
+def _text(value: object) -> str:
+    """HTML-escaped text in which no URL scheme survives as a link (``://`` is written as entities)."""
+    return html.escape(str(value)).replace("://", ":&#47;&#47;")
+
+
+def render_html(sections: Sequence[Section], title: str = "SpecWAN report") -> str:
+    """One self-contained HTML page: inline CSS, figures as ``data:image/png;base64`` URIs."""
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{_text(title)}</title>",
+           f"<style>{_CSS}</style></head><body>", f"<h1>{_text(title)}</h1>"]
+    for s in sections:
+        out.append(f"<h2>{_text(s.heading)}</h2>")
+        out += [f'<p class="note">{_text(p)}</p>' for p in s.paragraphs]
+        if s.table is not None and not s.table.empty:
+            out.append("<table><thead><tr>" + "".join(f"<th>{_text(c)}</th>" for c in s.table.columns)
+                       + "</tr></thead><tbody>")
+            for row in s.table.itertuples(index=False):
+                out.append("<tr>" + "".join(f"<td>{_text(v)}</td>" for v in row) + "</tr>")
+            out.append("</tbody></table>")
+        for name, heading, png, caption in s.figures:
+            data = base64.b64encode(png).decode("ascii")
+            out.append(f'<figure id="{_text(name)}"><img alt="{_text(heading)}" src="data:image/png;base64,{data}">'
+                       f"<figcaption><b>{_text(heading)}.</b> {_text(caption)}</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _md(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(sections: Sequence[Section], title: str = "SpecWAN report") -> str:
+    """The report as Markdown; figures referenced as ``<name>.png`` beside it."""
+    out = [f"# {title}", ""]
+    for s in sections:
+        out += [f"## {s.heading}", ""]
+        for p in s.paragraphs:
+            out += [_md(p), ""]
+        if s.table is not None and not s.table.empty:
+            out.append("| " + " | ".join(_md(c) for c in s.table.columns) + " |")
+            out.append("|" + "---|" * len(s.table.columns))
+            out += ["| " + " | ".join(_md(v) for v in row) + " |" for row in s.table.itertuples(index=False)]
+            out.append("")
+        for name, heading, _, caption in s.figures:
+            out += [f"![{heading}]({name}.png)", "", f"*{heading}.* {_md(caption)}", ""]
+    return "\n".join(out)
+
+
+def build_report(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
+                 baseline: str | None = None, metric: str = F.TIME_METRIC, n_resamples: int = 9999) -> Path:
+    """Write ``report.html`` (self-contained), ``report.md`` and one PNG per figure into
+    ``out_dir`` (created), from the run folders or sweeps at ``paths``; returns the HTML's path.
+
+    ``baseline``: the system speedups are measured against (default: cloud_only, else vanilla);
+    ``metric``: the time-per-token column for the speedups. Raises
+    :class:`analysis.load.RunFolderError` for a path that is not a run and holds none.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    sections = report_sections(paths, baseline=baseline, metric=metric, n_resamples=n_resamples)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for s in sections:
+        for name, _, png, _ in s.figures:
+            (out / f"{name}.png").write_bytes(png)
+    (out / MD_NAME).write_text(render_markdown(sections), encoding="utf-8")
+    page = out / HTML_NAME
+    page.write_text(render_html(sections), encoding="utf-8")
+    return page
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m analysis.report RUN_OR_SWEEP... [--out DIR] [--baseline SYSTEM]``: builds the
+    report and prints the path of report.html last; exit 2 with one line for a folder that is
+    not a run."""
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="run folders, or folders of runs (sweeps)")
+    parser.add_argument("--out", help="where to write the report (default: <first path>/report)")
+    parser.add_argument("--baseline", help="the system speedups are measured against (default: cloud_only, "
+                                           "else vanilla)")
+    parser.add_argument("--metric", default=F.TIME_METRIC, help="time-per-token column for the speedups")
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
+    try:
+        page = build_report(args.paths, out, baseline=args.baseline, metric=args.metric)
+    except RunFolderError as exc:
+        print(f"analysis.report: {exc}; pass a run folder (one holding manifest.json, as `specwan run` writes "
+              "under results/) or a folder holding runs", file=sys.stderr)
+        return 2
+    print(page)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
