@@ -229,7 +229,7 @@ def test_phases_are_laid_end_to_end_without_round_times():
     assert begins == pytest.approx([0, 0.02, 0.025, 0.025, 0.035, 0.036, 0.046, 0.046, 0.066])
 
 
-def test_round_timeline_picks_a_drafting_request_by_default(sweep, tmp_path):
+def test_round_timeline_picks_a_drafting_request_by_default(tmp_path):
     write_run(tmp_path / "c", "cloud_only", "lan", [request("q0", "cloud_only", 0.01, rounds=[_round(0, 0, 0)])])
     write_run(tmp_path / "v", "vanilla", "lan", [request("q0", "vanilla", 0.01, rounds=[_round(0, 2, 1)])])
     requests, rounds = load_runs(tmp_path)
