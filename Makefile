@@ -26,7 +26,7 @@ WHEELHOUSE := .wheelhouse/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_KEY)
 LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_KEY)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: test bench install models selfcheck doctor overhead clean distclean
+.PHONY: test bench install models selfcheck doctor overhead clean distclean browser
 
 install: $(STAMP)
 
@@ -86,7 +86,17 @@ selfcheck: $(STAMP)
 doctor: $(STAMP)
 	$(PY) -m harness.cli doctor --pair $(PAIR)
 
-test: models
+# The report's test opens it in headless Chromium (Debian's package); installed when absent.
+browser:
+	@command -v chromium >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Chromium (Debian's chromium package) for the report's browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "make test needs Chromium for the report's browser test: run 'sudo apt-get install chromium' (Debian/Ubuntu), then make test again" >&2; exit 2; \
+	fi
+
+test: models browser
 	$(PY) -m pytest
 
 bench: models
