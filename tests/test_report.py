@@ -24,6 +24,7 @@ import pytest
 from analysis import figures as F
 from analysis import report as R
 from analysis.load import load_runs
+from tests.analysis_runs import toy_sweep as make_toy_sweep
 from tests.test_analysis_figures import NETWORKS, request, write_run
 
 SYSTEMS = ("vanilla", "cloud_only", "pipesd")
@@ -33,19 +34,7 @@ TOY_NETWORKS = ("lan", "4g")
 @pytest.fixture(scope="module")
 def toy_sweep(tmp_path_factory) -> Path:
     """Real records: the toy pair in virtual time, three systems on two networks, energy estimated."""
-    from hydra import compose, initialize_config_dir
-
-    from harness.run import CONF_DIR, execute
-
-    root = tmp_path_factory.mktemp("toy") / "sweep"
-    for system in SYSTEMS:
-        for network in TOY_NETWORKS:
-            with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-                cfg = compose(config_name="config", overrides=[
-                    "pair=toy", f"system={system}", f"network={network}", "energy=estimate",
-                    "workload.chat_template=false", "workload.size=4", "max_new_tokens=12"])
-            execute(cfg, run_dir=root / f"{system}-{network}")
-    return root
+    return make_toy_sweep(tmp_path_factory.mktemp("toy") / "sweep", SYSTEMS, TOY_NETWORKS)
 
 
 @pytest.fixture(scope="module")
