@@ -202,6 +202,20 @@ class _Draws:
         return self.values.pop(0)
 
 
+def test_sample_sums_float32_probabilities_in_double_precision():
+    """Engines hand over float32 rows. Summed in float32, a token of mass 1e-8 between two of
+    mass 1 vanishes (1 + 1e-8 rounds to 1) and can never be drawn; summed in float64 it
+    keeps its sliver of the cumulative range, and a draw inside that sliver picks it."""
+    from systems.sampling import sample
+
+    probs = np.array([1.0, 1e-8, 1.0], dtype=np.float32)
+    total = 1.0 + float(probs[1]) + 1.0
+    inside = (1.0 + float(probs[1]) / 2) / total  # a draw in the middle of token 1's sliver
+    assert sample(probs, _Draws(inside)) == 1
+    assert sample(probs, _Draws(0.25)) == 0
+    assert sample(probs, _Draws(0.75)) == 2
+
+
 def test_sample_never_picks_a_token_without_mass():
     """Draws on the cumulative boundaries (0 exactly, a step's exact top) land on a token with
     mass; a vector with no mass is refused."""
