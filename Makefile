@@ -26,7 +26,7 @@ WHEELHOUSE := .wheelhouse/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_KEY)
 LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_KEY)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: test bench install models selfcheck doctor overhead clean distclean browser
+.PHONY: test bench install models selfcheck doctor overhead clean distclean browser report
 
 install: $(STAMP)
 
@@ -101,6 +101,11 @@ test: models browser
 
 bench: models
 	$(PY) -m harness.cli bench --pair $(PAIR)
+	$(PY) -m analysis.report --latest results
+
+# The report of the runs in RUNS (run folders or sweeps; default: the newest run under results/).
+report: $(STAMP)
+	$(PY) -m analysis.report $(if $(RUNS),$(RUNS),--latest results)
 
 overhead: $(STAMP)
 	$(PY) benchmarks/round_overhead.py

@@ -299,17 +299,34 @@ def build_report(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir
     return page
 
 
+def latest_run(parent: str | Path) -> Path | None:
+    """The run folder directly under ``parent`` whose manifest.json was written last, or None."""
+    manifests = [m for m in Path(parent).glob("*/manifest.json") if m.is_file()]
+    return max(manifests, key=lambda m: m.stat().st_mtime).parent if manifests else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m analysis.report RUN_OR_SWEEP... [--out DIR] [--baseline SYSTEM]``: builds the
     report and prints the path of report.html last; exit 2 with one line for a folder that is
     not a run."""
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", help="run folders, or folders of runs (sweeps)")
+    parser.add_argument("paths", nargs="*", help="run folders, or folders of runs (sweeps)")
+    parser.add_argument("--latest", metavar="DIR", help="report on the newest run folder directly under DIR "
+                                                        "(the one whose manifest.json changed last)")
     parser.add_argument("--out", help="where to write the report (default: <first path>/report)")
     parser.add_argument("--baseline", help="the system speedups are measured against (default: cloud_only, "
                                            "else vanilla)")
     parser.add_argument("--metric", default=F.TIME_METRIC, help="time-per-token column for the speedups")
     args = parser.parse_args(argv)
+    if args.latest:
+        newest = latest_run(args.latest)
+        if newest is None:
+            print(f"analysis.report: no run folder under {args.latest}; run `make bench` or `specwan run` first",
+                  file=sys.stderr)
+            return 2
+        args.paths = [*args.paths, str(newest)]
+    if not args.paths:
+        parser.error("give run folders (or --latest DIR)")
     out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
     try:
         page = build_report(args.paths, out, baseline=args.baseline, metric=args.metric)

@@ -159,6 +159,25 @@ def test_cli_prints_the_report_path_last(toy_sweep, tmp_path, capsys):
     assert Path(last) == tmp_path / "report.html" and Path(last).is_file()
 
 
+def test_cli_latest_picks_the_run_written_last(toy_sweep, tmp_path, capsys):
+    """``--latest DIR`` (what `make bench` uses) reports on the run whose manifest changed last;
+    folders without a manifest (a run that crashed before writing one) are passed over."""
+    import shutil
+
+    parent = tmp_path / "results"
+    parent.mkdir()
+    for i, name in enumerate(("vanilla-lan", "cloud_only-lan")):
+        shutil.copytree(toy_sweep / name, parent / name)
+        os.utime(parent / name / "manifest.json", (1_000_000 + i, 1_000_000 + i))
+    (parent / "zz-crashed").mkdir()
+    assert R.latest_run(parent) == parent / "cloud_only-lan"
+    assert R.main(["--latest", str(parent)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert Path(last) == parent / "cloud_only-lan" / "report" / "report.html" and Path(last).is_file()
+    assert R.main(["--latest", str(tmp_path / "nothing-here")]) == 2
+    assert "no run folder under" in capsys.readouterr().err
+
+
 def test_cli_names_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "empty").mkdir()
     out = subprocess.run([sys.executable, "-m", "analysis.report", str(tmp_path / "empty")],
