@@ -324,6 +324,9 @@ def acceptance_by_position(requests: pd.DataFrame | None, rounds: pd.DataFrame) 
 # ---- one request's rounds on a time axis ------------------------------------------------------------
 
 
+REQUEST_IDENTITY = ("run", "system", "network", "pair", "workload", "seed", "request_id")
+
+
 def pick_request(rounds: pd.DataFrame, *, run: str | None = None, request_id: str | None = None,
                  system: str | None = None) -> pd.DataFrame:
     """The rounds of one request (its last attempt), in round order: the one named, or else
@@ -334,7 +337,9 @@ def pick_request(rounds: pd.DataFrame, *, run: str | None = None, request_id: st
             rows = rows[rows[column] == value]
     if rows.empty:
         raise ValueError(f"no rounds for run={run!r} request_id={request_id!r} system={system!r}")
-    keys = [c for c in ("run", "request_id") if c in rows.columns]
+    # One run may hold many systems, networks and repeats of the same prompt (`make bench` does):
+    # a request is told apart by all of them, not by its id alone.
+    keys = [c for c in REQUEST_IDENTITY if c in rows.columns]
     drafting = rows.groupby(keys, sort=True)["drafted"].transform("max") > 0
     pool = rows[drafting] if drafting.any() else rows
     first = pool.sort_values(keys, kind="stable").iloc[0]

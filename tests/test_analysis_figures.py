@@ -237,6 +237,25 @@ def test_round_timeline_picks_a_drafting_request_by_default(tmp_path):
     assert set(F.pick_request(rounds, system="cloud_only")["system"]) == {"cloud_only"}
 
 
+def test_round_timeline_draws_one_request_of_a_run_holding_many_systems_and_networks(tmp_path):
+    """`make bench` writes every system on every network into one run, each answering the same
+    prompt ids: the timeline must draw one (system, network) pair's rounds, not all of them."""
+    config = {"system": {"name": "bench"}, "pair": {"name": "toy"}}
+    with RunWriter(tmp_path / "bench", build_manifest(config, {"clock": "virtual"})) as w:
+        for system, n_rounds in (("vanilla", 2), ("pipesd", 3)):
+            for network in ("lan", "4g"):
+                rounds = [_round(i, 2, 1, start=float(i), end=i + 0.5, t_draft=0.1) for i in range(n_rounds)]
+                w.append(request("q0", system, 0.01, rounds=rounds),
+                         {"pair": "toy", "network": network, "workload": "synthetic", "prompt_id": "q0", "seed": 0})
+    requests, rounds = load_runs(tmp_path / "bench")
+    chosen = F.pick_request(rounds)  # the first by system name, then network
+    assert chosen[["system", "network"]].drop_duplicates().values.tolist() == [["pipesd", "4g"]]
+    assert chosen["round"].tolist() == [0, 1, 2]
+    assert F.pick_request(rounds, system="vanilla")["round"].tolist() == [0, 1]
+    ax = F.round_timeline(requests, rounds).axes[0]
+    assert len(ax.get_yticks()) == 3 and all(len(b) == 3 for b in _bars(ax).values())
+
+
 # ---- the registry --------------------------------------------------------------------------------------
 
 
