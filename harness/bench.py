@@ -97,12 +97,17 @@ def run(args: argparse.Namespace) -> int:
     from harness.run import system_report
 
     rows, category_rows, sweep_seconds, reports = [], [], [], {}
-    with RunWriter(run_dir, manifest) as writer:
-        for link in tqdm(links, desc="networks", unit="network"):
+    # one bar over every request of the sweep (a later turn of a conversation joins the total
+    # when its answer is known), named by the system and network being served, with an ETA
+    bar = tqdm(total=len(links) * len(names) * len(turns), unit="request", dynamic_ncols=True)
+    with RunWriter(run_dir, manifest) as writer, bar:
+        for link in links:
             t_net = time.perf_counter()
             for name in names:
+                bar.set_description(f"{name} on {link.name}")
                 records, served = _serve(name, mdraft, mtarget, workload, turns, RunOptions(
-                    virtual=True, link=link, edge_cost=edge.cost, cloud_cost=cloud.cost, energy=energy))
+                    virtual=True, link=link, edge_cost=edge.cost, cloud_cost=cloud.cost, energy=energy,
+                    on_request=lambda _record: bar.update(1)), more=_grow(bar))
                 for turn, rec in zip(served, records):
                     writer.append(rec, {"system": name, "pair": pair.name, "network": link.name, "workload": workload.spec.name,
                                         **turn.context(), "clock": "virtual",
@@ -183,10 +188,11 @@ def _has_chat_template(engine) -> bool:
     return True
 
 
-def _serve(name, draft, target, workload, turns, options):
+def _serve(name, draft, target, workload, turns, options, more=None):
     """Serve the first turns together, then each later turn built from this system's own answers.
 
-    Returns the records and the turn each one served, in order.
+    Returns the records and the turn each one served, in order. ``more(n)`` is told of each
+    batch of later turns before they are served.
     """
     records, served, pending = [], [], list(turns)
     while pending:
@@ -195,7 +201,17 @@ def _serve(name, draft, target, workload, turns, options):
         served += pending
         pending = [nxt for t, rec in zip(pending, done)
                    if (nxt := workload.next_turn(t, rec.output_tokens, target)) is not None]
+        if pending and more is not None:
+            more(len(pending))
     return records, served
+
+
+def _grow(bar):
+    """A callback adding ``n`` requests to a progress bar's total."""
+    def more(n: int) -> None:
+        bar.total += n
+        bar.refresh()
+    return more
 
 
 CATEGORY_COLUMNS = ("category", "system", "network", "requests", "tokens", "ms_per_token", "speedup_vs_cloud_only",

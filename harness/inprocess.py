@@ -72,6 +72,7 @@ class RunOptions:
     clients: int = 1  # edge devices running concurrently, each with its own link
     q_dtype: str = "float32"
     on_round: Callable[[RoundRecord], None] | None = None
+    on_request: Callable[[RequestRecord], None] | None = None  # each request as it finishes (progress)
     energy: VirtualEnergy | None = None
 
 
@@ -183,6 +184,8 @@ async def _serve(spec: SystemSpec, cfg, edge, target, requests, options: RunOpti
                 traffic=lambda link=link: (link.up.bytes, link.down.bytes),
             )
             edge_busy[i] = list(getattr(compute, "intervals", ())[n0:])
+            if options.on_request is not None:
+                options.on_request(records[i])
 
     clients = asyncio.gather(*(client(i) for i in range(min(options.clients, max(1, len(requests))))))
     try:

@@ -11,8 +11,13 @@ from systems.api import system_names
 def test_bench_writes_a_comparison(tmp_path, capsys):
     assert main(["bench", "--pair", "toy", "--networks", "lan,slow_wan", "--prompts", "2",
                  "--max-new-tokens", "16", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "speedup_vs_cloud_only" in out and "replayed" in out
+    # progress: one bar over every request (later turns included), named by the system and network it serves
+    n_requests = len(pd.read_parquet(next(tmp_path.iterdir()) / "requests.parquet"))
+    assert f"{n_requests}/{n_requests}" in captured.err and "request" in captured.err
+    assert "vanilla on slow_wan" in captured.err
     (run_dir,) = list(tmp_path.iterdir())
     for name in ("manifest.json", "requests.parquet", "rounds.parquet", "summary.csv", "comparison.png"):
         assert (run_dir / name).stat().st_size > 0, name
