@@ -136,12 +136,12 @@ def test_tuner_methods():
     print(f"\ntuner on a bowl with minimum 0.1 at (0.7, 0.3): bo {bo.tpt:.4f} at ({bo.r1:.2f}, {bo.r2:.2f}), "
           f"grid {grid.tpt:.4f}, random {rnd.tpt:.4f}")
     assert bo.tpt <= grid.tpt  # the GP homes in; the grid cannot reach (0.7, 0.3)
-    tuner = ThresholdTuner("bo")
+    tuner = ThresholdTuner("bo", 16, 0)
     tuner.ask()
     with pytest.raises(RuntimeError, match="tell"):
         tuner.ask()
     with pytest.raises(ValueError, match="valid: bo, grid, random"):
-        ThresholdTuner("anneal")
+        ThresholdTuner("anneal", 16, 0)
 
 
 def test_tune_is_seeded_and_reports_each_trial():

@@ -40,7 +40,7 @@ class TuneResult:
 class ThresholdTuner:
     """Ask/tell search over (R1, R2) with one of :data:`METHODS`."""
 
-    def __init__(self, method: str = "bo", trials: int = 16, seed: int = 0):
+    def __init__(self, method: str, trials: int, seed: int):
         if method not in METHODS:
             raise ValueError(f"tuner: unknown method {method!r}; valid: {', '.join(METHODS)}")
         if trials < 1:
