@@ -213,6 +213,41 @@ def test_round_records_account_for_every_token():
     assert dead_seen > 0, "no window was discarded: the case went untested"
 
 
+class _ClaimingCloud(VerifyingCloud):
+    """A cloud that answers a discarded window as if it had verified it (three tokens judged,
+    two accepted) instead of marking the answer stale. The edge must still count nothing for
+    it: it discarded the window itself, so no answer to it can be used."""
+
+    claimed = 0
+
+    async def _send(self, sess, job, verdict):
+        import dataclasses
+
+        if verdict.stale:
+            _ClaimingCloud.claimed += 1
+            verdict = dataclasses.replace(verdict, stale=False, n_verified=3, n_accepted=2, token=0)
+        await super()._send(sess, job, verdict)
+
+
+def test_an_answer_to_a_discarded_window_counts_nothing_whatever_it_claims():
+    spec = SystemSpec("claiming-test", PipelinedConfig, PipelinedEdge, _ClaimingCloud, "test only")
+    _ClaimingCloud.claimed = dead_seen = 0
+    for seed in range(4):
+        draft, target = _pair(seed, 0.7)
+        reqs = [GenerationRequest(f"r{i}", [i + 1, 3], 12, SamplingParams(), seed=i) for i in range(3)]
+        for req, rec in zip(reqs, run_system(spec, draft, target, reqs, {"depth": 3, "gamma": 2},
+                                             RunOptions(link=LINK, edge_cost=lambda op: 0.02,
+                                                        cloud_cost=lambda op: 0.05))):
+            assert rec.output_tokens == greedy_decode(target, req.prompt, 12)[0]
+            for r in rec.rounds:
+                if r.extra.get("discarded"):
+                    dead_seen += 1
+                    assert (r.verified, r.accepted, r.emitted, r.wasted) == (0, 0, 0, r.drafted)
+            live = [r for r in rec.rounds if not r.extra.get("discarded")]
+            assert rec.acceptance_rate == pytest.approx(rec.accepted / sum(r.verified for r in live))
+    assert _ClaimingCloud.claimed > 0 and dead_seen >= _ClaimingCloud.claimed
+
+
 class _Delivers:
     """The edge's end of a link on which the cloud has sent exactly ``msg``."""
 
