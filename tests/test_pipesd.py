@@ -390,3 +390,40 @@ def test_windows_in_flight_never_exceed_max_windows(monkeypatch, max_windows):
     reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 60, SamplingParams(), seed=i) for i in range(2)]
     _observed_run(monkeypatch, {"r1": 0.5, "r2": 0.3, "max_windows": max_windows}, reqs, slow)
     assert max(depth) == max_windows
+
+
+def test_tuner_budgets_and_refusals():
+    """The grid is Table 3's 4 x 4 points in order, whatever budget is asked; BO and random
+    spend exactly the trials asked; no trials is refused by name."""
+    from systems.pipesd.tuner import GRID, ThresholdTuner
+
+    grid = ThresholdTuner("grid", 100, 0)
+    assert grid.budget == len(GRID) ** 2 == 16
+    seen = []
+    while not grid.done:
+        seen.append(grid.ask())
+        grid.tell(sum(seen[-1]))
+    assert seen == [(r1, r2) for r1 in GRID for r2 in GRID]
+    assert ThresholdTuner("grid", 5, 0).budget == 5
+    assert ThresholdTuner("bo", 100, 0).budget == 100
+    one = ThresholdTuner("random", 1, 0)
+    assert one.budget == 1 and not one.done
+    one.ask()
+    one.tell(0.5)
+    assert one.done and one.best().tpt == 0.5
+    with pytest.raises(ValueError, match="^tuner: trials must be >= 1, got 0$"):
+        ThresholdTuner("random", 0, 0)
+
+
+def test_bo_fits_its_model_from_the_second_candidate():
+    """One random initial point (App. C.1), then the Gaussian process: BO's first candidate is
+    the seeded random sampler's, its second is not."""
+    from systems.pipesd.tuner import ThresholdTuner
+
+    for seed in (0, 7):
+        bo, rnd = ThresholdTuner("bo", 4, seed), ThresholdTuner("random", 4, seed)
+        first = bo.ask()
+        assert first == rnd.ask()
+        bo.tell(0.1)
+        rnd.tell(0.1)
+        assert bo.ask() != rnd.ask()

@@ -50,7 +50,6 @@ class ThresholdTuner:
             sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=1)
         else:
             sampler = optuna.samplers.RandomSampler(seed=seed)
-        self.method = method
         self.budget = min(trials, len(GRID) ** 2) if method == "grid" else trials
         self._study = optuna.create_study(direction="minimize", sampler=sampler)
         if method == "grid":  # the grid's points, queued in order (ask/tell has no grid stop)
