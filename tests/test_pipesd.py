@@ -427,3 +427,19 @@ def test_bo_fits_its_model_from_the_second_candidate():
         bo.tell(0.1)
         rnd.tell(0.1)
         assert bo.ask() != rnd.ask()
+
+
+def test_tuner_refuses_calls_out_of_order_by_name():
+    from systems.pipesd.tuner import ThresholdTuner
+
+    tuner = ThresholdTuner("random", 1, 0)
+    with pytest.raises(RuntimeError, match="^tuner: nothing evaluated yet$"):
+        tuner.best()
+    with pytest.raises(RuntimeError, match=r"^tuner: no candidate is pending; ask\(\) first$"):
+        tuner.tell(0.1)
+    tuner.ask()
+    with pytest.raises(RuntimeError, match=r"^tuner: tell\(\) the pending candidate's score before asking again$"):
+        tuner.ask()
+    tuner.tell(0.1)
+    with pytest.raises(RuntimeError, match="^tuner: all 1 evaluations are spent$"):
+        tuner.ask()
