@@ -108,18 +108,34 @@ def test_plan_rejects_bad_input():
 
 def test_replan_gate():
     """The DP re-runs when γ, α or β moves by more than 20% or N̂ changes, not otherwise."""
-    m = EnvironmentMonitor(0.025, 0.116, 0.036, 20)
+    m = EnvironmentMonitor(0.025, 0.116, 0.036, 20, 100, 8)
     base = m.estimate()
     for n in range(1, 9):
         m.add_upload(n, 0.020 + 0.050 * n)
     fitted = m.estimate()
     assert fitted.alpha == pytest.approx(0.020) and fitted.beta == pytest.approx(0.050)
     assert moved(base, fitted, 0.2) == ["alpha", "beta"]
-    small = EnvironmentMonitor(0.025, 0.116, 0.036, 20)
+    small = EnvironmentMonitor(0.025, 0.116, 0.036, 20, 100, 8)
     for n in range(1, 9):
         small.add_upload(n, 1.1 * (0.020 + 0.050 * n))  # a 10% slower link
     assert moved(fitted, small.estimate(), 0.2) == []
-    assert moved(fitted, EnvironmentMonitor(0.020, 0.050, 0.036, 21).estimate(), 0.2) == ["n_hat"]
+    assert moved(fitted, EnvironmentMonitor(0.020, 0.050, 0.036, 21, 100, 8).estimate(), 0.2) == ["n_hat"]
+
+
+def test_probe_sizes_until_enough_distinct_sizes_are_seen():
+    """Probing stops once min_sizes distinct batch sizes went up, whichever they were; until
+    then it asks for the sizes 1..min_sizes not yet seen. Only the last ``history`` uploads count."""
+    m = EnvironmentMonitor(0.025, 0.116, 0.036, 20, 100, 8)
+    assert m.missing_probe_sizes() == list(range(1, 9))
+    for n in (1, 2, 3, 4, 5, 6, 7):
+        m.add_upload(n, 0.1)
+    assert m.missing_probe_sizes() == [8]
+    m.add_upload(12, 0.1)  # an eighth distinct size, outside 1..8: enough
+    assert m.missing_probe_sizes() == []
+    short = EnvironmentMonitor(0.025, 0.116, 0.036, 20, 3, 2)
+    for n in (1, 2, 3, 3):
+        short.add_upload(n, 0.1)
+    assert short.sizes_seen() == {2, 3}
 
 
 # ---- the tuner -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ class CostEstimate:
 class EnvironmentMonitor:
     """Keeps PipeSD's online estimates; starts from given initial values."""
 
-    def __init__(self, alpha: float, beta: float, gamma: float, n_hat: int, history: int = 100, min_sizes: int = 8):
+    def __init__(self, alpha: float, beta: float, gamma: float, n_hat: int, history: int, min_sizes: int):
         self.initial = CostEstimate(alpha, beta, gamma, n_hat)
         self.min_sizes = min_sizes
         self._gen: deque[float] = deque(maxlen=history)
