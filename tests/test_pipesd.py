@@ -16,7 +16,7 @@ from harness.link import LinkProfile
 from harness.results import RunWriter, build_manifest, load_run
 from systems.api import GenerationRequest, SystemSpec
 from systems.engines import create_engine
-from systems.pipesd.estimator import EnvironmentMonitor, moved
+from systems.pipesd.estimator import CostEstimate, EnvironmentMonitor, moved
 from systems.pipesd.policy import PipeSDCloud, PipeSDConfig, PipeSDEdge
 from systems.pipesd.plan import makespan, plan_batches
 from systems.pipesd.tuner import GRID, ThresholdTuner, tune
@@ -136,6 +136,26 @@ def test_probe_sizes_until_enough_distinct_sizes_are_seen():
     for n in (1, 2, 3, 3):
         short.add_upload(n, 0.1)
     assert short.sizes_seen() == {2, 3}
+
+
+def test_estimates_are_means_over_the_last_history_samples():
+    """γ is the mean of the last ``history`` generation times, N̂ the rounded mean of the last
+    ``history`` window sizes (at least 1), α and β the line through the per-size means of the
+    last ``history`` uploads; the initial values stand until samples arrive."""
+    m = EnvironmentMonitor(0.025, 0.116, 0.036, 20, 3, 2)
+    assert m.estimate() == CostEstimate(0.025, 0.116, 0.036, 20)
+    for t in (1.0, 0.030, 0.040, 0.050):  # the first falls out of a 3-sample history
+        m.add_generation(t)
+    for n in (100, 4, 5, 7):
+        m.add_window(n)
+    for n, t in ((9, 5.0), (1, 0.3), (2, 0.5), (2, 0.7)):  # (9, 5.0) falls out
+        m.add_upload(n, t)
+    e = m.estimate()
+    assert e.gamma == pytest.approx(0.040) and e.n_hat == 5  # round(16 / 3)
+    assert (e.alpha, e.beta) == (pytest.approx(0.0), pytest.approx(0.3))  # through (1, 0.3) and (2, 0.6)
+    tiny = EnvironmentMonitor(0.025, 0.116, 0.036, 20, 3, 2)
+    tiny.add_window(0)
+    assert tiny.estimate().n_hat == 1
 
 
 # ---- the tuner -----------------------------------------------------------------------------
