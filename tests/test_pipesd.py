@@ -158,6 +158,22 @@ def test_estimates_are_means_over_the_last_history_samples():
     assert tiny.estimate().n_hat == 1
 
 
+def test_plan_with_free_drafting_starts_from_time_zero():
+    """With γ = 0 the first batch can leave at once: the plan's makespan is exactly the
+    simulated one (the DP starts from f(0) = 0, to the nanosecond)."""
+    for n_hat in (1, 3, 6):
+        plan = plan_batches(n_hat, 0.0, 0.010, 0.002)
+        assert plan.makespan_s == makespan(plan.sizes, 0.0, 0.010, 0.002)
+        assert plan.sizes == (n_hat,)  # nothing to overlap: one batch saves every α but one
+
+
+def test_replan_gate_is_strictly_more_than_the_gate():
+    """A parameter that moves by exactly the gate keeps the plan; a hair more re-plans."""
+    old = CostEstimate(1.0, 1.0, 1.0, 4)
+    assert moved(old, CostEstimate(1.25, 1.0, 1.0, 4), 0.25) == []
+    assert moved(old, CostEstimate(1.25 + 2 ** -40, 1.0, 0.75 - 2 ** -40, 4), 0.25) == ["alpha", "gamma"]
+
+
 # ---- the tuner -----------------------------------------------------------------------------
 def test_tuner_methods():
     def tpt(r1, r2):
