@@ -90,6 +90,18 @@ def _with_run_columns(df: pd.DataFrame, run: str, config: Mapping[str, Any]) -> 
     return pd.concat([df, extra], axis=1)
 
 
+def labelled_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> dict[Path, str]:
+    """Every run folder found at ``paths`` (resolved, each once) with its ``run`` label."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    runs: dict[Path, str] = {}
+    for path in paths:
+        root = Path(path)
+        for run_dir in find_runs(root):
+            runs.setdefault(run_dir.resolve(), _label(run_dir, root))
+    return runs
+
+
 def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(requests_df, rounds_df)`` of every run found at ``paths``, one after another.
 
@@ -102,13 +114,7 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[p
     Raises :class:`RunFolderError` naming the folder for a path that is not a run and holds
     none, for a run that cannot be read, and for two different runs with the same ``run``.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    runs: dict[Path, str] = {}  # resolved folder -> run label
-    for path in paths:
-        root = Path(path)
-        for run_dir in find_runs(root):
-            runs.setdefault(run_dir.resolve(), _label(run_dir, root))
+    runs = labelled_runs(paths)
     if not runs:
         raise RunFolderError("no run folders given")
     seen: dict[str, Path] = {}
@@ -132,4 +138,5 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True, sort=False)
 
 
-__all__ = ["CONFIG_PREFIX", "MANIFEST_NAME", "RunFolderError", "find_runs", "flatten_config", "load_runs"]
+__all__ = ["CONFIG_PREFIX", "MANIFEST_NAME", "RunFolderError", "find_runs", "flatten_config", "labelled_runs",
+           "load_runs"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import json
 import math
 import os
 import sys
@@ -28,9 +29,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures as F
-from analysis.load import RunFolderError, _label, find_runs, load_runs
+from analysis.load import MANIFEST_NAME, RunFolderError, labelled_runs, load_runs
 from analysis.stats import Verdict, summarise
-from harness.results import load_run
 
 HTML_NAME, MD_NAME = "report.html", "report.md"
 # (column, heading, scale, provenance: "time" follows the clock, else fixed)
@@ -63,11 +63,7 @@ class Section:
 
 def run_manifests(paths: Iterable[str | os.PathLike]) -> dict[str, dict]:
     """Each run's manifest, by the ``run`` label :func:`analysis.load.load_runs` gives it."""
-    found: dict[Path, str] = {}
-    for path in paths:
-        for run_dir in find_runs(path):
-            found.setdefault(run_dir.resolve(), _label(run_dir, Path(path)))
-    return {label: load_run(run_dir)[0] for run_dir, label in found.items()}
+    return {label: json.loads((run_dir / MANIFEST_NAME).read_text()) for run_dir, label in labelled_runs(paths).items()}
 
 
 def _short(text: object, limit: int = 70) -> str:
