@@ -31,6 +31,7 @@ import pandas as pd
 from analysis import figures as F
 from analysis.load import MANIFEST_NAME, RunFolderError, labelled_runs, load_runs
 from analysis.stats import Verdict, summarise
+from analysis.tables import console_summary, write_summaries
 
 HTML_NAME, MD_NAME = "report.html", "report.md"
 # (column, heading, scale, provenance: "time" follows the clock, else fixed)
@@ -275,7 +276,8 @@ def render_markdown(sections: Sequence[Section], title: str = "SpecWAN report") 
 
 def build_report(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                  baseline: str | None = None, metric: str = F.TIME_METRIC, n_resamples: int = 9999) -> Path:
-    """Write ``report.html`` (self-contained), ``report.md`` and one PNG per figure into
+    """Write ``report.html`` (self-contained), ``report.md``, one PNG per figure and the console
+    tables as ``summary.csv`` and ``summary_by_category.csv`` (:mod:`analysis.tables`) into
     ``out_dir`` (created), from the run folders or sweeps at ``paths``; returns the HTML's path.
 
     ``baseline``: the system speedups are measured against (default: cloud_only, else vanilla);
@@ -289,6 +291,7 @@ def build_report(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir
     for s in sections:
         for name, _, png, _ in s.figures:
             (out / f"{name}.png").write_bytes(png)
+    write_summaries(*load_runs(paths), out)
     (out / MD_NAME).write_text(render_markdown(sections), encoding="utf-8")
     page = out / HTML_NAME
     page.write_text(render_html(sections), encoding="utf-8")
@@ -303,8 +306,8 @@ def latest_run(parent: str | Path) -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m analysis.report RUN_OR_SWEEP... [--out DIR] [--baseline SYSTEM]``: builds the
-    report and prints the path of report.html last; exit 2 with one line for a folder that is
-    not a run."""
+    report, prints the console tables (:func:`analysis.tables.console_summary`) and then the path
+    of report.html, last; exit 2 with one line for a folder that is not a run."""
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", help="run folders, or folders of runs (sweeps)")
     parser.add_argument("--latest", metavar="DIR", help="report on the newest run folder directly under DIR "
@@ -326,10 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
     try:
         page = build_report(args.paths, out, baseline=args.baseline, metric=args.metric)
+        summary = console_summary(args.paths)
     except RunFolderError as exc:
         print(f"analysis.report: {exc}; pass a run folder (one holding manifest.json, as `specwan run` writes "
               "under results/) or a folder holding runs", file=sys.stderr)
         return 2
+    print(summary)
     print(page)
     return 0
 
