@@ -100,8 +100,8 @@ test: models browser
 	$(PY) -m pytest
 
 bench: models
-	$(PY) -m harness.cli bench --pair $(PAIR)
-	$(PY) -m analysis.report --latest results
+	$(PY) -m harness.cli run experiment=bench pair=$(PAIR)
+	$(PY) -m analysis.report results/bench-$(PAIR)
 
 # The report of the runs in RUNS (run folders or sweeps; default: the newest run under results/).
 report: $(STAMP)

@@ -78,18 +78,6 @@ def _pairs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_args(p: argparse.ArgumentParser) -> None:
-    from harness import bench
-
-    bench.add_arguments(p)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from harness import bench
-
-    return bench.run(args)
-
-
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     from harness import calibrate
 
@@ -221,7 +209,6 @@ COMMANDS: dict[str, Command] = {
                    lambda p: p.add_argument("overrides", nargs="*"), lambda a: 0),
     "calibrate": Command("measure this machine's model costs and write a measured device profile",
                          _calibrate_args, _calibrate),
-    "bench": Command("run every system on a pair over a few prompts and compare", _bench_args, _bench),
     "tune": Command("tune a system's thresholds (r1, r2) offline: Bayesian optimisation, grid or random",
                     _tune_args, _tune),
     "selfcheck": Command("load each model of a pair in a child process and decode a few tokens "
@@ -253,7 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from harness import run
 
         sys.argv = [f"{PROG} run", *argv[1:]]
-        run.main()
+        try:
+            run.main()
+        except KeyboardInterrupt:
+            # every finished request is already on disk (journals are written per request)
+            print(f"{PROG}: interrupted; every finished request is recorded. The same command resumes a sweep "
+                  "whose folder is fixed (experiment=bench); a single run resumes with hydra.run.dir=<its folder>",
+                  file=sys.stderr)
+            return 130
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -86,6 +86,7 @@ DEFAULT_KEY_FIELDS: tuple[str, ...] = ("system", "pair", "network", "workload", 
 # Config keys (dotted prefixes) that do not change results: where output goes, how chatty.
 DEFAULT_IGNORED_CONFIG_KEYS: tuple[str, ...] = (
     "hydra", "run_dir", "output_dir", "results_dir", "resume", "progress", "verbose", "log_level",
+    "out",  # where the run folders go: moving a sweep changes nothing it measured
 )
 
 # Manifest entries compared (besides the config) when a run folder is reopened.
@@ -559,6 +560,25 @@ def manifest_differences(
     return diffs
 
 
+def completed_run(run_dir: str | os.PathLike, config: Mapping[str, Any],
+                  ignore_config_keys: Iterable[str] = DEFAULT_IGNORED_CONFIG_KEYS) -> bool:
+    """Whether ``run_dir`` holds a run marked complete (``"complete": true`` in its manifest,
+    set by :meth:`RunWriter.mark_complete`) that was written with ``config``.
+
+    A sweep rerun after an interruption skips such runs without loading a model; a folder
+    written with another config is not complete for this one (reopening it names the keys).
+    """
+    path = Path(run_dir) / MANIFEST
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if recorded.get("complete") is not True:
+        return False
+    return not manifest_differences({"config": recorded.get("config")}, {"config": _plain(dict(config))},
+                                    ignore_config_keys)
+
+
 # ---- journals ---------------------------------------------------------------------------------
 
 
@@ -721,6 +741,10 @@ class RunWriter:
         self._write_parquet()
 
     # -- manifest --
+
+    def mark_complete(self) -> None:
+        """Record that every request of the run is in the folder (see :func:`completed_run`)."""
+        self.update_manifest({"complete": True})
 
     def _write_manifest(self) -> None:
         _atomic_write_text(self.run_dir / MANIFEST, _dumps(self.manifest, indent=2, sort_keys=False) + "\n")

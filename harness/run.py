@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from harness.energy.select import EnergyConfig, energy_config
 from harness.link import LinkProfile
@@ -24,11 +25,16 @@ from systems.api import SystemSpec, get_system
 from systems.sampling import SamplingParams
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-MODES = ("virtual", "wall")  # wall: cloud and edge as separate processes, wall clock
+MODES = ("virtual", "wall")
+LEFT_OUT = "left_out.txt"  # in a sweep's job folder: why the combination could not run  # wall: cloud and edge as separate processes, wall clock
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and the fix."""
+
+
+class NotRunnable(ConfigError):
+    """The system cannot run on this pair or device profile (a sweep leaves the combination out)."""
 
 
 @dataclass
@@ -104,7 +110,7 @@ def make_plan(cfg: DictConfig) -> Plan:
         try:
             require_target_costs(edge, system.name)
         except ValueError as exc:
-            raise ConfigError(f"device: {exc}") from exc
+            raise NotRunnable(f"device: {exc}") from exc
     energy_node = cfg.get("energy")
     try:
         energy = energy_config(None if energy_node is None else OmegaConf.to_container(energy_node, resolve=True))
@@ -148,6 +154,11 @@ def build_workload(cfg: DictConfig, target, progress: bool = True):
         workload = load_workload(workload_spec(cfg.workload), int(cfg.max_new_tokens),
                                  SamplingParams(temperature=float(cfg.temperature)), seed=int(cfg.seed),
                                  progress=progress)
+        if workload.spec.chat_template and not has_chat_template(target):
+            workload.spec = workload.spec.with_(chat_template=False)
+            if progress:
+                print(f"specwan: workload {workload.spec.name}: {target.info.model} has no chat template; "
+                      "prompts go as raw text", file=sys.stderr, flush=True)
         turns = workload.first_turns(target)
     except WorkloadError as exc:
         raise ConfigError(str(exc)) from exc
@@ -156,13 +167,53 @@ def build_workload(cfg: DictConfig, target, progress: bool = True):
     return workload, turns
 
 
+def has_chat_template(engine) -> bool:
+    """Whether ``engine``'s model renders chat messages (a toy or base model may not)."""
+    from systems.engines import EngineError
+
+    try:
+        engine.apply_chat_template([{"role": "user", "content": "hello"}])
+    except EngineError:
+        return False
+    return True
+
+
+_SHARED_ENGINES: dict[str, tuple] = {}
+
+
+def shared_engines(pair, paths) -> tuple:
+    """The pair's ``(draft, target)`` engines, opened once per process and kept for the next run.
+
+    The jobs of a sweep that one process serves (Hydra's basic launcher runs them all; a joblib
+    or Ray worker runs several) share the loaded models. Each is wrapped in
+    :class:`harness.memo.MemoEngine`: a forward pass a later job repeats (the same prefix, on
+    another network or device profile) is replayed from memory, so in virtual time every
+    network after the first costs little. Only one pair is kept at a time.
+    """
+    from harness.memo import MemoEngine
+    from harness.pairs import open_engines
+
+    key = repr((pair.roles(), sorted((role, str(path)) for role, path in paths.items())))
+    if key not in _SHARED_ENGINES:
+        _SHARED_ENGINES.clear()
+        draft, target = open_engines(pair, paths)
+        _SHARED_ENGINES[key] = (MemoEngine(draft), MemoEngine(target))
+    return _SHARED_ENGINES[key]
+
+
 def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
     """Run one configuration: plan, load the pair, serve the workload, write and summarise.
 
     With ``run_dir`` the records go to that run folder as each request finishes; a rerun
     into the same folder skips the requests already recorded.
     """
+    from harness.results import completed_run
+
     plan = make_plan(cfg)
+    if run_dir is not None and completed_run(run_dir, OmegaConf.to_container(cfg, resolve=True)):
+        print(f"specwan: {plan.system.name} on {plan.link.name}: already complete in {run_dir}, skipped "
+              "(a new folder measures it again)", file=sys.stderr, flush=True)
+        return []
     with contextlib.ExitStack() as stack:
         link = wall_link(plan, stack) if plan.mode == "wall" else None
         return _execute(cfg, plan, run_dir, link)
@@ -201,7 +252,7 @@ def link_manifest(plan: Plan, link, probe: dict | None) -> dict:
 def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
     from harness.contention import check_before_run, planned_threads
     from harness.inprocess import RunOptions, check_engines, run_system
-    from harness.pairs import ensure_pair, open_engines
+    from harness.pairs import ensure_pair
     from harness.results import RunWriter, build_manifest
 
     link, probe = wall if wall is not None else (None, None)
@@ -209,12 +260,13 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
     if plan.mode == "wall":
         draft, target = _tokenizer_engine(plan.pair, paths), None
     else:
-        draft, target = open_engines(plan.pair, paths)
+        draft, target = shared_engines(plan.pair, paths)
         try:
             check_engines(plan.system, plan.system_config, draft, target)
         except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+            raise NotRunnable(str(exc)) from exc
     engine = target or draft
+    calls = _model_calls(draft, target)
     workload, turns = build_workload(cfg, engine)
     context = {"system": plan.system.name, "pair": plan.pair.name, "network": plan.link.name,
                "workload": str(cfg.workload.name), "clock": plan.mode, "seed": int(cfg.seed)}
@@ -242,12 +294,15 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
             _, previous, _ = load_run(run_dir)
             done_outputs = {rid: list(ids) for rid, ids in zip(previous["request_id"], previous["output_ids"])}
     records = []
+    bar = tqdm(total=len(turns), desc=f"{plan.system.name} on {plan.link.name}", unit="request",
+               file=sys.stderr, dynamic_ncols=True)
     try:
         wave = list(turns)
         while wave:
             todo, later = [], []
             for t in wave:
                 if writer is not None and writer.key({**context, **t.context()}, t.request_id) in done:
+                    bar.update(1)
                     if (out := done_outputs.get(t.request_id)) is not None and (
                             nxt := workload.next_turn(t, out, engine)) is not None:
                         later.append(nxt)
@@ -264,14 +319,25 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
                     served.append(rec)
                     if writer is not None:
                         writer.append(rec, {**context, **t.context()}, energy=rec.energy)
+                    bar.update(1)
+            if plan.mode == "wall":
+                bar.update(len(served))
             records += served
             # multi-turn prompts: the next turn carries this system's own answer
             later += [nxt for t, rec in zip(todo, served)
                       if (nxt := workload.next_turn(t, rec.output_tokens, engine)) is not None]
             wave = later
-        if writer is not None and (rep := system_report(plan.system, records)) is not None:
-            writer.update_manifest({"system_report": rep})
+            if later:  # a conversation's next turns join the total once the answers they follow are known
+                bar.total += len(later)
+                bar.refresh()
+        if writer is not None:
+            if (rep := system_report(plan.system, records)) is not None:
+                if done:  # resumed: the system's own figures cover what this session served
+                    rep = {**rep, "summary": f"{rep['summary']} (the requests served after resuming)"}
+                writer.update_manifest({"system_report": rep})
+            writer.mark_complete()
     finally:
+        bar.close()
         if writer is not None:
             if link is not None and (counters := link.counters()) is not None:
                 counters["note"] = "since the link came up: the probe's traffic is included"
@@ -301,7 +367,15 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
         from harness.energy.report import describe_per_token
 
         print(f"  {describe_per_token(records)}")
+        replayed, computed = _model_calls(draft, target)
+        print(f"  model calls: {replayed - calls[0]} replayed from memory, {computed - calls[1]} computed")
     return records
+
+
+def _model_calls(*engines) -> tuple[int, int]:
+    """Forward-pass rows the shared engines replayed and computed so far (see :func:`shared_engines`)."""
+    engines = [e for e in engines if e is not None]
+    return sum(getattr(e, "hits", 0) for e in engines), sum(getattr(e, "misses", 0) for e in engines)
 
 
 def system_report(spec, records) -> dict | None:
@@ -353,13 +427,24 @@ def main(cfg: DictConfig) -> None:
 
     from harness.wall import WallRunError
 
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
     try:
         if cfg.get("grid") is not None:  # an experiment preset with a comparison grid
             from harness.grid import run_grid
 
-            run_grid(cfg, HydraConfig.get().runtime.output_dir)
+            run_grid(cfg, hydra_cfg.runtime.output_dir)
         else:
-            execute(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+            execute(cfg, run_dir=hydra_cfg.runtime.output_dir)
+    except NotRunnable as exc:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            print(f"specwan run: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        # a sweep over every system meets some that cannot run on this pair or device: the
+        # combination is left out, with the reason, and the sweep goes on
+        print(f"specwan run: left out {cfg.system.name} on {cfg.network.name}: {exc}", file=sys.stderr, flush=True)
+        Path(hydra_cfg.runtime.output_dir, LEFT_OUT).write_text(f"{exc}\n")
     except (ConfigError, WallRunError) as exc:
         print(f"specwan run: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,52 +1,147 @@
-"""`specwan bench` end to end on the toy pair: table, run folder, plot, memoized sweep."""
+"""`make bench` = `specwan run experiment=bench`: a Hydra multirun, one run folder per system
+and network, on the toy pair. Its launchers give identical records; an interrupted sweep
+resumes with the same command and ends with the records of an uninterrupted one."""
 
 from __future__ import annotations
 
-import pandas as pd
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from harness.cli import main
+import pandas as pd
+import pytest
+
+from analysis.load import load_runs
 from systems.api import system_names
 
+pytestmark = pytest.mark.slow  # each test runs sweeps in child processes (15-60 s)
 
-def test_bench_writes_a_comparison(tmp_path, capsys):
-    assert main(["bench", "--pair", "toy", "--networks", "lan,slow_wan", "--prompts", "2",
-                 "--max-new-tokens", "16", "--out", str(tmp_path)]) == 0
-    captured = capsys.readouterr()
-    out = captured.out
-    assert "speedup_vs_cloud_only" in out and "replayed" in out
-    # progress: one bar over every request (later turns included), named by the system and network it serves
-    n_requests = len(pd.read_parquet(next(tmp_path.iterdir()) / "requests.parquet"))
-    assert f"{n_requests}/{n_requests}" in captured.err and "request" in captured.err
-    assert "vanilla on slow_wan" in captured.err
-    (run_dir,) = list(tmp_path.iterdir())
-    for name in ("manifest.json", "requests.parquet", "rounds.parquet", "summary.csv", "comparison.png"):
-        assert (run_dir / name).stat().st_size > 0, name
-    requests = pd.read_parquet(run_dir / "requests.parquet")
+SLOW_WAN_RTT_MS = 200.0  # conf/network/slow_wan.yaml
+SMALL = ["pair=toy", "workload.size=2", "max_new_tokens=16"]
+
+
+def bench(out: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`specwan run experiment=bench` in a child process (Hydra owns its process's command line)."""
+    return subprocess.run([sys.executable, "-m", "harness.cli", "run", "experiment=bench", *SMALL, f"out={out}",
+                           *overrides], capture_output=True, text=True, timeout=timeout)
+
+
+def records(sweep: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The sweep's requests and rounds, in a fixed order, without the label of the folder they came from."""
+    requests, rounds = load_runs(sweep)
+    keys = ["system", "network", "request_id"]
+    where = ["run", "config.out"]  # the folder each came from, nothing measured
+    requests = requests.drop(columns=where).sort_values(keys).reset_index(drop=True)
+    rounds = rounds.drop(columns=where).sort_values([*keys, "round"]).reset_index(drop=True)
+    return requests, rounds
+
+
+def same_records(a: Path, b: Path) -> None:
+    for x, y in zip(records(a), records(b)):
+        pd.testing.assert_frame_equal(x, y)
+
+
+def test_bench_is_a_sweep_of_every_system_over_the_networks(tmp_path):
+    res = bench(tmp_path, "network=lan,slow_wan")
+    assert res.returncode == 0, res.stderr[-3000:]
+    sweep = tmp_path / "bench-toy"
+    runs = sorted(p.parent.name for p in sweep.glob("*/manifest.json"))
+    assert runs == sorted(f"{s}-{n}" for s in system_names() for n in ("lan", "slow_wan"))
+    for name in runs:
+        manifest = json.loads((sweep / name / "manifest.json").read_text())
+        assert manifest["complete"] is True and manifest["config"]["network"]["name"] == name.split("-")[-1]
+        assert {manifest["energy"][role]["kind"] for role in ("edge", "cloud")} == {"estimated"}
+    requests, _ = load_runs(sweep)
     assert len(requests) == 2 * 2 * len(system_names())  # prompts x networks x systems
     assert set(requests["workload"]) == {"mixed"} and requests["category"].notna().all()
-    assert "per category" in out
-    by_category = pd.read_csv(run_dir / "summary_by_category.csv")
-    assert set(by_category["category"]) == set(requests["category"])
-    assert {"acceptance", "speedup_vs_cloud_only"} <= set(by_category.columns)
-    summary = pd.read_csv(run_dir / "summary.csv")
-    slow = summary.set_index(["system", "network"])["ms_per_token"]
-    assert slow[("vanilla", "slow_wan")] > slow[("vanilla", "lan")]  # the link costs time
-    assert slow[("edge_only", "slow_wan")] == slow[("edge_only", "lan")]  # edge-only never uses it
-    # energy: J/token per role, its kind in the column name (modelled in virtual time)
-    assert "edge_J_per_token_estimated" in out and "edge energy: estimated" in out
-    energy = summary.set_index(["system", "network"])
-    assert (energy["edge_J_per_token_estimated"] > 0).all()
-    assert energy.loc[("edge_only", "lan"), "cloud_J_per_token_estimated"] == 0.0
-    assert energy.loc[("vanilla", "slow_wan"), "edge_J_per_token_estimated"] > \
-        energy.loc[("vanilla", "lan"), "edge_J_per_token_estimated"]  # waiting on a slow link costs idle power
-    assert requests["energy_edge_kind"].eq("estimated").all() and requests["energy_edge_j"].gt(0).all()
-    assert (run_dir / "energy.png").stat().st_size > 0
-    import json
-
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert {manifest["energy"][role]["kind"] for role in ("edge", "cloud")} == {"estimated"}
+    # each network's figures travel with its records: the analysis can plot speedup against RTT
+    rtt = requests.groupby("network")["config.network.rtt_ms"].unique()
+    assert list(rtt["lan"]) == [1.0] and list(rtt["slow_wan"]) == [SLOW_WAN_RTT_MS]
+    per_token = requests.groupby(["system", "network"]).apply(lambda g: g["e2e"].sum() / g["n_tokens"].sum())
+    assert per_token[("vanilla", "slow_wan")] > per_token[("vanilla", "lan")]  # the link costs time
+    assert per_token[("edge_only", "slow_wan")] == per_token[("edge_only", "lan")]  # edge-only never uses it
+    # progress: a bar per job counting its requests, named by the system and network
+    assert "vanilla on slow_wan: 100%" in res.stderr and "2/2" in res.stderr
+    # one process serves the sweep: a system's second network replays the model calls of its first
+    lines = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("model calls:")]
+    assert len(lines) == len(runs) and any(" 0 computed" in ln for ln in lines)
 
 
-def test_bench_rejects_unknown_names(capsys):
-    assert main(["bench", "--pair", "toy", "--systems", "nope"]) == 2
-    assert "valid systems" in capsys.readouterr().err
+def test_a_system_the_device_cannot_price_is_left_out_of_the_sweep(tmp_path):
+    res = bench(tmp_path, "network=lan", "system=split_inference,vanilla", "device=phone_gpu_cloud",
+                "workload.size=1", "max_new_tokens=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "left out split_inference on lan: device: system split_inference runs target layers on the edge" in res.stderr
+    sweep = tmp_path / "bench-toy"
+    assert "must price the target" in (sweep / "split_inference-lan" / "left_out.txt").read_text()
+    assert set(load_runs(sweep)[0]["system"]) == {"vanilla"}
+    # run on its own, the same combination is an error, in one line
+    single = subprocess.run([sys.executable, "-m", "harness.cli", "run", "pair=toy", "system=split_inference",
+                             "device=phone_gpu_cloud", f"out={tmp_path / 'single'}"], capture_output=True, text=True,
+                            timeout=300)
+    assert single.returncode == 2 and "must price the target" in single.stderr and "Traceback" not in single.stderr
+
+
+def test_the_joblib_launcher_gives_the_records_of_the_basic_one(tmp_path):
+    grid = ["system=vanilla,pipesd,cloud_only", "network=lan,slow_wan"]
+    basic = bench(tmp_path / "basic", *grid)
+    assert basic.returncode == 0, basic.stderr[-3000:]
+    parallel = bench(tmp_path / "joblib", *grid, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert "Joblib.Parallel" in parallel.stdout + parallel.stderr
+    same_records(tmp_path / "basic" / "bench-toy", tmp_path / "joblib" / "bench-toy")
+
+
+def test_an_interrupted_sweep_resumes_with_the_same_command(tmp_path):
+    """SIGINT midway; the same command again runs only what is missing (a finished job is
+    skipped, a job cut short resumes after its last request), and the records then equal an
+    uninterrupted sweep's."""
+    grid = ["system=vanilla,hsl,pipesd,edgellm,cloud_only", "network=lan,slow_wan", "workload.size=4",
+            "max_new_tokens=24"]
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "harness.cli", "run", "experiment=bench", *SMALL, f"out={out}", *grid]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:  # the fifth job has started: four are finished
+        seen.append(line)
+        if "#4 : " in line or time.monotonic() > deadline:
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    log = "".join(seen) + rest
+    assert proc.returncode == 130, log[-3000:]
+    assert "interrupted; every finished request is recorded" in log and "Traceback" not in log
+    sweep = out / "bench-toy"
+    finished = {p.parent.name for p in sweep.glob("*/manifest.json")
+                if json.loads(p.read_text()).get("complete")}
+    assert 4 <= len(finished) < 10
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    skipped = {ln.split(" in ")[-1].split(",")[0].rsplit("/", 1)[-1]
+               for ln in resumed.stderr.splitlines() if "already complete in" in ln}
+    assert skipped == finished  # exactly the finished jobs were skipped, without loading a model
+    assert all(json.loads(p.read_text()).get("complete") for p in sweep.glob("*/manifest.json"))
+
+    whole = tmp_path / "whole"
+    assert subprocess.run([*cmd[:-len(grid) - 1], f"out={whole}", *grid], capture_output=True,
+                          timeout=600).returncode == 0
+    same_records(sweep, whole / "bench-toy")
+
+
+def test_a_sweep_reports_in_one_command(tmp_path, capsys):
+    """The sweep folder is what `make bench` hands the report."""
+    from analysis.report import main as report
+
+    assert bench(tmp_path, "system=vanilla,cloud_only", "network=lan").returncode == 0
+    assert report([str(tmp_path / "bench-toy")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    page = Path(printed[-1])
+    assert page.name == "report.html" and page.is_file() and page.parent == tmp_path / "bench-toy" / "report"

@@ -123,15 +123,15 @@ def test_contention_sample_lists_a_busy_process():
 
 
 def test_a_run_on_a_contended_machine_says_so_and_records_it(tmp_path):
-    """`specwan bench` on the toy pair while another process keeps a core busy."""
+    """`specwan run` on the toy pair while another process keeps a core busy."""
     import pandas as pd  # noqa: F401 - the run writes parquet
 
     busy = _busy_process(120)
     try:
         time.sleep(0.5)
-        res = subprocess.run([sys.executable, "-m", "harness.cli", "bench", "--pair", "toy", "--systems", "vanilla",
-                              "--networks", "lan", "--workload", "smoke", "--prompts", "1", "--max-new-tokens", "8",
-                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([sys.executable, "-m", "harness.cli", "run", "pair=toy", "system=vanilla",
+                              "network=lan", "workload=smoke", "workload.size=1", "max_new_tokens=8",
+                              f"out={tmp_path}"], capture_output=True, text=True, timeout=300)
     finally:
         busy.kill()
         busy.wait()

@@ -362,18 +362,19 @@ def test_table1_preset_carries_the_papers_figures():
             assert tpt[0] / tpt[6] == pytest.approx(split_inf, abs=0.005)
 
 
-def test_bench_prints_the_model_for_picospec(tmp_path, capsys):
+def test_a_sweep_prints_and_records_the_model_for_picospec(tmp_path):
     import json
+    import subprocess
+    import sys
 
-    from harness.cli import main
-
-    assert main(["bench", "--pair", "toy", "--systems", "picospec,vanilla", "--networks", "lan", "--prompts", "2",
-                 "--max-new-tokens", "12", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    (run_dir,) = list(tmp_path.iterdir())
-    reports = json.loads((run_dir / "manifest.json").read_text())["system_reports"]
-    assert list(reports) == ["picospec on lan"]
-    assert f"picospec on lan: {reports['picospec on lan']['summary']}" in out
+    res = subprocess.run([sys.executable, "-m", "harness.cli", "run", "experiment=bench", "pair=toy",
+                          "system=picospec,vanilla", "network=lan", "workload.size=2", "max_new_tokens=12",
+                          f"out={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sweep = tmp_path / "bench-toy"
+    report = json.loads((sweep / "picospec-lan" / "manifest.json").read_text())["system_report"]
+    assert "system_report" not in json.loads((sweep / "vanilla-lan" / "manifest.json").read_text())
+    assert f"  {report['summary']}" in res.stdout
 
 
 def test_wall_mode_on_the_toy_pair_is_lossless(tmp_path):

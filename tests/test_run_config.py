@@ -148,6 +148,9 @@ def test_multi_turn_run_serves_second_turns_and_resumes_them(tmp_path):
         kept = [line for line in path.read_text().splitlines(keepends=True)
                 if "#turn2" not in json.loads(line).get("request_id", "")]
         path.write_text("".join(kept))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest.pop("complete") is True  # a run cut short is never marked complete
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
     resumed = execute(cfg, run_dir=run_dir)
     assert sorted(r.request_id for r in resumed) == sorted(i for i in ids if "turn2" in i)
     assert {r.request_id: r.output_tokens for r in resumed} == {

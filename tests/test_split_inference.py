@@ -345,24 +345,7 @@ def test_the_toy_needs_room_for_its_window():
         create_engine("toy", order=4, n_layers=2)
 
 
-# ---- the harness around it: bench, grids, wall mode ---------------------------------------------
-def test_bench_leaves_out_what_the_device_cannot_price(tmp_path, capsys):
-    from harness.cli import main
-
-    assert main(["bench", "--pair", "toy", "--device", "phone_gpu_cloud", "--systems", "split_inference",
-                 "--networks", "lan", "--prompts", "1", "--max-new-tokens", "4", "--out", str(tmp_path)]) == 2
-    assert "edge profile 'phone_2.5ghz' must price the target there" in capsys.readouterr().err
-    assert main(["bench", "--pair", "toy", "--device", "phone_gpu_cloud", "--networks", "lan", "--prompts", "1",
-                 "--max-new-tokens", "4", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "left out split_inference: system split_inference runs target layers on the edge" in out
-    import pandas as pd
-
-    (run_dir,) = list(tmp_path.iterdir())
-    systems = set(pd.read_parquet(run_dir / "requests.parquet")["system"])
-    assert "split_inference" not in systems and "vanilla" in systems
-
-
+# ---- the harness around it: grids, wall mode ---------------------------------------------
 def _grid(**split):
     return {"name": "g", "accepted_tokens": 8, "max_new_tokens": 8,
             "scenarios": {"Q": {"network": "picospec_wan", "device": "picospec_qwen"}},
