@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -145,3 +148,70 @@ def test_a_sweep_reports_in_one_command(tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     page = Path(printed[-1])
     assert page.name == "report.html" and page.is_file() and page.parent == tmp_path / "bench-toy" / "report"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Ray resolves 127.0.0.1 to the host's outward address unless clusters are off; off, every
+# process of the head, the driver and the workers talks over loopback only
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head on loopback, in its own process group; yields its address. Afterwards that
+    group is stopped (SIGTERM, then SIGKILL) and its temporary folder removed."""
+    temp = tempfile.mkdtemp(prefix="specwan-ray-")  # short: Ray's unix sockets live beneath it
+    port = _free_port()
+    log = open(Path(temp) / "head.log", "w+")
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **RAY_ENV}, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in Path(log.name).read_text():
+            assert head.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            end = time.monotonic() + wait
+            while time.monotonic() < end and _group_alive(head.pid):
+                time.sleep(0.2)
+            if not _group_alive(head.pid):
+                break
+        head.wait(timeout=10)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_ray_launcher_on_a_local_head_gives_the_records_of_the_basic_one(tmp_path, ray_head):
+    grid = ["system=vanilla,pipesd,cloud_only", "network=lan,slow_wan"]
+    basic = bench(tmp_path / "basic", *grid)
+    assert basic.returncode == 0, basic.stderr[-3000:]
+    on_ray = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run", "experiment=bench", *SMALL, f"out={tmp_path / 'ray'}", *grid,
+         "hydra/launcher=ray", f"hydra.launcher.ray.init.address={ray_head}",
+         "+hydra.launcher.ray.init.object_store_memory=null"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **RAY_ENV})
+    assert on_ray.returncode == 0, on_ray.stderr[-3000:]
+    assert "Ray Launcher is launching 6 jobs" in on_ray.stdout + on_ray.stderr
+    same_records(tmp_path / "basic" / "bench-toy", tmp_path / "ray" / "bench-toy")
