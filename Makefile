@@ -26,7 +26,7 @@ WHEELHOUSE := .wheelhouse/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_KEY)
 LLAMA_STAMP := $(VENV)/.llama-cpp-$(LLAMA_KEY)
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: test bench install models selfcheck doctor overhead clean distclean browser report
+.PHONY: test bench install models selfcheck doctor overhead clean distclean browser report decision-map
 
 install: $(STAMP)
 
@@ -102,6 +102,14 @@ test: models browser
 bench: models
 	$(PY) -m harness.cli run experiment=bench pair=$(PAIR)
 	$(PY) -m analysis.report results/bench-$(PAIR)
+
+# The README's decision maps (docs/): every system over RTT x uplink on the pair, then the maps;
+# rerunning resumes the sweep (results/decision_map-<pair>/) and redraws.
+decision-map: models
+	$(PY) -m harness.cli run experiment=decision_map pair=$(PAIR)
+	$(PY) -m analysis.decision results/decision_map-$(PAIR) --objective latency --out docs/decision_map
+	$(PY) -m analysis.decision results/decision_map-$(PAIR) --objective cloud_time \
+		--systems vanilla,pipesd,picospec,hsl,edgellm --out docs/decision_map
 
 # The report of the runs in RUNS (run folders or sweeps; default: the newest run under results/).
 report: $(STAMP)

@@ -322,7 +322,70 @@ def decision_map(
     return fig
 
 
+def write_maps(paths: Sequence[str], out_dir: str, objectives: Sequence[str] = ("latency",), *,
+               systems: Sequence[str] | None = None, n_resamples: int = 9999) -> list[str]:
+    """For each objective, ``decision_map_<objective>.png`` and ``decision_table_<objective>.csv``
+    in ``out_dir`` (created), from the runs at ``paths`` (only ``systems``' requests, when
+    given); returns the written paths."""
+    from pathlib import Path
+
+    from analysis.figures import figure_png
+    from analysis.load import load_runs
+
+    requests, rounds = load_runs(paths)
+    if systems:
+        missing = sorted(set(systems) - set(requests["system"]))
+        if missing:
+            raise ValueError(f"no requests of {', '.join(missing)} in {', '.join(map(str, paths))}")
+        requests = requests[requests["system"].isin(systems)]
+        rounds = rounds[rounds["system"].isin(systems)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in objectives:
+        table = decision_table(requests, rounds, name, n_resamples=n_resamples)
+        table.to_csv(out / f"decision_table_{name}.csv", index=False)
+        png = out / f"decision_map_{name}.png"
+        png.write_bytes(figure_png(decision_map(requests, rounds, name, table=table), dpi=110))
+        written += [str(out / f"decision_table_{name}.csv"), str(png)]
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m analysis.decision RUN_OR_SWEEP... [--objective NAME...] [--out DIR]``: the
+    decision map and table per objective; prints the written paths. Exit 2 with one line for a
+    folder that is not a run or records without the grid's columns."""
+    import argparse
+    import sys
+
+    from analysis.load import RunFolderError
+
+    parser = argparse.ArgumentParser(prog="python -m analysis.decision", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="run folders, or folders of runs (a sweep over RTT x uplink)")
+    parser.add_argument("--objective", nargs="+", default=["latency"],
+                        help=f"one or more of {', '.join(OBJECTIVES)} or a numeric request column (default: latency)")
+    parser.add_argument("--systems", help="comma-separated systems to compare (default: every one in the runs)")
+    parser.add_argument("--out", help="where to write (default: <first path>/report)")
+    parser.add_argument("--resamples", type=int, default=9999, help="bootstrap resamples for the margins' CIs")
+    args = parser.parse_args(argv)
+    try:
+        written = write_maps(args.paths, args.out or f"{args.paths[0]}/report", args.objective,
+                             systems=args.systems.split(",") if args.systems else None, n_resamples=args.resamples)
+    except (RunFolderError, ValueError, KeyError) as exc:
+        print(f"analysis.decision: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(written))
+    return 0
+
+
 __all__ = [
     "OBJECTIVES", "Objective", "TIE_SEPARATOR", "VALUE_COLUMN", "cloud_time_per_token", "decision_map",
-    "decision_table", "energy_per_token", "get_objective", "latency_per_token", "objective_values",
+    "decision_table", "energy_per_token", "get_objective", "latency_per_token", "main", "objective_values",
+    "write_maps",
 ]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

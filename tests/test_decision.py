@@ -190,3 +190,36 @@ def test_decision_map_leaves_a_missing_point_blank_and_refuses_mixed_pairs():
     mixed = pd.concat([requests_frame(grid, pair="toy"), requests_frame(grid, pair="big")], ignore_index=True)
     with pytest.raises(ValueError, match="varies in pair"):
         D.decision_map(mixed, None, n_resamples=0)
+
+
+@pytest.mark.slow
+def test_the_decision_map_experiment_end_to_end_on_the_toy_pair(tmp_path, capsys):
+    """`specwan run experiment=decision_map` (a small grid) then `python -m analysis.decision`:
+    one run folder per system and point, named by the point, and the table's winner at each
+    point is the system with the lowest mean TPOT there, computed here from the records."""
+    import subprocess
+    import sys
+
+    from analysis.load import load_runs
+
+    res = subprocess.run([sys.executable, "-m", "harness.cli", "run", "experiment=decision_map", "pair=toy",
+                          "workload.size=2", "max_new_tokens=16", f"out={tmp_path}", "system=vanilla,cloud_only,hsl",
+                          "network.rtt_ms=0,300", "network.up_mbps=1,100"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sweep = tmp_path / "decision_map-toy"
+    assert (sweep / "hsl-rtt300-up1" / "manifest.json").is_file() and len(list(sweep.glob("*/manifest.json"))) == 12
+    assert D.main([str(sweep), "--objective", "latency", "cloud_time", "--systems", "vanilla,hsl,cloud_only",
+                   "--out", str(tmp_path / "maps"), "--resamples", "0"]) == 0
+    written = capsys.readouterr().out.split()
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["decision_table_latency.csv", "decision_map_latency.png",
+                                                        "decision_table_cloud_time.csv", "decision_map_cloud_time.png"]
+    requests, _ = load_runs(sweep)
+    means = requests.groupby([RTT_COLUMN, UPLINK_COLUMN, "system"])["tpot"].mean()
+    table = pd.read_csv(tmp_path / "maps" / "decision_table_latency.csv")
+    assert len(table) == 4
+    for row in table.to_dict("records"):
+        point = means.loc[(row[RTT_COLUMN], row[UPLINK_COLUMN])]
+        assert row["best"] == point.idxmin() and row["value"] == pytest.approx(point.min())
+    assert set(requests["network"]) == {"rtt0-up1", "rtt0-up100", "rtt300-up1", "rtt300-up100"}
+    assert D.main([str(sweep), "--systems", "nope"]) == 2
+    assert "no requests of nope" in capsys.readouterr().err
