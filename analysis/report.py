@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures as F
+from analysis import metrics as M
 from analysis.load import MANIFEST_NAME, RunFolderError, labelled_runs, load_runs
 from analysis.stats import Verdict, summarise
 from analysis.tables import console_summary, write_summaries
@@ -40,6 +41,8 @@ SUMMARY_METRICS: tuple[tuple[str, str, float, str], ...] = (
     ("tpot", "TPOT, ms", 1e3, "time"),
     ("e2e", "end-to-end, s", 1.0, "time"),
     ("acceptance_rate", "acceptance rate", 1.0, "measured"),
+    ("accepted_length", "accepted length", 1.0, "measured"),
+    ("wasted", "wasted draft tokens", 1.0, "measured"),
     ("bytes_up", "bytes up", 1.0, "measured"),
     ("bytes_down", "bytes down", 1.0, "measured"),
 )
@@ -188,16 +191,50 @@ def _specs(baseline: str | None) -> list[F.FigureSpec]:
             for s in F.FIGURES]
 
 
+def latency_table(requests: pd.DataFrame) -> pd.DataFrame:
+    """Per system and network: inter-token latency percentiles (ms) over every chunk after the
+    first, per chunk and per token (:func:`analysis.metrics.itl_summary`)."""
+    itl = M.itl_summary(requests)
+    table = itl[["system", "network", "chunks"]].copy()
+    table["tokens per chunk"] = [fmt(v) for v in itl["tokens_per_chunk"]]
+    for column, label in (("itl", "ITL"), ("itl_per_token", "ITL per token")):
+        for q in M.PERCENTILES:
+            table[f"{label} p{q}, ms"] = [fmt(v, 1e3) for v in itl[f"{column}_p{q}"]]
+    return table
+
+
+def goodput_table(requests: pd.DataFrame, slo: M.SLO) -> pd.DataFrame:
+    """Per system and network: SLO attainment and goodput (:func:`analysis.metrics.goodput`)."""
+    g = M.goodput(requests, slo)
+    return pd.DataFrame({"system": g["system"], "network": g["network"], "requests": g["requests"],
+                         "met SLO": g["met"], "attainment": [f"{v:.0%}" for v in g["attainment"]],
+                         "serving, s": [fmt(v) for v in g["serving_s"]],
+                         "goodput, req/s": [fmt(v) for v in g["goodput"]]})
+
+
 def report_sections(paths: Sequence[str | os.PathLike], *, baseline: str | None = None,
-                    metric: str = F.TIME_METRIC, n_resamples: int = 9999) -> list[Section]:
+                    metric: str = F.TIME_METRIC, n_resamples: int = 9999, slo: M.SLO | None = None) -> list[Section]:
     """The report's sections, built from the run folders at ``paths`` (as :func:`load_runs`
-    reads them). Raises :class:`analysis.load.RunFolderError` for a path that is not a run."""
+    reads them); with ``slo``, a section of SLO attainment and goodput. Raises
+    :class:`analysis.load.RunFolderError` for a path that is not a run."""
     requests, rounds = load_runs(paths)
+    requests = requests.assign(wasted=M.wasted_per_request(requests, rounds))
     manifests = run_manifests(paths)
+    time_kind = F.time_provenance(requests)
     sections = [Section("Runs", [f"{len(manifests)} run(s), {len(requests)} request(s), {len(rounds)} round(s)."],
                         manifest_table(manifests, requests))]
     sections.append(Section("Summary per system and network", [PROVENANCE_NOTE],
                             summary_table(requests, n_resamples=n_resamples)))
+    sections.append(Section("Inter-token latency", [
+        "A verdict commits several tokens at one instant, so the gap is measured between chunks (the instants "
+        "a request's output grew), as vLLM's serving benchmark does, and per token (the gap over the tokens the "
+        f"chunk brought), as SGLang's does; the first chunk's wait is the TTFT. Times {time_kind}."],
+        latency_table(requests)))
+    if slo is not None:
+        sections.append(Section("SLO attainment and goodput", [
+            f"SLO: {slo.describe()}. Goodput = requests meeting every objective per second of serving (the sum of "
+            f"the requests' end-to-end latencies: one request at a time per edge). Times {time_kind}."],
+            goodput_table(requests, slo)))
     try:
         speed = speedup_rows(requests, baseline=baseline, metric=metric, n_resamples=n_resamples)
         sections.append(Section("Paired speedup", [
@@ -275,17 +312,19 @@ def render_markdown(sections: Sequence[Section], title: str = "SpecWAN report") 
 
 
 def build_report(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
-                 baseline: str | None = None, metric: str = F.TIME_METRIC, n_resamples: int = 9999) -> Path:
+                 baseline: str | None = None, metric: str = F.TIME_METRIC, n_resamples: int = 9999,
+                 slo: M.SLO | None = None) -> Path:
     """Write ``report.html`` (self-contained), ``report.md``, one PNG per figure and the console
     tables as ``summary.csv`` and ``summary_by_category.csv`` (:mod:`analysis.tables`) into
     ``out_dir`` (created), from the run folders or sweeps at ``paths``; returns the HTML's path.
 
     ``baseline``: the system speedups are measured against (default: cloud_only, else vanilla);
-    ``metric``: the time-per-token column for the speedups. Raises
+    ``metric``: the time-per-token column for the speedups; ``slo``: adds SLO attainment and
+    goodput (:mod:`analysis.metrics`). Raises
     :class:`analysis.load.RunFolderError` for a path that is not a run and holds none.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    sections = report_sections(paths, baseline=baseline, metric=metric, n_resamples=n_resamples)
+    sections = report_sections(paths, baseline=baseline, metric=metric, n_resamples=n_resamples, slo=slo)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for s in sections:
@@ -316,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline", help="the system speedups are measured against (default: cloud_only, "
                                            "else vanilla)")
     parser.add_argument("--metric", default=F.TIME_METRIC, help="time-per-token column for the speedups")
+    parser.add_argument("--slo", help="objectives in ms for SLO attainment and goodput, e.g. ttft:500,tpot:100")
     args = parser.parse_args(argv)
     if args.latest:
         newest = latest_run(args.latest)
@@ -328,7 +368,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give run folders (or --latest DIR)")
     out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
     try:
-        page = build_report(args.paths, out, baseline=args.baseline, metric=args.metric)
+        slo = M.SLO.parse(args.slo) if args.slo else None
+    except ValueError as exc:
+        print(f"analysis.report: --slo: {exc}", file=sys.stderr)
+        return 2
+    try:
+        page = build_report(args.paths, out, baseline=args.baseline, metric=args.metric, slo=slo)
         summary = console_summary(args.paths)
     except RunFolderError as exc:
         print(f"analysis.report: {exc}; pass a run folder (one holding manifest.json, as `specwan run` writes "

@@ -268,3 +268,83 @@ def test_papers_uplink_is_full_fp16_rows(system):
     assert 2 * 4096 <= per_token["fp16"] < 2 * 4096 * 1.05
     assert 4 * 4096 <= per_token["fp32"] < 4 * 4096 * 1.05
     assert per_token["ids"] < 64
+
+
+# ---- the same scripted run, as the analysis reports it from the run folder ----------------------
+def test_every_reported_metric_of_a_scripted_run_by_hand(tmp_path):
+    """The vanilla scenario above (two requests of 10 tokens, each: TTFT 0.20 s, end-to-end 0.39 s,
+    chunks of 5 tokens at 0.20 and 0.39 s after its start, two rounds of 4 drafted and accepted),
+    written to a run folder and read back by analysis/: the report's summary, the ITL, the
+    round timeline's phases and the goodput under an SLO, each against the hand-worked value."""
+    from analysis import metrics as M
+    from analysis.figures import phase_spans
+    from analysis.load import load_runs
+    from analysis.report import SUMMARY_METRICS, fmt, goodput_table, summary_table
+    from harness.results import RunWriter, build_manifest
+
+    draft, target = _identical_pair()
+    prompt = _prompt_without_eos(target, 10)
+    reqs = [GenerationRequest(f"r{i}", prompt, 10, SamplingParams(), seed=i) for i in range(2)]
+    opts = RunOptions(link=LinkProfile("rtt", rtt_s=RTT),
+                      edge_cost=lambda op: EDGE_PREFILL_S if op.kind == "prefill" else DRAFT_S,
+                      cloud_cost=lambda op: CLOUD_S)
+    recs = run_system("vanilla", draft, target, reqs, {"gamma": 4}, opts)
+    with RunWriter(tmp_path / "run", build_manifest({"system": {"name": "vanilla"}}, {"clock": "virtual"})) as w:
+        for i, rec in enumerate(recs):
+            w.append(rec, {"system": "vanilla", "pair": "toy", "network": "rtt", "workload": "w",
+                           "prompt_id": f"p{i}", "clock": "virtual", "seed": i})
+    requests, rounds = load_runs(tmp_path / "run")
+    requests = requests.assign(wasted=M.wasted_per_request(requests, rounds))
+
+    # the summary: medians over the two identical requests (a CI of one point is that point)
+    row = summary_table(requests, n_resamples=99).iloc[0]
+    headings = {column: heading for column, heading, _, _ in SUMMARY_METRICS}
+    assert row[headings["ttft"]].startswith("0.2 ") and row[headings["e2e"]].startswith("0.39 ")
+    assert row[headings["tpot"]].startswith(f"{1e3 * 0.19 / 9:.3g} ")  # (0.39 - 0.20) / (10 - 1) s, in ms
+    assert row[headings["acceptance_rate"]].startswith("1 ") and row[headings["accepted_length"]].startswith("5 ")
+    assert row[headings["wasted"]].startswith("0 ")
+    assert recs[0].bytes_up == recs[1].bytes_up and row[headings["bytes_up"]].split()[0] == fmt(recs[0].bytes_up)
+    assert list(requests["bytes_down"]) == [sum(r.bytes_down for r in rec.rounds) for rec in recs]
+
+    # ITL: one gap per request, 0.19 s, bringing 5 tokens (0.038 s a token); never the zero gaps inside a burst
+    chunks = M.token_chunks(requests)
+    assert list(chunks["tokens"]) == [5, 5] and chunks["itl"].tolist() == pytest.approx([0.19, 0.19])
+    assert chunks["itl_per_token"].tolist() == pytest.approx([0.038, 0.038])
+    itl = M.itl_summary(requests).iloc[0]
+    assert (itl["chunks"], itl["tokens_per_chunk"]) == (2, 5.0)
+    assert itl["itl_p50"] == pytest.approx(0.19) and itl["itl_per_token_p99"] == pytest.approx(0.038)
+
+    # the round timeline of the second request: draft 0.04 s from the round's start, then uplink,
+    # verify and downlink 0.05 s each, back to back up to the round's end (t0 = 0.39)
+    spans, anchored = phase_spans(rounds[rounds["request_id"] == "r1"])
+    assert anchored
+    ids = sorted(set(spans["round"]))  # window ids: a window restarted after a verdict takes the next one
+    got = {(ids.index(r.round), r.phase): (r.begin, r.duration) for r in spans.itertuples()}
+    assert len(ids) == 2
+    for k, start in enumerate((0.39 + 0.01, 0.39 + 0.20)):
+        assert got[(k, "draft")] == pytest.approx((start, 0.04))
+        assert got[(k, "uplink")] == pytest.approx((start + 0.04, 0.05))
+        assert got[(k, "queue")] == pytest.approx((start + 0.09, 0.0), abs=1e-12)
+        assert got[(k, "verify")] == pytest.approx((start + 0.09, 0.05))
+        assert got[(k, "downlink")] == pytest.approx((start + 0.14, 0.05))
+
+    # goodput: both requests meet TTFT <= 250 ms and TPOT <= 25 ms (0.0211 s): 2 per 0.78 s of serving;
+    # a TPOT objective of 20 ms fails both, one of 0.39 s end to end passes both, 0.38 s neither
+    ok = M.goodput(requests, M.SLO.parse("ttft:250,tpot:25")).iloc[0]
+    assert (ok["requests"], ok["met"], ok["attainment"]) == (2, 2, 1.0)
+    assert ok["serving_s"] == pytest.approx(0.78) and ok["goodput"] == pytest.approx(2 / 0.78)
+    assert M.goodput(requests, M.SLO(tpot=0.020)).iloc[0]["met"] == 0
+    assert M.goodput(requests, M.SLO(e2e=0.3901)).iloc[0]["met"] == 2
+    assert M.goodput(requests, M.SLO(e2e=0.38)).iloc[0]["goodput"] == 0.0
+    assert goodput_table(requests, M.SLO(ttft=0.25)).iloc[0]["goodput, req/s"] == f"{2 / 0.78:.3g}"
+
+
+def test_an_slo_is_read_in_milliseconds_and_a_bad_one_is_named():
+    from analysis.metrics import SLO
+
+    assert SLO.parse("ttft:500, tpot:100") == SLO(ttft=0.5, tpot=0.1)
+    assert SLO.parse("e2e:2000").describe() == "E2E <= 2000 ms"
+    for bad, words in (("ttft=500", "metric:milliseconds"), ("itl:5", "metric:milliseconds"),
+                       ("tpot:fast", "not a number"), ("tpot:0", "> 0 ms"), ("", "at least one")):
+        with pytest.raises(ValueError, match=words):
+            SLO.parse(bad)

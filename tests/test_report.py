@@ -56,9 +56,10 @@ def _html_tables(page: str) -> list[list[list[str]]]:
 def test_report_from_toy_runs_holds_every_table_and_figure(toy_sweep, toy_report):
     page = toy_report.read_text()
     assert toy_report.name == "report.html"
-    for heading in ("Runs", "Summary per system and network", "Paired speedup", "Figures"):
+    for heading in ("Runs", "Summary per system and network", "Inter-token latency", "Paired speedup", "Figures"):
         assert f"<h2>{heading}</h2>" in page
-    runs, summary, speedup = _html_tables(page)
+    assert "SLO attainment" not in page  # only when objectives are given
+    runs, summary, itl, speedup = _html_tables(page)
     # the manifest summary: one row per run, with its commit, pair, clock and energy source
     head = runs[0]
     assert head == ["run", "git commit", "pair", "systems", "networks", "clock", "requests", "energy source"]
@@ -92,7 +93,14 @@ def test_report_is_self_contained(toy_report):
 
 def test_summary_numbers_and_provenance_match_the_records(toy_sweep, toy_report):
     requests, _ = load_runs(toy_sweep)
-    _, summary, speedup = _html_tables(toy_report.read_text())
+    _, summary, itl, speedup = _html_tables(toy_report.read_text())
+    # ITL: percentiles over the gaps between the distinct instants each request's output grew
+    ihead = itl[0]
+    assert ihead[:4] == ["system", "network", "chunks", "tokens per chunk"] and "ITL p99, ms" in ihead
+    pipesd = dict(zip(ihead, next(r for r in itl[1:] if r[:2] == ["pipesd", TOY_NETWORKS[0]])))
+    mine = requests[(requests.system == "pipesd") & (requests.network == TOY_NETWORKS[0])]
+    gaps = [g for times in mine.token_times for g in np.diff(np.unique(times))]
+    assert pipesd["chunks"] == str(len(gaps)) and pipesd["ITL p50, ms"] == R.fmt(np.percentile(gaps, 50), 1e3)
     head, rows = summary[0], {(r[0], r[1]): dict(zip(summary[0], r)) for r in summary[1:]}
     assert head[:3] == ["system", "network", "requests"]
     assert {"TTFT, s", "TPOT, ms", "end-to-end, s", "acceptance rate", "bytes up", "bytes down",
@@ -341,3 +349,20 @@ def test_report_renders_in_headless_chromium(toy_report, tmp_path):
     # ...and the same checks flag a page with a broken image and a console error
     assert bad_images == [[True, 0]] and any("boom" in e for e in bad_errors)
     assert _colours(bad_shot) > 1 and not profile.exists()
+
+
+def test_objectives_add_slo_attainment_and_goodput(toy_sweep, tmp_path, capsys):
+    from analysis.metrics import SLO, goodput
+
+    assert R.main([str(toy_sweep), "--slo", "ttft:40000,tpot:300", "--out", str(tmp_path)]) == 0
+    page = Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text()
+    assert "<h2>SLO attainment and goodput</h2>" in page and "TTFT &lt;= 40000 ms, TPOT &lt;= 300 ms" in page
+    table = _html_tables(page)[3]  # runs, summary, ITL, then this
+    assert table[0] == ["system", "network", "requests", "met SLO", "attainment", "serving, s", "goodput, req/s"]
+    requests, _ = load_runs(toy_sweep)
+    expected = goodput(requests, SLO(ttft=40.0, tpot=0.3)).set_index(["system", "network"])
+    for row in table[1:]:
+        e = expected.loc[(row[0], row[1])]
+        assert row[3] == str(int(e["met"])) and row[6] == R.fmt(e["goodput"])
+    assert R.main([str(toy_sweep), "--slo", "ttft=5"]) == 2
+    assert "--slo: SLO 'ttft=5': write metric:milliseconds" in capsys.readouterr().err
