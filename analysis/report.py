@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures as F
+from analysis import grid as G
 from analysis import metrics as M
 from analysis.load import MANIFEST_NAME, RunFolderError, labelled_runs, load_runs
 from analysis.stats import Verdict, summarise
@@ -212,6 +213,17 @@ def goodput_table(requests: pd.DataFrame, slo: M.SLO) -> pd.DataFrame:
                          "goodput, req/s": [fmt(v) for v in g["goodput"]]})
 
 
+def grid_sections(paths: Sequence[str | os.PathLike]) -> list[Section]:
+    """One section per grid run among ``paths``: its comparison table (:mod:`analysis.grid`)."""
+    sections = []
+    for run_dir in G.grid_runs(paths):
+        manifest = G.read_manifest(run_dir)
+        name = G.grid_config(manifest).get("name", "grid")
+        sections.append(Section(f"Comparison grid: {name}", [G.grid_title(manifest), G.provenance(manifest)],
+                                G.formatted(G.grid_rows(run_dir))))
+    return sections
+
+
 def report_sections(paths: Sequence[str | os.PathLike], *, baseline: str | None = None,
                     metric: str = F.TIME_METRIC, n_resamples: int = 9999, slo: M.SLO | None = None) -> list[Section]:
     """The report's sections, built from the run folders at ``paths`` (as :func:`load_runs`
@@ -223,6 +235,7 @@ def report_sections(paths: Sequence[str | os.PathLike], *, baseline: str | None 
     time_kind = F.time_provenance(requests)
     sections = [Section("Runs", [f"{len(manifests)} run(s), {len(requests)} request(s), {len(rounds)} round(s)."],
                         manifest_table(manifests, requests))]
+    sections += grid_sections(paths)
     sections.append(Section("Summary per system and network", [PROVENANCE_NOTE],
                             summary_table(requests, n_resamples=n_resamples)))
     sections.append(Section("Inter-token latency", [
@@ -315,8 +328,10 @@ def build_report(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir
                  baseline: str | None = None, metric: str = F.TIME_METRIC, n_resamples: int = 9999,
                  slo: M.SLO | None = None) -> Path:
     """Write ``report.html`` (self-contained), ``report.md``, one PNG per figure and the console
-    tables as ``summary.csv`` and ``summary_by_category.csv`` (:mod:`analysis.tables`) into
-    ``out_dir`` (created), from the run folders or sweeps at ``paths``; returns the HTML's path.
+    tables as ``summary.csv`` and ``summary_by_category.csv`` (:mod:`analysis.tables`), and a grid
+    run's table as ``grid.csv`` (:mod:`analysis.grid`; several grid runs: one in a folder named
+    for each run), into ``out_dir`` (created), from the run folders or sweeps at ``paths``;
+    returns the HTML's path.
 
     ``baseline``: the system speedups are measured against (default: cloud_only, else vanilla);
     ``metric``: the time-per-token column for the speedups; ``slo``: adds SLO attainment and
@@ -331,6 +346,9 @@ def build_report(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir
         for name, _, png, _ in s.figures:
             (out / f"{name}.png").write_bytes(png)
     write_summaries(*load_runs(paths), out)
+    grids = G.grid_runs(paths)
+    for run_dir, label in grids.items():
+        G.write_grid_csv(run_dir, out if len(grids) == 1 else out / label)
     (out / MD_NAME).write_text(render_markdown(sections), encoding="utf-8")
     page = out / HTML_NAME
     page.write_text(render_html(sections), encoding="utf-8")
@@ -345,8 +363,9 @@ def latest_run(parent: str | Path) -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m analysis.report RUN_OR_SWEEP... [--out DIR] [--baseline SYSTEM]``: builds the
-    report, prints the console tables (:func:`analysis.tables.console_summary`) and then the path
-    of report.html, last; exit 2 with one line for a folder that is not a run."""
+    report, prints the console tables (:func:`analysis.tables.console_summary`), a grid run's table
+    (:func:`analysis.grid.grid_table_text`) and then the path of report.html, last; exit 2 with
+    one line for a folder that is not a run."""
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", help="run folders, or folders of runs (sweeps)")
     parser.add_argument("--latest", metavar="DIR", help="report on the newest run folder directly under DIR "
@@ -375,11 +394,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         page = build_report(args.paths, out, baseline=args.baseline, metric=args.metric, slo=slo)
         summary = console_summary(args.paths)
+        grids = [G.grid_table_text(run_dir) for run_dir in G.grid_runs(args.paths)]
     except RunFolderError as exc:
         print(f"analysis.report: {exc}; pass a run folder (one holding manifest.json, as `specwan run` writes "
               "under results/) or a folder holding runs", file=sys.stderr)
         return 2
     print(summary)
+    for text in grids:
+        print(f"\n{text}")
     print(page)
     return 0
 

@@ -2,9 +2,12 @@
 
 An experiment preset with a ``grid:`` section (``specwan run experiment=pipesd_table1``)
 runs every method of every dataset in every scenario (a network profile and a device
-profile), each stopped at the same number of accepted (output) tokens, and prints time per
-accepted token (TPT), speedups and modelled cloud energy per 100 accepted tokens next to
-the figures the paper printed, with the ratios. Methods whose system has thresholds r1/r2
+profile), each stopped at the same number of accepted (output) tokens, into one run folder:
+the records carry the cell (context columns ``scenario``, ``dataset``, ``method``) and the
+manifest each cell's parameters and system report (``grid_cells``). The table (time per
+accepted token, speedups and modelled cloud energy per 100 accepted tokens next to the
+figures the paper printed, with the ratios) is :mod:`analysis.grid`'s, from the run folder:
+``python -m analysis.report <run folder>`` prints it. Methods whose system has thresholds r1/r2
 listed under ``grid.tune`` are tuned offline first, per scenario and dataset, on prompts
 held out of the evaluation (the workload's last ``grid.tune.prompts``).
 
@@ -22,7 +25,6 @@ accepted tokens serves the same prompts to every method; forward passes are memo
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -177,34 +179,24 @@ def grid_spec(node) -> GridSpec:
 
 
 # ---- running ---------------------------------------------------------------------------------
-@dataclass
-class Cell:
-    """The outcome of one method in one scenario on one dataset."""
+@dataclass(frozen=True)
+class CellRun:
+    """One method run in one scenario on one dataset: what it ran with (``params``, tuned
+    thresholds included), the tokens it produced and the system's own report over it
+    (SystemSpec.report). The tables are computed from the run folder (:mod:`analysis.grid`)."""
 
     scenario: str
     dataset: str
     method: str
     system: str
-    tokens: int = 0
-    seconds: float = 0.0
-    verified: int = 0
-    accepted: int = 0
-    cloud_j: float | None = 0.0  # the cloud device over the requests' time, idle included
-    cloud_busy_j: float | None = 0.0  # only while it prefills and verifies (what the paper integrates)
-    cloud_kind: str | None = None
-    params: dict = field(default_factory=dict)
-    system_report: dict | None = None  # the system's own figures over the cell (SystemSpec.report)
+    tokens: int
+    params: dict
+    system_report: dict | None = None
 
     @property
-    def tpt_ms(self) -> float | None:
-        return 1e3 * self.seconds / self.tokens if self.tokens else None
-
-    @property
-    def acceptance(self) -> float | None:
-        return self.accepted / self.verified if self.verified else None
-
-    def per_100(self, joules: float | None) -> float | None:
-        return None if joules is None or not self.tokens else 100.0 * joules / self.tokens
+    def key(self) -> str:
+        """The cell's key under the manifest's ``grid_cells``."""
+        return f"{self.scenario}/{self.dataset}/{self.method}"
 
 
 def tune_thresholds(system: str, params: dict, draft, target, requests, options, *, method: str = "bo",
@@ -224,8 +216,11 @@ def tune_thresholds(system: str, params: dict, draft, target, requests, options,
     return tune(objective, method, trials, seed, progress)
 
 
-def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
-    """Run the grid of ``cfg.grid``; records go to ``run_dir`` as each request finishes."""
+def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[CellRun]:
+    """Run the grid of ``cfg.grid``; records go to ``run_dir`` as each request finishes, and
+    each cell's parameters and system report to the manifest's ``grid_cells`` as it ends.
+    Returns the cells in the order they ran; ``python -m analysis.report <run_dir>`` prints
+    the table."""
     from harness.energy.virtual import VirtualEnergy
     from harness.inprocess import RunOptions, check_engines, run_system
     from harness.memo import MemoEngine
@@ -279,7 +274,7 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
     manifest = build_manifest(config, {"clock": "virtual", "grid": spec.name, "link": {"backend": "model (in-process)",
                               "scenarios": links}, "device_profiles": {n: dev for n, (_, dev) in scenarios.items()},
                               "contention": contention}, models=paths)
-    cells: list[Cell] = []
+    cells: list[CellRun] = []
     jobs = [(s, d, m) for s in spec.scenarios for d in spec.datasets for m in d.methods]
     budgets: dict[str, list] = {}  # dataset -> [(turn, tokens to generate)]
     with RunWriter(run_dir, manifest, key_fields=(*DEFAULT_KEY_FIELDS, *CONTEXT), extra_context=CONTEXT) as writer:
@@ -301,7 +296,6 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
             bar.set_postfix_str(f"{method.name} in {scenario.name} on {dataset.name}")
             if dataset.name not in budgets:
                 budgets[dataset.name] = _token_budget(turns, spec.accepted_tokens, mtarget)
-            cell = Cell(scenario.name, dataset.name, method.name, method.system, params=params)
             # One continuous run per cell: the edge device serves the prompts one after the
             # other, keeping its state (PipeSD's estimates and window history, EdgeLLM's R1),
             # as in the paper's runs of 1000 accepted tokens.
@@ -312,11 +306,12 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[Cell]:
                                     "workload": dataset.workload, **turn.context(), "clock": "virtual", "seed": 0,
                                     "scenario": scenario.name, "dataset": dataset.name, "method": method.name},
                               energy=rec.energy)
-                _add(cell, rec)
-            cell.system_report = system_report(get_system(method.system), recs)
+            cell = CellRun(scenario.name, dataset.name, method.name, method.system, sum(r.n_tokens for r in recs),
+                           params, system_report(get_system(method.system), recs))
+            writer.update_manifest({"grid_cells": {cell.key: {"params": cell.params,
+                                                              "system_report": cell.system_report}}})
             cells.append(cell)
-    _print(spec, cells, pair.name)
-    _write_summary(Path(run_dir), spec, cells)
+    print(f"run folder: {run_dir}; its tables and report: python -m analysis.report {run_dir}")
     return cells
 
 
@@ -350,94 +345,3 @@ def _describe_link(link) -> dict:
     from dataclasses import asdict
 
     return asdict(link)
-
-
-def _add(cell: Cell, rec) -> None:
-    cell.tokens += rec.n_tokens
-    cell.seconds += rec.e2e
-    cell.verified += sum(r.verified for r in rec.rounds)
-    cell.accepted += rec.accepted
-    energy = rec.energy or {}
-    if energy.get("cloud_j") is None or cell.cloud_j is None:
-        cell.cloud_j = cell.cloud_busy_j = None
-    else:
-        cell.cloud_j += energy["cloud_j"]
-        cell.cloud_busy_j += energy["cloud_j"] - (energy.get("cloud_idle_j") or 0.0)
-        cell.cloud_kind = energy.get("cloud_kind") or energy.get("kind")
-
-
-# ---- reporting -------------------------------------------------------------------------------
-def _paper(spec: GridSpec, dataset: str, table: str, scenario: str, method: str) -> float | None:
-    d = next(x for x in spec.datasets if x.name == dataset)
-    values = (d.paper.get(table) or {}).get(scenario)
-    if values is None:
-        return None
-    names = [m.name for m in d.methods]
-    return values[names.index(method)] if method in names and names.index(method) < len(values) else None
-
-
-def summary_rows(spec: GridSpec, cells: list[Cell]) -> list[dict]:
-    """One row per cell: ours beside the paper's, speedups over the first method of the dataset."""
-    rows = []
-    for c in cells:
-        d = next(x for x in spec.datasets if x.name == c.dataset)
-        base_name = d.methods[0].name
-        base = next(x for x in cells if (x.scenario, x.dataset, x.method) == (c.scenario, c.dataset, base_name))
-        paper_tpt = _paper(spec, c.dataset, "tpt_ms", c.scenario, c.method)
-        paper_base = _paper(spec, c.dataset, "tpt_ms", c.scenario, base_name)
-        speedup = base.tpt_ms / c.tpt_ms if base.tpt_ms and c.tpt_ms else None
-        paper_speedup = paper_base / paper_tpt if paper_base and paper_tpt else None
-        paper_energy = _paper(spec, c.dataset, "cloud_j_per_100", c.scenario, c.method)
-        rows.append({
-            "scenario": c.scenario, "dataset": c.dataset, "method": c.method, "tokens": c.tokens,
-            "tpt_ms": c.tpt_ms, "paper_tpt_ms": paper_tpt,
-            f"speedup_vs_{base_name}": speedup, f"paper_speedup_vs_{base_name}": paper_speedup,
-            "speedup_ratio": speedup / paper_speedup if speedup and paper_speedup else None,
-            "acceptance": c.acceptance, "cloud_busy_j_per_100": c.per_100(c.cloud_busy_j),
-            "paper_cloud_j_per_100": paper_energy, "cloud_j_per_100_with_idle": c.per_100(c.cloud_j),
-            "cloud_energy_kind": c.cloud_kind,
-            "r1": c.params.get("r1"), "r2": c.params.get("r2"),
-            **_report_columns(spec, c),
-        })
-    return rows
-
-
-def _report_columns(spec: GridSpec, c: Cell) -> dict:
-    """A system's own model beside the measurement (PicoSpec's §3.4 throughput), when it has
-    one, with the tokens per round beside the paper's acceptance length if it printed one."""
-    rep = c.system_report
-    if not rep or "throughput_async" not in rep:
-        return {}
-    return {"tok_s": c.tokens / c.seconds if c.seconds else None,
-            "model_tok_s": rep["throughput_async"] if rep.get("pipelined", True) else rep["throughput_sync"],
-            "model_sync_tok_s": rep["throughput_sync"], "model_error": rep["model_error"],
-            "accept_len": rep["inputs"]["expected_length"],
-            "paper_accept_len": _paper(spec, c.dataset, "accept_len", c.scenario, c.method)}
-
-
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-
-def _print(spec: GridSpec, cells: list[Cell], pair: str) -> None:
-    rows = summary_rows(spec, cells)
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    cells_txt = [[_fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells_txt)) for i, c in enumerate(cols)]
-    print(f"\n{spec.name} ({spec.source})" if spec.source else f"\n{spec.name}")
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    for row in cells_txt:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
-    print(f"ours: time modelled in virtual time (device profiles + link model), tokens and acceptance measured with "
-          f"pair {pair}; cloud energy estimated (modelled device power x busy time: prefill and verification, which is "
-          "what the paper integrates; _with_idle adds the idle draw). paper: as printed in the paper (measured on its "
-          "testbed, with its models).")
-
-
-def _write_summary(run_dir: Path, spec: GridSpec, cells: list[Cell]) -> None:
-    import pandas as pd
-
-    pd.DataFrame(summary_rows(spec, cells)).to_csv(run_dir / "grid.csv", index=False)
-    print(f"run folder: {run_dir} (grid.csv, requests.parquet, rounds.parquet)")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness.grid import grid_spec, run_grid, summary_rows
+from analysis.grid import grid_rows
+from harness.grid import grid_spec, run_grid
 from harness.run import CONF_DIR, ConfigError
 
 
@@ -49,19 +53,32 @@ GRID = {
 }
 
 
-def test_grid_runs_every_cell_to_the_same_token_count(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def toy_grid_run(tmp_path_factory):
+    """The toy grid run once: (run folder, cells run_grid returned, what it printed)."""
     cfg = _compose("pair=toy")
     OmegaConf.set_struct(cfg, False)
     cfg.grid = GRID
-    cells = run_grid(cfg, tmp_path / "run")
-    assert len(cells) == 4 and all(c.tokens == 30 for c in cells)
-    tuned = [c for c in cells if c.method == "pipesd"]
-    assert all(0 < c.params["r1"] < 1 and 0 < c.params["r2"] < 1 for c in tuned)
-    rows = summary_rows(grid_spec(cfg.grid), cells)
+    run_dir = tmp_path_factory.mktemp("grid") / "run"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # capsys is per test; the run is shared by the module
+        cells = run_grid(cfg, run_dir)
+    return run_dir, cells, out.getvalue()
+
+
+def test_grid_runs_every_cell_to_the_same_token_count(toy_grid_run):
+    run_dir, cells, printed = toy_grid_run
+    rows = grid_rows(run_dir)
+    assert len(rows) == 4 and all(r["tokens"] == 30 for r in rows)
+    assert [c.tokens for c in cells] == [r["tokens"] for r in rows]
+    tuned = [r for r in rows if r["method"] == "pipesd"]
+    assert all(0 < r["r1"] < 1 and 0 < r["r2"] < 1 for r in tuned)
+    assert [(r["r1"], r["r2"]) for r in tuned] == [(c.params["r1"], c.params["r2"]) for c in cells
+                                                   if c.method == "pipesd"]
     a = next(r for r in rows if (r["scenario"], r["method"]) == ("A", "pipesd"))
     assert a["paper_speedup_vs_vanilla"] == 2.0 and a["speedup_ratio"] == pytest.approx(a["speedup_vs_vanilla"] / 2)
-    assert pd.read_csv(tmp_path / "run" / "grid.csv").shape[0] == 4
-    requests = pd.read_parquet(tmp_path / "run" / "requests.parquet")
+    assert not (run_dir / "grid.csv").exists(), "the table is analysis's, from the run folder"
+    requests = pd.read_parquet(run_dir / "requests.parquet")
     assert set(requests["scenario"]) == {"A", "B"} and set(requests["method"]) == {"vanilla", "pipesd"}
     from workloads import load_workload, workload_spec
     from harness.grid import _conf
@@ -70,4 +87,43 @@ def test_grid_runs_every_cell_to_the_same_token_count(tmp_path, capsys):
     assert held_out.isdisjoint(set(requests["prompt_id"])), "the tuning prompts leaked into the evaluation"
     for _, cell in requests.groupby(["scenario", "method"]):  # one continuous run per cell: one edge device
         assert len(cell) > 1 and (cell["start"].to_numpy()[1:] >= cell["end"].to_numpy()[:-1]).all()
-    assert "toy_grid" in capsys.readouterr().out
+    assert printed.strip().splitlines() == [f"run folder: {run_dir}; its tables and report: "
+                                            f"python -m analysis.report {run_dir}"]
+
+
+def test_grid_rows_are_the_records_sums(toy_grid_run):
+    """Each row from the records by hand: TPT, acceptance and cloud energy pooled over the cell."""
+    run_dir, _, _ = toy_grid_run
+    requests = pd.read_parquet(run_dir / "requests.parquet")
+    rounds = pd.read_parquet(run_dir / "rounds.parquet")
+    for r in grid_rows(run_dir):
+        cell = ["scenario", "dataset", "method"]
+        mine = requests[(requests[cell] == [r[c] for c in cell]).all(axis=1)]
+        verified = rounds[(rounds[cell] == [r[c] for c in cell]).all(axis=1)]["verified"].sum()
+        assert r["tpt_ms"] == pytest.approx(1e3 * mine["e2e"].sum() / mine["n_tokens"].sum())
+        assert r["acceptance"] == pytest.approx(mine["accepted"].sum() / verified)
+        busy = (mine["energy_cloud_j"] - mine["energy_cloud_idle_j"].fillna(0.0)).sum()
+        assert r["cloud_busy_j_per_100"] == pytest.approx(100 * busy / mine["n_tokens"].sum())
+        assert r["cloud_j_per_100_with_idle"] == pytest.approx(100 * mine["energy_cloud_j"].sum() / r["tokens"])
+        assert r["cloud_energy_kind"] == "estimated"
+        base = next(b for b in grid_rows(run_dir) if (b["scenario"], b["method"]) == (r["scenario"], "vanilla"))
+        assert r["speedup_vs_vanilla"] == pytest.approx(base["tpt_ms"] / r["tpt_ms"])
+
+
+def test_report_cli_prints_the_grid_and_writes_grid_csv(toy_grid_run, tmp_path, capsys):
+    from analysis import report as R
+
+    run_dir, _, _ = toy_grid_run
+    assert R.main([str(run_dir), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == str(tmp_path / "report.html"), "the report's path stays the last line"
+    title = out.index("toy_grid")
+    assert out[title + 1].split() == list(pd.DataFrame(grid_rows(run_dir)).columns)
+    assert [line.split()[:3] for line in out[title + 2:title + 6]] == [
+        ["A", "smoke", "vanilla"], ["A", "smoke", "pipesd"], ["B", "smoke", "vanilla"], ["B", "smoke", "pipesd"]]
+    assert out[title + 6].startswith("ours: time modelled in virtual time") and "pair toy" in out[title + 6]
+    written = pd.read_csv(tmp_path / "grid.csv")
+    assert written.shape[0] == 4
+    assert written["tpt_ms"].tolist() == pytest.approx([r["tpt_ms"] for r in grid_rows(run_dir)])
+    page = (tmp_path / "report.html").read_text()
+    assert "Comparison grid: toy_grid" in page

@@ -299,14 +299,15 @@ def test_rtt_preset_reports_the_model_beside_the_measurement(tmp_path):
     """The preset's grid on the toy pair, three RTTs: PicoSpec's rows carry the model."""
     from omegaconf import OmegaConf
 
-    from harness.grid import grid_spec, run_grid, summary_rows
+    from analysis.grid import grid_rows, write_grid_csv
+    from harness.grid import run_grid
 
     cfg = _compose("experiment=picospec_rtt", "pair=toy", "grid.accepted_tokens=24", "grid.max_new_tokens=12",
                    "+grid.datasets.math.workload_params={chat_template: false}")
     OmegaConf.set_struct(cfg, False)
     cfg.grid.scenarios = {k: v for k, v in cfg.grid.scenarios.items() if k in ("rtt0", "rtt100", "rtt400")}
-    cells = run_grid(cfg, tmp_path / "run")
-    rows = {(r["scenario"], r["method"]): r for r in summary_rows(grid_spec(cfg.grid), cells)}
+    run_grid(cfg, tmp_path / "run")
+    rows = {(r["scenario"], r["method"]): r for r in grid_rows(tmp_path / "run")}
     for scenario in ("rtt0", "rtt100", "rtt400"):
         pico = rows[(scenario, "picospec")]
         assert pico["model_tok_s"] > 0 and pico["tok_s"] == pytest.approx(1e3 / pico["tpt_ms"])
@@ -318,6 +319,7 @@ def test_rtt_preset_reports_the_model_beside_the_measurement(tmp_path):
     # the curves, from the run folder alone
     from analysis.latency import latency_sweep, plot_latency_sweep
 
+    write_grid_csv(tmp_path / "run", tmp_path / "run")  # latency_sweep reads grid.csv beside the manifest
     sweep = latency_sweep(tmp_path / "run")
     pico = sweep[sweep["method"] == "picospec"]
     assert list(pico["rtt_ms"]) == [0.0, 100.0, 400.0]
