@@ -1,6 +1,7 @@
 """Throughput against the RTT, from a grid run over RTTs (``experiment=picospec_rtt``).
 
-Reads a run folder's ``grid.csv`` and ``manifest.json`` (each scenario's link, with its RTT)
+Reads a grid run folder's records (the grid's rows, :func:`analysis.grid.grid_rows`) and its
+``manifest.json`` (each scenario's link, with its RTT)
 and draws each method's measured throughput against the RTT, with the performance model's
 curves (PicoSpec §3.4, pipelined and stop-and-wait, computed from each cell's own records)
 beside the method that reports one. Never re-runs anything.
@@ -21,7 +22,9 @@ def latency_sweep(run_dir: str | Path) -> pd.DataFrame:
     """One row per scenario and method: RTT (ms), measured tok/s and, where reported, the
     model's pipelined and stop-and-wait tok/s and its relative error."""
     run_dir = Path(run_dir)
-    grid = pd.read_csv(run_dir / "grid.csv")
+    from analysis.grid import grid_rows
+
+    grid = pd.DataFrame(grid_rows(run_dir))
     links = json.loads((run_dir / "manifest.json").read_text())["link"]["scenarios"]
     out = pd.DataFrame({
         "scenario": grid["scenario"], "dataset": grid["dataset"], "method": grid["method"],

@@ -299,7 +299,7 @@ def test_rtt_preset_reports_the_model_beside_the_measurement(tmp_path):
     """The preset's grid on the toy pair, three RTTs: PicoSpec's rows carry the model."""
     from omegaconf import OmegaConf
 
-    from analysis.grid import grid_rows, write_grid_csv
+    from analysis.grid import grid_rows
     from harness.grid import run_grid
 
     cfg = _compose("experiment=picospec_rtt", "pair=toy", "grid.accepted_tokens=24", "grid.max_new_tokens=12",
@@ -319,7 +319,6 @@ def test_rtt_preset_reports_the_model_beside_the_measurement(tmp_path):
     # the curves, from the run folder alone
     from analysis.latency import latency_sweep, plot_latency_sweep
 
-    write_grid_csv(tmp_path / "run", tmp_path / "run")  # latency_sweep reads grid.csv beside the manifest
     sweep = latency_sweep(tmp_path / "run")
     pico = sweep[sweep["method"] == "picospec"]
     assert list(pico["rtt_ms"]) == [0.0, 100.0, 400.0]
