@@ -24,6 +24,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from analysis.bounds import measured_vs_bound, needs_bounds
 from analysis.stats import paired_ratios, summarise
 
 TIME_METRIC = "tpot"  # the default time-per-token metric (seconds per output token after the first)
@@ -500,6 +501,9 @@ FIGURES: list[FigureSpec] = [
                "rounds that drafted tokens (a speculative system)", _needs_drafts),
     FigureSpec("round_timeline", "Rounds of one request", round_timeline,
                "rounds with their phase times", _needs_timeline),
+    FigureSpec("measured_vs_bound", "Measured speedup beside the analytical bound", measured_vs_bound,
+               "rounds that verified draft tokens of a modelled system (vanilla, hsl, picospec, pipesd, edgellm) "
+               "and a baseline (cloud_only or vanilla) on the same network", needs_bounds),
 ]
 
 
