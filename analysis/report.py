@@ -361,12 +361,8 @@ def latest_run(parent: str | Path) -> Path | None:
     return max(manifests, key=lambda m: m.stat().st_mtime).parent if manifests else None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m analysis.report RUN_OR_SWEEP... [--out DIR] [--baseline SYSTEM]``: builds the
-    report, prints the console tables (:func:`analysis.tables.console_summary`), a grid run's table
-    (:func:`analysis.grid.grid_table_text`) and then the path of report.html, last; exit 2 with
-    one line for a folder that is not a run."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The report's options (``python -m analysis.report`` and ``specwan report`` share them)."""
     parser.add_argument("paths", nargs="*", help="run folders, or folders of runs (sweeps)")
     parser.add_argument("--latest", metavar="DIR", help="report on the newest run folder directly under DIR "
                                                         "(the one whose manifest.json changed last)")
@@ -375,28 +371,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            "else vanilla)")
     parser.add_argument("--metric", default=F.TIME_METRIC, help="time-per-token column for the speedups")
     parser.add_argument("--slo", help="objectives in ms for SLO attainment and goodput, e.g. ttft:500,tpot:100")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, prog: str = "analysis.report") -> int:
+    """Build the report of ``args`` (see :func:`add_arguments`); prints the console tables
+    (:func:`analysis.tables.console_summary`), a grid run's table
+    (:func:`analysis.grid.grid_table_text`) and then the path of report.html, last. Exit 2 with
+    one line for a folder that is not a run or a bad option."""
+    paths = list(args.paths)
     if args.latest:
         newest = latest_run(args.latest)
         if newest is None:
-            print(f"analysis.report: no run folder under {args.latest}; run `make bench` or `specwan run` first",
+            print(f"{prog}: no run folder under {args.latest}; run `make bench` or `specwan run` first",
                   file=sys.stderr)
             return 2
-        args.paths = [*args.paths, str(newest)]
-    if not args.paths:
-        parser.error("give run folders (or --latest DIR)")
-    out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
+        paths.append(str(newest))
+    if not paths:
+        print(f"{prog}: give run folders or sweeps (or --latest DIR)", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(paths[0]) / "report"
     try:
         slo = M.SLO.parse(args.slo) if args.slo else None
     except ValueError as exc:
-        print(f"analysis.report: --slo: {exc}", file=sys.stderr)
+        print(f"{prog}: --slo: {exc}", file=sys.stderr)
         return 2
     try:
-        page = build_report(args.paths, out, baseline=args.baseline, metric=args.metric, slo=slo)
-        summary = console_summary(args.paths)
-        grids = [G.grid_table_text(run_dir) for run_dir in G.grid_runs(args.paths)]
+        page = build_report(paths, out, baseline=args.baseline, metric=args.metric, slo=slo)
+        summary = console_summary(paths)
+        grids = [G.grid_table_text(run_dir) for run_dir in G.grid_runs(paths)]
     except RunFolderError as exc:
-        print(f"analysis.report: {exc}; pass a run folder (one holding manifest.json, as `specwan run` writes "
+        print(f"{prog}: {exc}; pass a run folder (one holding manifest.json, as `specwan run` writes "
               "under results/) or a folder holding runs", file=sys.stderr)
         return 2
     print(summary)
@@ -404,6 +408,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{text}")
     print(page)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m analysis.report RUN_OR_SWEEP... [--out DIR] [--baseline SYSTEM] [--slo ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from harness.models import ModelFetchError
 from harness.pairs import DEFAULT_PAIR, PairError, check_vocabularies, ensure_pair, load_pair, pair_names
@@ -20,6 +20,8 @@ PROG = "specwan"
 
 @dataclass(frozen=True)
 class Command:
+    """A subcommand: its help line, a function adding its arguments, and one running it (exit status)."""
+
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
@@ -223,17 +225,21 @@ COMMANDS: dict[str, Command] = {
 USER_ERRORS: tuple[type[BaseException], ...] = (ModelFetchError, PairError, UsageError)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra: Mapping[str, Command] | None = None) -> argparse.ArgumentParser:
+    """The parser of :data:`COMMANDS` and the ``extra`` commands a higher layer adds (the report)."""
     parser = argparse.ArgumentParser(prog=PROG, description="Benchmarking suite for cloud-edge speculative decoding")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, command in COMMANDS.items():
+    for name, command in {**COMMANDS, **(extra or {})}.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
         command.add_arguments(p)
         p.set_defaults(_run=command.run)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, extra: Mapping[str, Command] | None = None) -> int:
+    """Run one ``specwan`` command; ``extra``: commands of a higher layer, offered beside
+    :data:`COMMANDS` (``analysis.cli`` adds ``report`` this way, so the harness never imports
+    the analysis)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
         # Hydra owns the command line of `run` (overrides, -m, --help, --cfg ...).
@@ -249,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 130
         return 0
-    parser = build_parser()
+    parser = build_parser(extra)
     args = parser.parse_args(argv)
     errors = USER_ERRORS
     try:

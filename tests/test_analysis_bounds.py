@@ -42,7 +42,8 @@ E_L = 31 / 16
 MODEL = {("vanilla", "lan"): E_L / 0.07, ("vanilla", "4g"): E_L / 0.12,
          ("pipesd", "lan"): E_L / 0.04, ("pipesd", "4g"): E_L / 0.08}
 
-# (n_tokens, e2e) per request; measured throughput = sum tokens / sum e2e:
+# (n_tokens, e2e) per request, the tokens evenly spread (TTFT = e2e / n), so the decode rate after
+# the first token, sum (n - 1) / sum (e2e - TTFT), equals sum n / sum e2e where a group's n agree:
 #   cloud_only: lan 20/2.0 = 10 tok/s, 4g 20/5.0 = 4 tok/s (the baseline)
 #   vanilla:    lan 12/0.8 = 15 (the mean of per-request rates would be 16), 4g 12/1.6 = 7.5
 #   pipesd:     lan 12/0.6 = 20, 4g 12/1.2 = 10
@@ -160,7 +161,8 @@ def test_alpha_one_edge_case():
                            "t_uplink": [0.02] * 4, "t_queue": [0.0] * 4, "t_verify": [0.02] * 4,
                            "t_downlink": [0.01] * 4})
     requests = pd.DataFrame({"system": ["cloud_only", "hsl", "picospec"], "network": ["lan"] * 3,
-                             "n_tokens": [10, 8, 9], "e2e": [1.0, 0.4, 0.3], "clock": ["wall"] * 3})
+                             "n_tokens": [10, 8, 9], "e2e": [1.0, 0.4, 0.3], "ttft": [0.1, 0.05, 0.3 / 9],
+                             "clock": ["wall"] * 3})
     inputs = B.round_model_inputs(rounds[rounds.system == "hsl"])
     assert inputs == pytest.approx({"alpha": 1.0, "n": 3.0, "t_d": 0.01, "t_link_verify": 0.05})
     table = B.bounds_table(requests, rounds).set_index("system")
@@ -168,7 +170,7 @@ def test_alpha_one_edge_case():
     assert table["expected_tokens"].tolist() == pytest.approx([4.0, 4.0])
     assert table.loc["hsl", "model_throughput"] == pytest.approx(50.0)
     assert table.loc["picospec", "model_throughput"] == pytest.approx(80.0)
-    # baseline 10 tok/s; hsl measured 8/0.4 = 20, picospec 9/0.3 = 30
+    # after the first token: baseline 9/0.9 = 10 tok/s; hsl 7/0.35 = 20, picospec 8/(0.3 - 0.3/9) = 30
     assert table.loc["hsl", "measured_speedup"] == pytest.approx(2.0)
     assert table.loc["hsl", "model_speedup"] == pytest.approx(5.0)
     assert table.loc["picospec", "model_over_measured"] == pytest.approx(80 / 30)
@@ -256,3 +258,15 @@ def test_registry_draws_the_figure_or_says_why_not(sweep):
     lan_base = requests[(requests.system != "cloud_only") | (requests.network == "lan")]
     four_g = rounds[rounds.network == "4g"]
     assert "ran on none of the networks" in spec.check(lan_base, four_g)
+
+
+def test_measured_throughput_is_the_decode_rate_after_the_first_token():
+    """A slow first token (the prefills, the first verdict) is outside the models' steady state:
+    5 tokens, the first at 1.0 s, then one every 0.1 s to 1.4 s: 4 tokens in 0.4 s = 10 tok/s
+    (not 5 / 1.4); a one-token request has no decode and is left out."""
+    from analysis.bounds import measured_throughputs
+
+    requests = pd.DataFrame({"system": ["vanilla"] * 3, "network": ["lan"] * 3, "n_tokens": [5, 5, 1],
+                             "e2e": [1.4, 0.6, 3.0], "ttft": [1.0, 0.2, 3.0], "error": [None] * 3})
+    # (4 + 4) tokens over (0.4 + 0.4) s
+    assert measured_throughputs(requests) == {("vanilla", "lan"): pytest.approx(10.0)}

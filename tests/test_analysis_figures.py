@@ -262,7 +262,8 @@ def test_round_timeline_draws_one_request_of_a_run_holding_many_systems_and_netw
 def test_registry_draws_what_the_records_allow_and_says_why_not_the_rest(sweep):
     requests, rounds = sweep
     assert [s.name for s in F.FIGURES] == ["speedup_vs_rtt", "speedup_vs_bandwidth", "time_per_token_by_category",
-                                           "energy_per_token", "acceptance_by_position", "round_timeline"]
+                                           "energy_per_token", "acceptance_by_position", "round_timeline",
+                                           "measured_vs_bound"]
     drawn, left_out = F.draw_figures(requests, rounds)
     assert set(drawn) == {"speedup_vs_rtt", "speedup_vs_bandwidth", "time_per_token_by_category"}
     assert "no energy figure" in left_out["energy_per_token"]

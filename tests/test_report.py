@@ -366,3 +366,16 @@ def test_objectives_add_slo_attainment_and_goodput(toy_sweep, tmp_path, capsys):
         assert row[3] == str(int(e["met"])) and row[6] == R.fmt(e["goodput"])
     assert R.main([str(toy_sweep), "--slo", "ttft=5"]) == 2
     assert "--slo: SLO 'ttft=5': write metric:milliseconds" in capsys.readouterr().err
+
+
+def test_specwan_report_is_the_same_command(toy_sweep, tmp_path, capsys):
+    """`specwan report` (analysis.cli, the console script) builds the same report; a folder that
+    is not a run is one line naming the fix, exit 2."""
+    from analysis.cli import main
+
+    assert main(["report", str(toy_sweep), "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "r" / "report.html")
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("specwan report: ") and "no such folder" in err and len(err.splitlines()) == 1
+    assert main(["report"]) == 2 and "give run folders" in capsys.readouterr().err
