@@ -111,7 +111,7 @@ decision-map: models
 	$(PY) -m analysis.decision results/decision_map-$(PAIR) --objective cloud_time \
 		--systems vanilla,pipesd,picospec,hsl,edgellm --out docs/decision_map
 
-# The report of the runs in RUNS (run folders or sweeps; default: the newest run under results/).
+# The report of the runs in RUNS (run folders or sweeps; default: the run or sweep under results/ written last).
 report: $(STAMP)
 	$(PY) -m analysis.report $(if $(RUNS),$(RUNS),--latest results)
 

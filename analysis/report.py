@@ -356,16 +356,22 @@ def build_report(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir
 
 
 def latest_run(parent: str | Path) -> Path | None:
-    """The run folder directly under ``parent`` whose manifest.json was written last, or None."""
-    manifests = [m for m in Path(parent).glob("*/manifest.json") if m.is_file()]
-    return max(manifests, key=lambda m: m.stat().st_mtime).parent if manifests else None
+    """The run or sweep directly under ``parent`` written last, or None: each folder there that
+    is a run (holds manifest.json) or a sweep (its sub-folders hold runs) is dated by the newest
+    manifest in it, so after a sweep (``make bench``) the whole sweep is reported."""
+    newest: dict[Path, float] = {}
+    for manifest in [*Path(parent).glob("*/manifest.json"), *Path(parent).glob("*/*/manifest.json")]:
+        if manifest.is_file():
+            top = Path(parent) / manifest.relative_to(parent).parts[0]
+            newest[top] = max(newest.get(top, 0.0), manifest.stat().st_mtime)
+    return max(newest, key=newest.get) if newest else None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The report's options (``python -m analysis.report`` and ``specwan report`` share them)."""
     parser.add_argument("paths", nargs="*", help="run folders, or folders of runs (sweeps)")
-    parser.add_argument("--latest", metavar="DIR", help="report on the newest run folder directly under DIR "
-                                                        "(the one whose manifest.json changed last)")
+    parser.add_argument("--latest", metavar="DIR", help="report on the run or sweep directly under DIR "
+                                                        "written last")
     parser.add_argument("--out", help="where to write the report (default: <first path>/report)")
     parser.add_argument("--baseline", help="the system speedups are measured against (default: cloud_only, "
                                            "else vanilla)")

@@ -184,6 +184,14 @@ def test_cli_latest_picks_the_run_written_last(toy_sweep, tmp_path, capsys):
     assert Path(last) == parent / "cloud_only-lan" / "report" / "report.html" and Path(last).is_file()
     assert R.main(["--latest", str(tmp_path / "nothing-here")]) == 2
     assert "no run folder under" in capsys.readouterr().err
+    # a sweep written later (a folder of runs, as `make bench` writes) is reported whole
+    sweep = parent / "bench-toy"
+    for i, name in enumerate(("vanilla-lan", "cloud_only-lan")):
+        shutil.copytree(toy_sweep / name, sweep / name)
+        os.utime(sweep / name / "manifest.json", (2_000_000 + i, 2_000_000 + i))
+    assert R.latest_run(parent) == sweep
+    os.utime(parent / "vanilla-lan" / "manifest.json", (3_000_000, 3_000_000))
+    assert R.latest_run(parent) == parent / "vanilla-lan"
 
 
 def test_cli_names_a_folder_that_is_not_a_run(tmp_path):
