@@ -137,6 +137,16 @@ def test_an_interrupted_sweep_resumes_with_the_same_command(tmp_path):
     assert subprocess.run([*cmd[:-len(grid) - 1], f"out={whole}", *grid], capture_output=True,
                           timeout=600).returncode == 0
     same_records(sweep, whole / "bench-toy")
+    # and so the report: its tables (the paired speedups and their bootstrap CIs included) match
+    from analysis.report import report_sections
+    from analysis.tables import console_summary
+
+    assert console_summary(sweep) == console_summary(whole / "bench-toy")
+    tables = [[s.table for s in report_sections([where], n_resamples=199) if s.heading != "Runs"]
+              for where in (sweep, whole / "bench-toy")]
+    for mine, theirs in zip(*tables):
+        if mine is not None:
+            pd.testing.assert_frame_equal(mine, theirs)
 
 
 def test_a_sweep_reports_in_one_command(tmp_path, capsys):
