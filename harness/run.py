@@ -447,7 +447,21 @@ def main(cfg: DictConfig) -> None:
         Path(hydra_cfg.runtime.output_dir, LEFT_OUT).write_text(f"{exc}\n")
     except (ConfigError, WallRunError) as exc:
         print(f"specwan run: error: {exc}", file=sys.stderr)
+        _discard_if_empty(Path(hydra_cfg.runtime.output_dir))
         sys.exit(2)
+
+
+def _discard_if_empty(run_dir: Path) -> None:
+    """Remove the folder Hydra made for a run that was refused before recording anything (it
+    holds only Hydra's empty log), so a mistyped command leaves nothing behind."""
+    try:
+        entries = list(run_dir.iterdir())
+    except OSError:
+        return
+    if all(e.name == "run.log" and e.is_file() and e.stat().st_size == 0 for e in entries):
+        for e in entries:
+            e.unlink()
+        run_dir.rmdir()
 
 
 if __name__ == "__main__":

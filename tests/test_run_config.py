@@ -57,6 +57,7 @@ def test_cli_reports_a_config_error_in_one_line(tmp_path):
                           f"out={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "system.params (vanilla): key 'gamma' must be int" in out.stderr
+    assert list(tmp_path.iterdir()) == []  # the refused run leaves no folder behind
 
 
 def test_virtual_run_on_the_toy_pair(capsys):
