@@ -453,15 +453,17 @@ def main(cfg: DictConfig) -> None:
 
 def _discard_if_empty(run_dir: Path) -> None:
     """Remove the folder Hydra made for a run that was refused before recording anything (it
-    holds only Hydra's empty log), so a mistyped command leaves nothing behind."""
+    holds only Hydra's empty log and its .hydra/ config copies), so a mistyped command leaves
+    nothing behind."""
+    import shutil
+
     try:
         entries = list(run_dir.iterdir())
     except OSError:
         return
-    if all(e.name == "run.log" and e.is_file() and e.stat().st_size == 0 for e in entries):
-        for e in entries:
-            e.unlink()
-        run_dir.rmdir()
+    if all((e.name == "run.log" and e.is_file() and e.stat().st_size == 0) or (e.name == ".hydra" and e.is_dir())
+           for e in entries):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
