@@ -107,8 +107,10 @@ def test_an_interrupted_sweep_resumes_with_the_same_command(tmp_path):
             "max_new_tokens=24"]
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "harness.cli", "run", "experiment=bench", *SMALL, f"out={out}", *grid]
+    # a suite started in the background inherits SIGINT ignored; the sweep must hear it as a user's Ctrl-C
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     deadline = time.monotonic() + 300
     for line in proc.stdout:  # the fifth job has started: four are finished
