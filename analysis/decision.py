@@ -258,6 +258,13 @@ def _tick(value: object) -> str:
     return f"{value:g}" if isinstance(value, (int, float, np.number)) else str(value)
 
 
+def _within_noise(row: dict) -> bool:
+    """Whether a point's margin was bootstrapped and its CI includes 0 (not shown when no CI was made)."""
+    low, high = row.get("margin_low"), row.get("margin_high")
+    return low is not None and high is not None and not pd.isna(low) and not pd.isna(high) and \
+        not bool(row.get("distinguishable"))
+
+
 def decision_map(
     requests: pd.DataFrame,
     rounds: pd.DataFrame | None,
@@ -297,6 +304,8 @@ def decision_map(
         margin = "tie" if r["tied"] else ""
         if pd.notna(r["runner_up"]) and math.isfinite(r["margin"]):
             margin = (margin + " · " if margin else "") + f"saves {r['margin']:.0%} vs {r['runner_up']}"
+            if _within_noise(r):
+                margin += "\n(within noise)"
         name = r["best"].replace(TIE_SEPARATOR, " =\n")
         ax.text(j, i, f"{name}\n{margin}", ha="center", va="center", fontsize=7, gid=f"cell:{i}:{j}")
     ax.imshow(codes, cmap=ListedColormap([*colours, TIE_COLOUR]), vmin=-0.5, vmax=len(systems) + 0.5,
@@ -316,7 +325,8 @@ def decision_map(
         handles.append(Patch(facecolor=TIE_COLOUR, label="tie"))
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.text(0.01, 0.005, f"Cell colour: the system with the lowest mean {spec.label} at that point (lower is "
-                          f"better); text: its saving over the runner-up, 1 - best / runner-up. Values are "
+                          f"better); text: its saving over the runner-up, 1 - best / runner-up; \"within noise\": "
+                          f"the saving's paired 95% bootstrap CI includes 0. Values are "
                           f"{provenance}.", fontsize=7, ha="left", va="bottom", wrap=True, gid=CAPTION_GID)
     fig.get_layout_engine().set(rect=(0, 0.08, 1, 0.92))
     return fig

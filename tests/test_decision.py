@@ -223,3 +223,16 @@ def test_the_decision_map_experiment_end_to_end_on_the_toy_pair(tmp_path, capsys
     assert set(requests["network"]) == {"rtt0-up1", "rtt0-up100", "rtt300-up1", "rtt300-up100"}
     assert D.main([str(sweep), "--systems", "nope"]) == 2
     assert "no requests of nope" in capsys.readouterr().err
+
+
+def test_decision_map_says_when_a_saving_is_within_noise():
+    """With bootstrap CIs: a point whose best beats its runner-up on every prompt keeps its plain
+    margin; one where the two swap from prompt to prompt (means 2.0 and 2.03) is marked."""
+    grid = {**GRID, (10.0, 100.0): {"A": [1.0, 3.0, 2.0], "B": [2.9, 1.1, 2.1], "C": [9.0, 9.0, 9.0]}}
+    table = D.decision_table(requests_frame(grid), None, "latency", n_resamples=999)
+    noisy = table[(table[RTT_COLUMN] == 10.0) & (table[UPLINK_COLUMN] == 100.0)].iloc[0]
+    assert noisy["best"] == "A" and not noisy["distinguishable"] and noisy["margin_low"] < 0 < noisy["margin_high"]
+    texts = {t.get_gid(): t.get_text() for t in D.decision_map(requests_frame(grid), None, "latency", table=table)
+             .axes[0].texts if str(t.get_gid()).startswith("cell:")}
+    assert texts["cell:0:1"] == "A\nsaves 2% vs B\n(within noise)"
+    assert texts["cell:0:0"] == "A\nsaves 33% vs B"  # B is slower on every prompt
