@@ -226,7 +226,7 @@ def measured_vs_bound(requests: pd.DataFrame, rounds: pd.DataFrame, *, baseline:
     if table.empty:
         raise ValueError(f"no modelled system has rounds and a measured {baseline} on the same network")
     networks = _network_order(requests, table["network"])
-    fig, ax = _new_figure(max(9.0, 1.6 * len(networks) * table["system"].nunique()), 6.0)
+    fig, ax = _new_figure(min(16.0, max(9.0, 0.5 * len(networks) * table["system"].nunique())), 6.0)
     _paired_bars(ax, table, networks)
     ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label=f"{baseline} (baseline)")
     ax.set_xlabel("network")
