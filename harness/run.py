@@ -3,7 +3,11 @@
 Composes ``conf/config.yaml`` with its groups (system, pair, network, device, workload),
 checks every choice before any model loads, runs the workload, and prints a summary.
 Multirun (``-m system=vanilla,cloud_only network=lan,slow_wan``) runs one job per
-combination; ``hydra/launcher=joblib`` runs them in parallel worker processes.
+combination; ``hydra/launcher=joblib`` (or ``ray``) runs them in parallel worker processes.
+``experiment=bench`` is ``make bench``: a multirun of every system over four networks.
+
+Each job writes its run folder as requests finish and marks it complete at the end; rerun
+into the same folder, a complete run is skipped and an unfinished one resumes.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from systems.api import SystemSpec, get_system
 from systems.sampling import SamplingParams
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-MODES = ("virtual", "wall")
-LEFT_OUT = "left_out.txt"  # in a sweep's job folder: why the combination could not run  # wall: cloud and edge as separate processes, wall clock
+MODES = ("virtual", "wall")  # wall: cloud and edge as separate processes, wall clock
+LEFT_OUT = "left_out.txt"  # in a sweep's job folder: why the combination could not run
 
 
 class ConfigError(ValueError):
@@ -425,9 +429,9 @@ def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context, link=None) ->
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from harness.wall import WallRunError
-
     from hydra.types import RunMode
+
+    from harness.wall import WallRunError
 
     hydra_cfg = HydraConfig.get()
     try:
@@ -440,6 +444,7 @@ def main(cfg: DictConfig) -> None:
     except NotRunnable as exc:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             print(f"specwan run: error: {exc}", file=sys.stderr)
+            _discard_if_empty(Path(hydra_cfg.runtime.output_dir))
             sys.exit(2)
         # a sweep over every system meets some that cannot run on this pair or device: the
         # combination is left out, with the reason, and the sweep goes on

@@ -87,6 +87,7 @@ def test_a_system_the_device_cannot_price_is_left_out_of_the_sweep(tmp_path):
                              "device=phone_gpu_cloud", f"out={tmp_path / 'single'}"], capture_output=True, text=True,
                             timeout=300)
     assert single.returncode == 2 and "must price the target" in single.stderr and "Traceback" not in single.stderr
+    assert not (tmp_path / "single").exists() or list((tmp_path / "single").iterdir()) == []  # no folder left
 
 
 def test_the_joblib_launcher_gives_the_records_of_the_basic_one(tmp_path):
