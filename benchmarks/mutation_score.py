@@ -16,6 +16,7 @@ such survivors as explained and lists every other one with its diff: those need 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 import tomllib
@@ -78,6 +79,14 @@ def load(root: Path) -> dict[str, dict[str, str]]:
     return out
 
 
+def unchecked(results: dict[str, dict[str, str]], pattern: str = "*") -> list[str]:
+    """The mutants not run yet whose names match ``pattern`` (mutmut's name globs), in name
+    order: what a run stopped midway still has to do. mutmut re-runs every mutant a glob names,
+    killed ones included, so a resumed run passes these names instead of the glob."""
+    return sorted(name for statuses in results.values() for name, status in statuses.items()
+                  if status == "not checked" and fnmatch.fnmatchcase(name, pattern))
+
+
 def _diff(mutant: str, module: str) -> str:
     from mutmut.mutation.diff_apply import get_diff_for_mutant
 
@@ -88,11 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mutants", type=Path, default=Path("mutants"), help="mutmut's working folder")
     ap.add_argument("--equivalents", type=Path, default=EQUIVALENTS, help="the ledger of equivalent edits")
+    ap.add_argument("--unchecked", metavar="GLOB", help="print only the names of the mutants matching GLOB not "
+                    "run yet, one per line (to resume: make mutate MUTANTS=\"$(... --unchecked 'systems.protocol.*')\")")
     args = ap.parse_args(argv)
     results = load(args.mutants)
     if not results:
         print(f"no mutation results under {args.mutants}/: run `make mutate` first", file=sys.stderr)
         return 1
+    if args.unchecked:
+        print("\n".join(unchecked(results, args.unchecked)))
+        return 0
     equivalents = load_equivalents(args.equivalents)
     unexplained: dict[str, list[tuple[str, str, str]]] = {}
     explained = Counter()

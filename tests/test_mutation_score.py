@@ -44,3 +44,17 @@ def test_a_repeated_line_is_told_apart_by_its_context():
     elsewhere = Equivalent("m.x_f", "x = 1.0", "x = 2.0", "reached only at the end", ("def close():",))
     assert explain("m.x_f__mutmut_1", diff, [here]) is here
     assert explain("m.x_f__mutmut_1", diff, [elsewhere]) is None
+
+
+def test_unchecked_lists_only_the_mutants_not_run_yet_that_the_glob_names():
+    from benchmarks.mutation_score import unchecked
+
+    results = {"systems/protocol.py": {"systems.protocol.x_f__mutmut_2": "not checked",
+                                       "systems.protocol.x_f__mutmut_1": "not checked",
+                                       "systems.protocol.x_g__mutmut_1": "killed"},
+               "harness/link.py": {"harness.link.x_h__mutmut_1": "not checked",
+                                   "harness.link.x_h__mutmut_2": "survived"}}
+    assert unchecked(results, "systems.protocol.*") == ["systems.protocol.x_f__mutmut_1",
+                                                        "systems.protocol.x_f__mutmut_2"]
+    assert unchecked(results) == ["harness.link.x_h__mutmut_1", "systems.protocol.x_f__mutmut_1",
+                                  "systems.protocol.x_f__mutmut_2"]
