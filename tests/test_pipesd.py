@@ -495,3 +495,35 @@ def test_tuner_refuses_calls_out_of_order_by_name():
     tuner.tell(0.1)
     with pytest.raises(RuntimeError, match="^tuner: all 1 evaluations are spent$"):
         tuner.ask()
+
+
+def test_online_tuning_scores_each_candidate_over_its_own_tokens():
+    """PipeSD's online re-tuning by hand: random search, 2 candidates of 10 accepted tokens,
+    seed 5. Round k's tuner is seeded seed + k; a candidate's score is the time over the tokens
+    of the verdicts served under it (never under the one before); a round ends on the best;
+    a full TPT window sets the reference, and a move beyond the gate starts round 2."""
+    from systems.pipesd.policy import PipeSDConfig, _OnlineTuning
+    from systems.pipesd.tuner import ThresholdTuner
+
+    cfg = PipeSDConfig(tuner="online", tuner_method="random", tuner_trials=2, tuner_tokens=10,
+                       retune_window=20, retune_gate=0.2, seed=5)
+    tuning, current = _OnlineTuning(cfg), (0.9, 0.3)
+    oracle = ThresholdTuner("random", 2, 6)  # round 1: seed 5 + 1
+    first = tuning.start()
+    assert first == oracle.ask()
+    assert tuning.observe(0.3, 4, current) == first
+    assert tuning.observe(0.5, 6, current) == first  # 10 tokens in 0.8 s: scored 0.08 s/token
+    tuner = tuning.tuner
+    assert tuner.history == [(*first, pytest.approx(0.08))]
+    oracle.tell(0.08)
+    second = oracle.ask()
+    assert tuning.observe(9.0, 9, current) == second  # served under `first`: it scores nothing
+    assert tuning.observe(0.2, 5, current) == second
+    assert tuning.observe(0.3, 5, current) == second  # 10 tokens in 0.5 s: 0.05, the better; the round ends
+    assert tuner.history[1] == (*second, pytest.approx(0.05)) and tuning.tuner is None
+    # re-tuning: the first full window of 20 tokens (0.1 s/token) is the reference ...
+    assert tuning.observe(1.0, 10, second) == second and tuning.reference is None
+    assert tuning.observe(1.0, 10, second) == second and tuning.reference == pytest.approx(0.1)
+    # ... and the window's TPT moving to 0.2 (> 20% off) starts round 2, seeded 5 + 2
+    restarted = tuning.observe(3.0, 10, second)
+    assert restarted == ThresholdTuner("random", 2, 7).ask() != first and tuning.rounds == 2
