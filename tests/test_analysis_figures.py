@@ -238,8 +238,9 @@ def test_round_timeline_picks_a_drafting_request_by_default(tmp_path):
 
 
 def test_round_timeline_draws_one_request_of_a_run_holding_many_systems_and_networks(tmp_path):
-    """`make bench` writes every system on every network into one run, each answering the same
-    prompt ids: the timeline must draw one (system, network) pair's rounds, not all of them."""
+    """A run (or the sweep a report loads, as `make bench` writes) may hold every system on every
+    network, each answering the same prompt ids: the timeline must draw one (system, network)
+    pair's rounds, not all of them."""
     config = {"system": {"name": "bench"}, "pair": {"name": "toy"}}
     with RunWriter(tmp_path / "bench", build_manifest(config, {"clock": "virtual"})) as w:
         for system, n_rounds in (("vanilla", 2), ("pipesd", 3)):

@@ -168,7 +168,7 @@ def test_cli_prints_the_report_path_last(toy_sweep, tmp_path, capsys):
 
 
 def test_cli_latest_picks_the_run_written_last(toy_sweep, tmp_path, capsys):
-    """``--latest DIR`` (what `make bench` uses) reports on the run whose manifest changed last;
+    """``--latest DIR`` (what `make report` uses) reports on the run whose manifest changed last;
     folders without a manifest (a run that crashed before writing one) are passed over."""
     import shutil
 
