@@ -33,7 +33,7 @@ from analysis import grid as G
 from analysis import metrics as M
 from analysis.load import MANIFEST_NAME, RunFolderError, labelled_runs, load_runs
 from analysis.stats import Verdict, summarise
-from analysis.tables import console_summary, write_summaries
+from analysis.tables import console_text, write_summaries
 
 HTML_NAME, MD_NAME = "report.html", "report.md"
 # (column, heading, scale, provenance: "time" follows the clock, else fixed)
@@ -225,11 +225,12 @@ def grid_sections(paths: Sequence[str | os.PathLike]) -> list[Section]:
 
 
 def report_sections(paths: Sequence[str | os.PathLike], *, baseline: str | None = None,
-                    metric: str = F.TIME_METRIC, n_resamples: int = 9999, slo: M.SLO | None = None) -> list[Section]:
+                    metric: str = F.TIME_METRIC, n_resamples: int = 9999, slo: M.SLO | None = None,
+                    records: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> list[Section]:
     """The report's sections, built from the run folders at ``paths`` (as :func:`load_runs`
-    reads them); with ``slo``, a section of SLO attainment and goodput. Raises
-    :class:`analysis.load.RunFolderError` for a path that is not a run."""
-    requests, rounds = load_runs(paths)
+    reads them, or their ``records`` already loaded); with ``slo``, a section of SLO attainment
+    and goodput. Raises :class:`analysis.load.RunFolderError` for a path that is not a run."""
+    requests, rounds = records if records is not None else load_runs(paths)
     requests = requests.assign(wasted=M.wasted_per_request(requests, rounds))
     manifests = run_manifests(paths)
     time_kind = F.time_provenance(requests)
@@ -326,7 +327,7 @@ def render_markdown(sections: Sequence[Section], title: str = "SpecWAN report") 
 
 def build_report(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                  baseline: str | None = None, metric: str = F.TIME_METRIC, n_resamples: int = 9999,
-                 slo: M.SLO | None = None) -> Path:
+                 slo: M.SLO | None = None, records: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> Path:
     """Write ``report.html`` (self-contained), ``report.md``, one PNG per figure and the console
     tables as ``summary.csv`` and ``summary_by_category.csv`` (:mod:`analysis.tables`), and a grid
     run's table as ``grid.csv`` (:mod:`analysis.grid`; several grid runs: one in a folder named
@@ -339,13 +340,15 @@ def build_report(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir
     :class:`analysis.load.RunFolderError` for a path that is not a run and holds none.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    sections = report_sections(paths, baseline=baseline, metric=metric, n_resamples=n_resamples, slo=slo)
+    records = records if records is not None else load_runs(paths)
+    sections = report_sections(paths, baseline=baseline, metric=metric, n_resamples=n_resamples, slo=slo,
+                               records=records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for s in sections:
         for name, _, png, _ in s.figures:
             (out / f"{name}.png").write_bytes(png)
-    write_summaries(*load_runs(paths), out)
+    write_summaries(*records, out)
     grids = G.grid_runs(paths)
     for run_dir, label in grids.items():
         G.write_grid_csv(run_dir, out if len(grids) == 1 else out / label)
@@ -381,7 +384,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, prog: str = "analysis.report") -> int:
     """Build the report of ``args`` (see :func:`add_arguments`); prints the console tables
-    (:func:`analysis.tables.console_summary`), a grid run's table
+    (:func:`analysis.tables.console_text`), a grid run's table
     (:func:`analysis.grid.grid_table_text`) and then the path of report.html, last. Exit 2 with
     one line for a folder that is not a run or a bad option."""
     paths = list(args.paths)
@@ -402,8 +405,9 @@ def run(args: argparse.Namespace, prog: str = "analysis.report") -> int:
         print(f"{prog}: --slo: {exc}", file=sys.stderr)
         return 2
     try:
-        page = build_report(paths, out, baseline=args.baseline, metric=args.metric, slo=slo)
-        summary = console_summary(paths)
+        records = load_runs(paths)  # read once for the report and the console tables
+        page = build_report(paths, out, baseline=args.baseline, metric=args.metric, slo=slo, records=records)
+        summary = console_text(*records)
         grids = [G.grid_table_text(run_dir) for run_dir in G.grid_runs(paths)]
     except RunFolderError as exc:
         print(f"{prog}: {exc}; pass a run folder (one holding manifest.json, as `specwan run` writes "

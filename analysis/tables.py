@@ -239,7 +239,11 @@ def console_summary(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> s
     """Both tables of the runs at ``paths`` (as :func:`analysis.load.load_runs` finds them),
     rendered with their provenance, ready to print; the category table only when the records
     have categories and a system besides the baseline."""
-    requests, rounds = load_runs(paths)
+    return console_text(*load_runs(paths))
+
+
+def console_text(requests: pd.DataFrame, rounds: pd.DataFrame) -> str:
+    """:func:`console_summary` of records already loaded."""
     parts = ["per system and network:", format_table(summary_by_network(requests, rounds))]
     categories = summary_by_category(requests, rounds)
     if not categories.empty:
@@ -259,5 +263,5 @@ def write_summaries(requests: pd.DataFrame, rounds: pd.DataFrame, out_dir: str |
     return written
 
 
-__all__ = ["BASELINE", "CATEGORY_CSV", "SUMMARY_CSV", "console_summary", "format_table", "provenance_line",
+__all__ = ["BASELINE", "CATEGORY_CSV", "SUMMARY_CSV", "console_summary", "console_text", "format_table", "provenance_line",
            "summary_by_category", "summary_by_network", "write_summaries"]
