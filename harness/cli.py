@@ -204,6 +204,24 @@ def _link_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- train-controller ----------------------------------------------------------------------
+
+
+def _train_controller_args(p: argparse.ArgumentParser) -> None:
+    from harness import train_controller
+
+    train_controller.add_arguments(p)
+
+
+def _train_controller(args: argparse.Namespace) -> int:
+    from harness import train_controller
+
+    try:
+        return train_controller.main(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
 COMMANDS: dict[str, Command] = {
     "fetch": Command("fetch and verify a pair's model files, and check their vocabularies", _fetch_args, _fetch),
     "pairs": Command("list the draft/target pairs", _pairs_args, _pairs),
@@ -219,6 +237,9 @@ COMMANDS: dict[str, Command] = {
                       _doctor_args, _doctor),
     "link-check": Command("bring up a network profile's link, probe it, and print configured vs measured "
                           "(specwan link-check network=wan_50ms_10mbit)", _link_check_args, _link_check),
+    "train-controller": Command("train WISP's edge speculation controller (a rejection predictor) from runs of "
+                                "system=sled or system=wisp (specwan train-controller RUN_DIR ... --out FILE)",
+                                _train_controller_args, _train_controller),
 }
 
 #: error types whose message is enough for the user: printed as one line, exit status 2
