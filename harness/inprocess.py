@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ from systems.api import (
     get_system,
 )
 from systems.engines.base import Engine
-from systems.records import RequestRecord, RoundRecord
+from systems.records import BatchRecord, RequestRecord, RoundRecord
 
 
 class RequestRecorder:
@@ -54,6 +55,33 @@ class RequestRecorder:
         self.token_times.extend([now] * len(tokens))
 
 
+@dataclass(frozen=True)
+class EdgeSpec:
+    """One edge device of a multi-edge run: its name (sessions are ``<name>-<request id>``),
+    its own link, its device's cost (None: instant), the device profile's name, and (where
+    edges differ) the energy model whose edge power prices it (None: the run's)."""
+
+    name: str
+    link: LinkProfile
+    cost: Callable[[Op], float] | None = None
+    device: str = ""
+    energy: VirtualEnergy | None = None
+
+
+class BatchCollector:
+    """The cloud's batch recorder in one process: keeps each :class:`BatchRecord` and passes
+    it on (``on_batch``) as it happens."""
+
+    def __init__(self, on_batch: Callable[[BatchRecord], None] | None = None):
+        self.records: list[BatchRecord] = []
+        self.on_batch = on_batch
+
+    def batch(self, record: BatchRecord) -> None:
+        self.records.append(record)
+        if self.on_batch is not None:
+            self.on_batch(record)
+
+
 @dataclass
 class RunOptions:
     """How to run: virtual time or wall, the link, device costs, clients, seeds, energy.
@@ -70,6 +98,12 @@ class RunOptions:
     edge_cost: Callable[[Op], float] | None = None  # None: model work costs no time
     cloud_cost: Callable[[Op], float] | None = None
     clients: int = 1  # edge devices running concurrently, each with its own link
+    # Multi-edge runs: the edge devices (None: ``clients`` alike ones with ``link`` and
+    # ``edge_cost``) and the edge serving each request (None: round-robin). An edge serves
+    # its requests one after another, each from its ``arrival`` (if set) or at once.
+    edges: Sequence[EdgeSpec] | None = None
+    assign: Sequence[int] | None = None
+    on_batch: Callable[[BatchRecord], None] | None = None  # each forward pass the cloud reports
     q_dtype: str = "float32"
     on_round: Callable[[RoundRecord], None] | None = None
     on_request: Callable[[RequestRecord], None] | None = None  # each request as it finishes (progress)
@@ -119,6 +153,7 @@ async def serve_request(
     recorder: RequestRecorder | None = None,
     q_dtype: str = "float32",
     traffic: Callable[[], tuple[int, int]] | None = None,
+    device: str = "",
 ) -> RequestRecord:
     """Serve one request with an edge device's policy; its record.
 
@@ -128,14 +163,17 @@ async def serve_request(
     model's, or the target's for a system whose edge runs the target (no drafter then).
     ``traffic()`` gives the device link's (bytes up, bytes down) so far; the record holds what
     this request added. Pass ``recorder`` to keep hold of what was emitted if the request fails.
+    A request with an ``arrival`` time is timed from it (its wait for the device included).
     """
     recorder = recorder if recorder is not None else RequestRecorder(clock)
     rng = np.random.default_rng(req.seed)
     drafter = Drafter(draft, req.sampling, rng, q_dtype) if draft is not None and spec.edge_model == "draft" else None
-    ctx = EdgeContext(session, clock, compute, link, recorder, drafter, rng, engine=draft)
+    ctx = EdgeContext(session, clock, compute, link, recorder, drafter, rng, engine=draft, device=device)
     traffic = traffic or (lambda: (0, 0))
     await policy.warm_up(ctx)
     start, (up0, down0) = clock.now(), traffic()
+    if req.arrival is not None:
+        start = min(start, req.arrival)
     output = await policy.generate(req, ctx)
     if output != recorder.tokens:
         raise RuntimeError(f"{spec.name}: returned tokens differ from the emitted ones")
@@ -159,21 +197,53 @@ async def _serve(spec: SystemSpec, cfg, edge, target, requests, options: RunOpti
     if spec.cloud_cls is not None:
         cloud = spec.cloud_cls(cfg)
         cloud_compute = _compute(options.cloud_cost)
-        cloud_ctx = CloudContext(target, clock, cloud_compute, cloud_end)
+        cloud_ctx = CloudContext(target, clock, cloud_compute, cloud_end, BatchCollector(options.on_batch))
         cloud_task = asyncio.get_running_loop().create_task(cloud.serve(cloud_ctx))
 
     records: dict[int, RequestRecord] = {}
     edge_busy: dict[int, list] = {}  # request index -> its edge device's busy intervals
     sessions: dict[int, str] = {}
 
+    edges = list(options.edges) if options.edges else [
+        EdgeSpec(f"c{i}", options.link, options.edge_cost) for i in range(min(options.clients, max(1, len(requests))))]
+    assign = list(options.assign) if options.assign is not None else [i % len(edges) for i in range(len(requests))]
+    if len(assign) != len(requests) or any(not 0 <= a < len(edges) for a in assign):
+        raise ValueError(f"RunOptions.assign must give each of the {len(requests)} requests an edge "
+                         f"in 0..{len(edges) - 1}")
+
+    energy = options.energy
+    if energy is not None and any(e.cost is None for e in edges) and energy.edge is not None:
+        energy = replace(energy, edge=None, edge_reason="no edge device cost (instant compute): busy time unknown")
+    if energy is not None and cloud_compute is not None and options.cloud_cost is None and energy.cloud is not None:
+        energy = replace(energy, cloud=None, cloud_reason="no cloud device cost (instant compute): busy time unknown")
+    started: dict[int, float] = {}
+
+    def energy_so_far(i: int) -> None:
+        """Request i's modelled joules as soon as it ends, so a record written then carries
+        them: what falls inside its span is known by then (the other requests count only as
+        active or not), so these equal the end-of-run attribution."""
+        if energy is None:
+            return
+        now = clock.now()
+        order = sorted(started)
+        spans = [records[j] if j == i else SimpleNamespace(start=started[j], end=records[j].end if j in records else now,
+                                                           e2e=0.0, rounds=[]) for j in order]
+        attribute_run(spans, energy, edge_busy=[edge_busy.get(j, []) for j in order],
+                      cloud_busy=None if cloud_compute is None else list(getattr(cloud_compute, "intervals", [])),
+                      sessions=[sessions[j] for j in order], edge_energy=[edges[assign[j]].energy for j in order])
+
     async def client(index: int) -> None:
-        link = cloud_end.new_link(options.link)
-        compute = _compute(options.edge_cost)
+        spec_e = edges[index]
+        link = cloud_end.new_link(spec_e.link)
+        compute = _compute(spec_e.cost)
         policy = spec.edge_cls(cfg)
-        for i in range(index, len(requests), options.clients):
+        for i in [i for i, a in enumerate(assign) if a == index]:
             req = requests[i]
-            session = f"c{index}-{req.request_id}"
+            if req.arrival is not None and req.arrival > clock.now():
+                await clock.sleep(req.arrival - clock.now())
+            session = f"{spec_e.name}-{req.request_id}"
             sessions[i] = session
+            started[i] = clock.now() if req.arrival is None else min(clock.now(), req.arrival)
             cloud_end.route(session, link)
             recorder = RequestRecorder(clock)
             recorder.on_round = options.on_round
@@ -181,13 +251,14 @@ async def _serve(spec: SystemSpec, cfg, edge, target, requests, options: RunOpti
             records[i] = await serve_request(
                 spec, policy, req, session=session, clock=clock, compute=compute,
                 link=link.edge_end(session), draft=edge, recorder=recorder, q_dtype=options.q_dtype,
-                traffic=lambda link=link: (link.up.bytes, link.down.bytes),
+                traffic=lambda link=link: (link.up.bytes, link.down.bytes), device=spec_e.device,
             )
             edge_busy[i] = list(getattr(compute, "intervals", ())[n0:])
             if options.on_request is not None:
+                energy_so_far(i)
                 options.on_request(records[i])
 
-    clients = asyncio.gather(*(client(i) for i in range(min(options.clients, max(1, len(requests))))))
+    clients = asyncio.gather(*(client(i) for i in sorted(set(assign))))
     try:
         if cloud_task is None:
             await clients
@@ -203,13 +274,9 @@ async def _serve(spec: SystemSpec, cfg, edge, target, requests, options: RunOpti
             cloud_task.cancel()
             await asyncio.gather(cloud_task, return_exceptions=True)
     out = [records[i] for i in range(len(requests))]
-    energy = options.energy
-    if energy is not None and options.edge_cost is None and energy.edge is not None:
-        energy = replace(energy, edge=None, edge_reason="no edge device cost (instant compute): busy time unknown")
-    if energy is not None and cloud_compute is not None and options.cloud_cost is None and energy.cloud is not None:
-        energy = replace(energy, cloud=None, cloud_reason="no cloud device cost (instant compute): busy time unknown")
     attribute_run(out, energy, edge_busy=[edge_busy[i] for i in range(len(requests))],
                   cloud_busy=None if cloud_compute is None else getattr(cloud_compute, "intervals", []),
-                  sessions=[sessions[i] for i in range(len(requests))])
+                  sessions=[sessions[i] for i in range(len(requests))],
+                  edge_energy=[edges[assign[i]].energy for i in range(len(requests))])
     return out
 

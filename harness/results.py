@@ -47,7 +47,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from systems.records import RequestRecord, RoundRecord
+from systems.records import BatchRecord, RequestRecord, RoundRecord
 
 SCHEMA_VERSION = 1
 
@@ -56,6 +56,7 @@ REQUESTS_JOURNAL = "requests.jsonl"
 ROUNDS_JOURNAL = "rounds.jsonl"
 REQUESTS_PARQUET = "requests.parquet"
 ROUNDS_PARQUET = "rounds.parquet"
+BATCHES_JOURNAL = "batches.jsonl"  # the cloud's forward passes over several sessions (multi-edge runs)
 LINK_JSON = "link.json"  # wall mode: the link's configured and measured figures, side by side
 _LOCK = ".lock"
 _JOURNAL_BYTES = b"specwan.journal_bytes"  # parquet metadata: "<requests.jsonl bytes>,<rounds.jsonl bytes>"
@@ -884,6 +885,16 @@ class RunWriter:
             self._write_parquet()
         return key
 
+    def append_batch(self, record: BatchRecord, context: Mapping[str, Any] | None = None) -> None:
+        """Record one of the cloud's forward passes (:class:`BatchRecord`) in ``batches.jsonl``,
+        with ``context`` (e.g. the system and network) on its line; written through at once."""
+        if getattr(self, "_batches_f", None) is None:
+            self._batches_f = open(self.run_dir / BATCHES_JOURNAL, "a", encoding="utf-8")
+        row = {**_plain(dict(context or {})), **_plain(record.as_row())}
+        self._batches_f.write(_dumps(row) + "\n")
+        self._batches_f.flush()
+        os.fsync(self._batches_f.fileno())
+
     def _write_parquet(self) -> None:
         # Each file records the journal sizes it reflects, so readers know whether it is current.
         sizes = f"{os.fstat(self._requests_f.fileno()).st_size},{os.fstat(self._rounds_f.fileno()).st_size}"
@@ -903,7 +914,8 @@ class RunWriter:
             if getattr(self, "_pending", 0):
                 self._write_parquet()
         finally:
-            for f in (getattr(self, "_requests_f", None), getattr(self, "_rounds_f", None)):
+            for f in (getattr(self, "_requests_f", None), getattr(self, "_rounds_f", None),
+                      getattr(self, "_batches_f", None)):
                 if f is not None:
                     f.close()
             self._release()
@@ -1032,6 +1044,19 @@ def load_run(run_dir: str | os.PathLike, from_journals: bool | None = None):
     return manifest, _to_pandas(tables[0]), _to_pandas(tables[1])
 
 
+def load_batches(run_dir: str | os.PathLike):
+    """The cloud's recorded forward passes of a run folder (``batches.jsonl``), one row per
+    pass, as a pandas DataFrame (columns of :class:`systems.records.BatchRecord` and the
+    context written with them); empty when the run recorded none. A partially written last
+    line is ignored with a :class:`JournalWarning`."""
+    import pandas as pd
+
+    path = Path(run_dir) / BATCHES_JOURNAL
+    rows = read_journal(path) if path.exists() else []
+    columns = [f.name for f in dataclasses.fields(BatchRecord)]
+    return pd.DataFrame(rows, columns=None if rows else columns)
+
+
 def _current_parquet(run_dir: Path, journals, require: bool):
     """Both parquet tables if they reflect the journals as they are now (or ``require``), else None."""
     tables = []
@@ -1064,6 +1089,6 @@ def _to_pandas(table: pa.Table):
 __all__ = [
     "CONTEXT_FIELDS", "DEFAULT_KEY_FIELDS", "ENERGY_NOT_MEASURED", "JournalWarning", "ResultsError",
     "RunConfigMismatch", "RunWriter", "SCHEMA_VERSION", "build_manifest", "config_hash", "git_info",
-    "load_run", "machine_info", "manifest_differences", "model_file_info", "package_versions",
+    "load_batches", "load_run", "machine_info", "manifest_differences", "model_file_info", "package_versions",
     "read_journal", "requests_schema", "rounds_schema",
 ]

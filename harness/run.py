@@ -21,6 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from harness.edges import EdgesError, EdgesPlan, edges_plan, slo_met
 from harness.energy.select import EnergyConfig, energy_config
 from harness.link import LinkProfile
 from harness.profiles import RoleProfile, require_target_costs, role_profile
@@ -56,6 +57,7 @@ class Plan:
     energy: EnergyConfig = field(default_factory=EnergyConfig)
     workload: object = None  # workloads.WorkloadSpec, checked here; its prompts load after the models
     network: NetworkProfile | None = None  # what the wall-mode link backends realise
+    edges: EdgesPlan | None = None  # the edge devices (None: one, the run's device and network)
 
 
 def network_spec(node) -> NetworkProfile:
@@ -127,8 +129,36 @@ def make_plan(cfg: DictConfig) -> Plan:
     except WorkloadError as exc:
         raise ConfigError(str(exc)) from exc
     network = network_spec(cfg.network)
-    return Plan(system, system_config, pair, LinkProfile.from_network(network), edge, cloud, cfg.mode,
-                SamplingParams(temperature=float(cfg.temperature)), energy, workload, network)
+    link = LinkProfile.from_network(network)
+    edges_node = cfg.get("edges")
+    try:
+        edges = edges_plan(None if edges_node is None else OmegaConf.to_container(edges_node, resolve=True),
+                           run_device=edge, run_network=network.name, run_link=link, option=conf_option)
+    except EdgesError as exc:
+        raise ConfigError(str(exc)) from exc
+    if edges.shared_time and (workload.turns or 1) > 1:
+        raise ConfigError("a multi-edge or open-loop run serves first turns only: set workload.turns=1")
+    if cfg.mode == "wall" and edges.shared_time and (
+            edges.arrivals.get("kind") != "closed" or any(e.device_option or e.network != network.name
+                                                          for e in edges.edges)):
+        raise ConfigError("mode=wall runs edges.n edge processes on this machine's link, closed loop: leave "
+                          "edges.devices, edges.networks and edges.arrivals at their defaults, or use mode=virtual")
+    return Plan(system, system_config, pair, link, edge, cloud, cfg.mode,
+                SamplingParams(temperature=float(cfg.temperature)), energy, workload, network, edges)
+
+
+#: per-request columns every run folder gets (see :func:`request_context`)
+EDGE_COLUMNS = {"edge": "string", "edge_device": "string", "edge_network": "string", "n_edges": "int64",
+                "arrival": "float64", "slo_ttft_s": "float64", "slo_tpot_s": "float64", "slo_met": "bool"}
+
+
+def request_context(plan: Plan, request, record, edge_index: int = 0) -> dict:
+    """The edge a request ran on, its arrival, its SLO and whether it met it."""
+    e = plan.edges.edges[edge_index] if plan.edges is not None else None
+    return {"edge": e.name if e else "e0", "edge_device": e.device.name if e else plan.edge.name,
+            "edge_network": e.network if e else plan.link.name, "n_edges": plan.edges.n if plan.edges else 1,
+            "arrival": request.arrival, "slo_ttft_s": request.slo_ttft_s, "slo_tpot_s": request.slo_tpot_s,
+            "slo_met": slo_met(record.ttft, record.tpot, request.slo_ttft_s, request.slo_tpot_s)}
 
 
 WALL_ENERGY_SOURCE = ("mode=wall: each process meters itself (energy=auto: NVML, RAPL, else its CPU time); "
@@ -283,7 +313,9 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
         manifest = build_manifest(config, {"clock": plan.mode, "device_profiles": profiles,
                                            "link": link_manifest(plan, link, probe),
                                            "energy": energy_manifest, "contention": contention}, models=paths)
-        writer = RunWriter(run_dir, manifest)
+        writer = RunWriter(run_dir, manifest, extra_context=EDGE_COLUMNS)
+        if plan.edges is not None and plan.edges.shared_time:
+            writer.update_manifest({"edges": plan.edges.describe()})
         if link is not None:
             from netem.kernel import capabilities
             from netem.probe import side_by_side
@@ -314,6 +346,8 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
                     todo.append(t)
             if plan.mode == "wall":
                 served = _run_wall(plan, cfg, todo, writer, context, link)
+            elif plan.edges is not None and plan.edges.shared_time:
+                served = _serve_shared(plan, cfg, todo, writer, context, draft, target, energy, bar)
             else:
                 options = RunOptions(virtual=True, link=plan.link, edge_cost=plan.edge.cost,
                                      cloud_cost=plan.cloud.cost, energy=energy)
@@ -322,7 +356,8 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
                     (rec,) = run_system(plan.system, draft, target, [t.request], system_params(cfg), options)
                     served.append(rec)
                     if writer is not None:
-                        writer.append(rec, {**context, **t.context()}, energy=rec.energy)
+                        writer.append(rec, {**context, **t.context(), **request_context(plan, t.request, rec)},
+                                      energy=rec.energy)
                     bar.update(1)
             if plan.mode == "wall":
                 bar.update(len(served))
@@ -374,6 +409,40 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
         replayed, computed = _model_calls(draft, target)
         print(f"  model calls: {replayed - calls[0]} replayed from memory, {computed - calls[1]} computed")
     return records
+
+
+def _serve_shared(plan: Plan, cfg: DictConfig, turns, writer, context, draft, target, energy, bar) -> list:
+    """Serve every turn in one shared virtual time: the run's edges (:mod:`harness.edges`)
+    against one cloud. Each request is on disk as soon as it finishes, each cloud batch as
+    soon as it runs."""
+    import dataclasses
+
+    from harness.energy.virtual import VirtualEnergy
+    from harness.inprocess import EdgeSpec, RunOptions, run_system
+
+    edges = plan.edges
+    assign = edges.assign(len(turns))
+    arrivals = edges.arrival_times(len(turns), int(cfg.seed))
+    requests = [dataclasses.replace(t.request, arrival=a) for t, a in zip(turns, arrivals)]
+    index = {r.request_id: i for i, r in enumerate(requests)}
+    specs = [EdgeSpec(e.name, e.link, e.device.cost, e.device.name,
+                      VirtualEnergy.from_profiles(e.device, plan.cloud, plan.energy.mode) if e.device_option else None)
+             for e in edges.edges]
+
+    def finished(rec) -> None:
+        i = index[rec.request_id]
+        if writer is not None:
+            writer.append(rec, {**context, **turns[i].context(), **request_context(plan, requests[i], rec, assign[i])},
+                          energy=rec.energy)
+        bar.update(1)
+
+    def batch(rec) -> None:
+        if writer is not None:
+            writer.append_batch(rec, {"system": plan.system.name, "network": plan.link.name})
+
+    options = RunOptions(virtual=True, link=plan.link, cloud_cost=plan.cloud.cost, edges=specs, assign=assign,
+                         on_request=finished, on_batch=batch, energy=energy)
+    return run_system(plan.system, draft, target, requests, system_params(cfg), options)
 
 
 def _model_calls(*engines) -> tuple[int, int]:

@@ -29,7 +29,7 @@ import numpy as np
 
 from systems.engines.base import Engine, EngineSession
 from systems.messages import Message
-from systems.records import RoundRecord
+from systems.records import BatchRecord, RoundRecord
 from systems.sampling import (
     Outcome,
     SamplingParams,
@@ -116,6 +116,12 @@ class Recorder(Protocol):
     def emit(self, tokens: Sequence[int]) -> None: ...
 
 
+class BatchRecorder(Protocol):
+    """Where a cloud policy reports each forward pass it runs over several sessions."""
+
+    def batch(self, record: BatchRecord) -> None: ...
+
+
 @dataclass
 class GenerationRequest:
     """One prompt to complete."""
@@ -126,6 +132,19 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     seed: int = 0
     stop_ids: tuple[int, ...] = ()
+    # Service-level objective (seconds; None: none): the first token within ``slo_ttft_s`` of
+    # the request's arrival, then one token per ``slo_tpot_s`` on average. ``arrival`` is when
+    # the request reached its edge device on the run's clock (None: when serving began).
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    arrival: float | None = None
+
+    def deadline(self, n_emitted: int) -> float | None:
+        """When the request's next token (after ``n_emitted``) is due under its SLO, on the
+        run's clock; None without an SLO or an arrival time."""
+        if self.arrival is None or self.slo_ttft_s is None:
+            return None
+        return self.arrival + self.slo_ttft_s + n_emitted * (self.slo_tpot_s or 0.0)
 
 
 @dataclass
@@ -144,6 +163,7 @@ class EdgeContext:
     drafter: "Drafter | None"
     rng: np.random.Generator
     engine: Engine | None = None
+    device: str = ""  # the edge device's profile name, for per-device settings
 
 
 @dataclass
@@ -154,6 +174,7 @@ class CloudContext:
     clock: Clock
     compute: Compute
     link: CloudLink
+    recorder: BatchRecorder | None = None  # None: batches are not recorded
 
 
 # ---- drafter and verifier --------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import ClassVar
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 _REGISTRY: dict[int, type] = {}
 
@@ -68,7 +68,9 @@ class Upload(Message):
     a ``probe`` carries payload only, to measure the link, and is acknowledged and dropped.
     ``lead_implied``: the first draft token has no row in ``q_rows`` (they start at the
     second). It directly follows the window ``parent``, whose verdict either commits it as
-    its own token or discards it, so its distribution would never be read.
+    its own token or discards it, so its distribution would never be read. ``slack``: with
+    ``verify``, the seconds from sending until the request's next token is due under its SLO
+    (None: no SLO), for deadline-aware schedulers.
     """
 
     round: int
@@ -82,6 +84,7 @@ class Upload(Message):
     ack: bool = False
     probe: bool = False
     lead_implied: bool = False
+    slack: float | None = None
 
 
 @_message(3)

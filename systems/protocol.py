@@ -33,7 +33,7 @@ from systems.api import (
     verify_batch,
 )
 from systems.messages import Ack, CloseSession, OpenSession, TokenOut, Upload, Verdict
-from systems.records import RoundRecord
+from systems.records import BatchRecord, RoundRecord
 from systems.sampling import SamplingParams, resample_sparse, softmax
 
 
@@ -281,6 +281,7 @@ class SpeculativeEdge:
         offset = self._sent_upto - self.drafter.committed
         drafts = self.drafter.pending[offset : offset + n]
         fixed, self._fixed = self._fixed, []
+        due = self.request.deadline(len(self.output)) if verify else None
         msg = Upload(
             self.ctx.session,
             round=self.window,
@@ -290,6 +291,7 @@ class SpeculativeEdge:
             n_fixed=len(fixed),
             verify=verify,
             ack=ack,
+            slack=None if due is None else due - self.ctx.clock.now(),
         )
         lead = bool(drafts) and not fixed and self.lead_pending
         self._lead_sent |= lead
@@ -545,19 +547,27 @@ class Job:
     round: int = -1
     end: int = 0
     t_arrived: float = 0.0
+    deadline: float | None = None  # when the session's next token is due (its SLO), cloud clock
 
 
 class VerifyingCloud(CloudPolicy):
     """Generic verification server: buffers uploads, verifies windows in arrival order.
 
-    Scheduling is in :meth:`take_batch`; the default serves one job at a time, first come
-    first served. Batching or deadline-aware plug-ins override it.
+    Scheduling is in :meth:`next_batch` (by default :meth:`take_batch`: one job at a time,
+    first come first served). Batching or deadline-aware plug-ins override either; one that
+    predicts a pass's time says so in :meth:`predict`, and may leave notes on the next batch
+    record in :attr:`batch_notes`. Every verification pass is reported to the context's
+    recorder as a :class:`BatchRecord`.
     """
+
+    batch_notes: dict = {}
 
     async def serve(self, ctx: CloudContext) -> None:
         self.ctx = ctx
         self.sessions: dict[str, CloudSession] = {}
         self.jobs: list[Job] = []
+        self.batch_notes = {}
+        self._batches = 0
         self._wake = asyncio.Event()
         worker = asyncio.get_running_loop().create_task(self._work())
         try:
@@ -582,6 +592,16 @@ class VerifyingCloud(CloudPolicy):
         """Pick the jobs for the next forward pass; default FCFS, one job."""
         return [self.jobs.pop(0)]
 
+    async def next_batch(self) -> list[Job]:
+        """Wait for and pick the next forward pass's jobs (called with at least one queued);
+        a policy that holds jobs back for a batching window overrides this."""
+        return self.take_batch()
+
+    def predict(self, members: Sequence[tuple[int, int]]) -> float | None:
+        """Seconds a verification pass over ``members`` ((new tokens, cached context) each)
+        is expected to take; None: this policy makes no prediction."""
+        return None
+
     # ---- arrivals (event loop only: never touches the model) ----------------------------
     async def handle(self, env: Envelope) -> None:
         msg = env.msg
@@ -598,7 +618,9 @@ class VerifyingCloud(CloudPolicy):
             if msg.ack:
                 await self.ctx.link.send(Ack(msg.session, msg.round, len(msg.tokens)))
             if msg.verify:
-                self._enqueue(Job("verify", msg.session, msg.round, msg.start + len(msg.tokens), env.t_recv))
+                deadline = None if msg.slack is None else env.t_sent + msg.slack
+                self._enqueue(Job("verify", msg.session, msg.round, msg.start + len(msg.tokens), env.t_recv,
+                                  deadline))
         elif isinstance(msg, CloseSession):
             sess = self.sessions.pop(msg.session, None)
             if sess is not None:
@@ -643,7 +665,7 @@ class VerifyingCloud(CloudPolicy):
             while not self.jobs:
                 self._wake.clear()
                 await self._wake.wait()
-            batch = self.take_batch()
+            batch = await self.next_batch()
             await self.run_batch(batch)
 
     async def run_batch(self, batch: Sequence[Job]) -> None:
@@ -665,14 +687,24 @@ class VerifyingCloud(CloudPolicy):
             tokens, q_token, q_rows = block
             items.append((sess.verifier, tokens, q_token, q_rows))
             ready.append((sess, job, len(sess.tokens), tokens))
+        notes, self.batch_notes = self.batch_notes, {}
         if not items:
             return
         t0 = self.ctx.clock.now()
         context = sum(len(s.tokens) for s, *_ in ready)
+        predicted = self.predict([(len(t), base) for _, _, base, t in ready])
         op = Op("verify", max(len(t) for *_, t in ready), context, batch=len(items),
                 sessions=tuple(s.name for s, *_ in ready))
         outcomes = await self.ctx.compute.run(op, lambda: verify_batch(items))
         t_verify = self.ctx.clock.now() - t0
+        if self.ctx.recorder is not None:
+            self.ctx.recorder.batch(BatchRecord(
+                index=self._batches, kind="verify", start=t0, end=t0 + t_verify,
+                sessions=[s.name for s, *_ in ready], rounds=[j.round for _, j, *_ in ready],
+                new_tokens=[len(t) for *_, t in ready], context_tokens=[b for _, _, b, _ in ready],
+                arrived=[j.t_arrived for _, j, *_ in ready], actual_s=t_verify, predicted_s=predicted,
+                policy=type(self).__name__, extra=notes))
+        self._batches += 1
         for (sess, job, base, tokens), out in zip(ready, outcomes):
             self._commit(sess, job, base, tokens, out)
             await self._send(sess, job, Verdict(

@@ -50,6 +50,37 @@ class RoundRecord:
 
 
 @dataclass
+class BatchRecord:
+    """One forward pass of a cloud that serves several sessions at once (a verification
+    batch, or a decode step of continuous batching), as the cloud policy saw it.
+
+    Per member, in the batch's order: ``sessions`` (``<edge>-<request id>``), ``rounds``
+    (the verification window; -1 for a decode step), ``new_tokens`` (tokens scored),
+    ``context_tokens`` (tokens already cached before the pass) and ``arrived`` (when its
+    work reached the cloud). ``predicted_s`` is the policy's estimate of the pass before it
+    ran (None: the policy makes none); ``actual_s`` what it took on the run's clock.
+    ``extra`` holds a policy's own notes (its order, the members it refused).
+    """
+
+    index: int
+    kind: str  # "verify" or "decode"
+    start: float
+    end: float
+    sessions: list[str]
+    rounds: list[int]
+    new_tokens: list[int]
+    context_tokens: list[int]
+    arrived: list[float]
+    actual_s: float
+    predicted_s: float | None = None
+    policy: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class RequestRecord:
     """One request end to end: latency metrics, token counts and bytes."""
 

@@ -43,7 +43,8 @@ from workloads.sets import PROMPT_SETS, load_set
 FILE_SET = "file"
 _PART_KEYS = ("set", "path", "categories", "per_category", "size")
 _SPEC_KEYS = ("name", "parts", "set", "path", "categories", "per_category", "size", "seed", "turns",
-              "chat_template", "system_prompt", "max_new_tokens", "fetch_large")
+              "chat_template", "system_prompt", "max_new_tokens", "fetch_large", "slo")
+_SLO_KEYS = ("ttft_s", "tpot_s")
 # Separates turns in raw-text mode (no chat template).
 RAW_TURN_SEPARATOR = "\n\n"
 
@@ -72,6 +73,10 @@ class WorkloadSpec:
     system_prompt: str | None = None
     max_new_tokens: int | None = None
     fetch_large: bool = False
+    # Service-level objective of every request (seconds; None: none): first token within
+    # slo_ttft_s of arrival, then on average one token per slo_tpot_s.
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
 
     def with_(self, **changes) -> "WorkloadSpec":
         return dataclasses.replace(self, **changes)
@@ -93,6 +98,25 @@ def _categories(value, key: str) -> tuple[str, ...] | None:
     if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) and c for c in value):
         raise WorkloadError(f"workload.{key} must be a list of category names or null, got {value!r}")
     return tuple(value)
+
+
+def _slo(value) -> tuple[float | None, float | None]:
+    if value is None:
+        return None, None
+    if not isinstance(value, Mapping):
+        raise WorkloadError(f"workload.slo must be a mapping such as {{ttft_s: 2.0, tpot_s: 0.2}} or null, got {value!r}")
+    unknown = sorted(set(value) - set(_SLO_KEYS))
+    if unknown:
+        raise WorkloadError(f"workload.slo: unknown key(s) {', '.join(unknown)}; valid: {', '.join(_SLO_KEYS)}")
+    out = []
+    for key in _SLO_KEYS:
+        v = value.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise WorkloadError(f"workload.slo.{key} must be a positive number of seconds or null, got {v!r}")
+        out.append(None if v is None else float(v))
+    if out[0] is None and out[1] is not None:
+        raise WorkloadError("workload.slo: a tpot_s target needs a ttft_s target too (deadlines count from the first token's)")
+    return out[0], out[1]
 
 
 def _part(data: Mapping, where: str) -> Part:
@@ -160,7 +184,7 @@ def workload_spec(data: Mapping[str, Any]) -> WorkloadSpec:
     return WorkloadSpec(str(name), parts, _categories(data.get("categories"), "categories"),
                         _count(data.get("per_category"), "per_category"), _count(data.get("size"), "size"), seed,
                         _count(data.get("turns"), "turns"), chat, system_prompt,
-                        _count(data.get("max_new_tokens"), "max_new_tokens"), fetch_large)
+                        _count(data.get("max_new_tokens"), "max_new_tokens"), fetch_large, *_slo(data.get("slo")))
 
 
 # ---- selection -----------------------------------------------------------------------------
@@ -321,7 +345,8 @@ class Workload:
     def _request(self, prompt_index: int, index: int, tokens: list[int]) -> GenerationRequest:
         seed = self.seed + prompt_index + index * len(self.prompts)
         return GenerationRequest(turn_request_id(self.prompts[prompt_index].id, index), tokens, self.max_new_tokens,
-                                 self.sampling, seed=seed)
+                                 self.sampling, seed=seed, slo_ttft_s=self.spec.slo_ttft_s,
+                                 slo_tpot_s=self.spec.slo_tpot_s)
 
     def first_turns(self, engine) -> list[Turn]:
         """The first turn of every conversation, rendered for ``engine``."""

@@ -192,13 +192,15 @@ def _round_figures(rec: Any, edge: DevicePower | None, cloud: DevicePower | None
 
 
 def attribute_run(records: Sequence[Any], energy: VirtualEnergy | None, *, edge_busy: Sequence[Sequence[Any]],
-                  cloud_busy: Sequence[Any] | None, sessions: Sequence[str]) -> None:
+                  cloud_busy: Sequence[Any] | None, sessions: Sequence[str],
+                  edge_energy: Sequence[VirtualEnergy | None] | None = None) -> None:
     """Put modelled joules on each request record (``record.energy``) and its rounds.
 
     ``edge_busy[i]``: the busy intervals of request i's edge device during the request;
     ``cloud_busy``: every busy interval of the cloud device (None: the system has no cloud);
     ``sessions[i]``: request i's session name. ``energy`` None leaves every figure null with
-    the reason.
+    the reason. ``edge_energy[i]`` (optional): the energy model whose edge power prices
+    request i's edge device, where edges differ (a mix of device profiles).
     """
     if energy is None:
         why = "energy not modelled (no RunOptions.energy)"
@@ -216,13 +218,14 @@ def attribute_run(records: Sequence[Any], energy: VirtualEnergy | None, *, edge_
     for i, rec in enumerate(records):
         out: dict[str, Any] = {"edge_j": None, "cloud_j": None, "edge_kind": None, "cloud_kind": None}
         reasons: dict[str, str] = {}
-        edge, cloud = energy.edge, energy.cloud
+        own = energy if edge_energy is None or edge_energy[i] is None else edge_energy[i]
+        edge, cloud = own.edge, energy.cloud
         if edge is not None:
             busy = sum(iv.seconds for iv in edge_busy[i])
             idle = max(0.0, rec.e2e - busy)
             out.update(edge_j=edge.joules(busy, idle), edge_idle_j=idle * edge.idle_w, edge_kind="estimated")
         else:
-            reasons["edge"] = energy.edge_reason or "no power model"
+            reasons["edge"] = own.edge_reason or "no power model"
         if cloud is None:
             reasons["cloud"] = energy.cloud_reason or "no power model"
         elif cloud_busy is None:  # no cloud in this system
