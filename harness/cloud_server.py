@@ -13,10 +13,15 @@ device. Control plane: a FastAPI app served by uvicorn in the same process and e
 ::
 
     python -m harness.cloud_server --pair toy --system vanilla [--config '{"gamma": 4}'] \\
-        --grpc-port 0 --http-port 0 --ready-file cloud.json
+        --grpc-port 0 --http-port 0 --ready-file cloud.json [--batches batches.jsonl]
 
 Port 0 binds a free port; once both planes serve, the bound ports are written as JSON to
 the ready file (atomically). SIGTERM and SIGINT stop it cleanly, like ``/shutdown``.
+
+With ``--batches``, each forward pass the cloud policy runs over sessions (a
+:class:`systems.records.BatchRecord`) is appended to that file as one JSON line, flushed
+as it is written, so a crash loses none already recorded. Its times are on the server's
+clock, the event loop's monotonic time: on one host, the clock the edges record on too.
 """
 
 from __future__ import annotations
@@ -72,6 +77,30 @@ def build_app(state: "CloudState"):
         return {"status": "shutting down"}
 
     return app
+
+
+class BatchFile:
+    """The cloud policy's batch recorder in this process: one JSON line per
+    :class:`BatchRecord` (:meth:`BatchRecord.as_row`), appended to ``path`` and flushed."""
+
+    def __init__(self, path: Path):
+        from harness.wall import batch_to_json
+
+        self._encode = batch_to_json
+        self._f = open(path, "a", encoding="utf-8")
+        self.written = 0
+
+    def batch(self, record) -> None:
+        """Record one forward pass (called by the cloud policy, on the event loop)."""
+        # Flushed to the kernel, not fsync'ed: this runs between a pass and its verdicts,
+        # and a crash of this process (not of the host) then loses nothing.
+        self._f.write(self._encode(record) + "\n")
+        self._f.flush()
+        self.written += 1
+
+    def close(self) -> None:
+        """Close the file (what was written is already flushed)."""
+        self._f.close()
 
 
 class CloudState:
@@ -135,8 +164,11 @@ def _uvicorn_server(app, log_level: str):
 
 
 async def serve(engine, spec, cfg, *, pair: str, host: str, grpc_port: int, http_port: int,
-                ready_file: Path | None, log_level: str = "warning") -> int:
-    """Serve until /shutdown, SIGTERM/SIGINT, or the cloud policy fails; the exit status."""
+                ready_file: Path | None, log_level: str = "warning", batches: Path | None = None) -> int:
+    """Serve until /shutdown, SIGTERM/SIGINT, or the cloud policy fails; the exit status.
+
+    ``batches``: append each forward pass the policy reports (:class:`BatchFile`) to this file.
+    """
     import grpc
 
     from harness.clock import LoopClock
@@ -170,6 +202,12 @@ async def serve(engine, spec, cfg, *, pair: str, host: str, grpc_port: int, http
     for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
         loop.add_signal_handler(sig, state.request_stop, name)
 
+    try:
+        recorder = BatchFile(batches) if batches is not None else None
+    except OSError as e:
+        log.error("cannot open the batches file %s: %s", batches, e)
+        sock.close()
+        return 1
     compute = WallCompute()
     await server.start()
     http = _uvicorn_server(build_app(state), log_level)
@@ -179,11 +217,13 @@ async def serve(engine, spec, cfg, *, pair: str, host: str, grpc_port: int, http
     if http_task.done():
         log.error("the control plane failed to start: %r", http_task.exception())
         await server.stop(None)
+        if recorder is not None:
+            recorder.close()
         return 1
 
     policy = spec.cloud_cls(cfg)
     state.policy_task = policy_task = loop.create_task(
-        policy.serve(CloudContext(engine, LoopClock(), compute, link)))
+        policy.serve(CloudContext(engine, LoopClock(), compute, link, recorder)))
     if ready_file is not None:
         tmp = ready_file.with_name(ready_file.name + ".tmp")
         tmp.write_text(json.dumps({"grpc_port": bound_grpc, "http_port": bound_http, "host": host,
@@ -217,6 +257,8 @@ async def serve(engine, spec, cfg, *, pair: str, host: str, grpc_port: int, http
     with contextlib.suppress(Exception):
         await asyncio.wait_for(http_task, 5.0)
     compute.close()
+    if recorder is not None:
+        recorder.close()
     if ready_file is not None:
         with contextlib.suppress(OSError):
             ready_file.unlink()
@@ -232,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grpc-port", type=int, default=0, help="data-plane port (0: any free port)")
     ap.add_argument("--http-port", type=int, default=0, help="control-plane port (0: any free port)")
     ap.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON when serving")
+    ap.add_argument("--batches", type=Path, default=None,
+                    help="append each batched forward pass here, one JSON line each (default: not recorded)")
     ap.add_argument("--cpus", default=None, help="pin to these CPUs, e.g. '1' or '2,3' (skipped where impossible)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = ap.parse_args(argv)
@@ -268,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(serve(engine, spec, cfg, pair=pair.name, host=args.host, grpc_port=args.grpc_port,
                                  http_port=args.http_port, ready_file=args.ready_file,
-                                 log_level="warning" if args.log_level != "debug" else "info"))
+                                 log_level="warning" if args.log_level != "debug" else "info",
+                                 batches=args.batches))
     finally:
         if hasattr(engine, "close"):
             engine.close()

@@ -20,7 +20,10 @@ harness keeps talking to the cloud's control plane from inside the cloud side. W
 one, both sides share loopback, unshaped.
 
 Time is the wall clock (``time.monotonic()``: one clock for every process on this host,
-whichever namespace it is in). The helpers below are shared with the two process entry points.
+whichever namespace it is in). The cloud records each forward pass its policy runs over
+sessions in ``<workdir>/batches.jsonl`` (a :class:`BatchRecord` per line, on that one clock);
+``run_wall`` reads them back once the cloud has stopped and hands them to ``on_batch``.
+The helpers below are shared with the two process entry points.
 """
 
 from __future__ import annotations
@@ -36,27 +39,31 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from harness.pairs import PairSpec, ensure_pair, load_pair, vocab_fingerprint
 from systems.api import GenerationRequest, get_system
-from systems.records import RequestRecord, RoundRecord
+from systems.records import BatchRecord, RequestRecord, RoundRecord
 from systems.sampling import SamplingParams
 
 PARENT_ENV = "SPECWAN_PARENT_PID"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GRACE_S = 5.0
+BATCHES_FILE = "batches.jsonl"  # in the run's work folder, written by the cloud process
 
 
 class WallRunError(RuntimeError):
-    """A wall-mode run failed; ``records`` holds what finished (and the failed requests)."""
+    """A wall-mode run failed; ``records`` holds what finished (and the failed requests),
+    ``batches`` the cloud's forward passes recorded before it stopped."""
 
     def __init__(self, message: str, records: Sequence[RequestRecord] = (), workdir: Path | None = None):
         super().__init__(message)
         self.records = list(records)
         self.workdir = workdir
+        self.batches: list[BatchRecord] = []
 
     @property
     def failed(self) -> list[RequestRecord]:
@@ -157,6 +164,33 @@ def record_from_json(text: str) -> RequestRecord:
     d = {k: v for k, v in d.items() if k in _RECORD_FIELDS}
     d["rounds"] = rounds
     return RequestRecord(**d)
+
+
+def batch_to_json(rec: BatchRecord) -> str:
+    """One batch record as a JSON line's text (:meth:`BatchRecord.as_row`)."""
+    return json.dumps(rec.as_row(), default=_plain)
+
+
+_BATCH_FIELDS = {f.name for f in dataclasses.fields(BatchRecord)}
+
+
+def read_batches(path: Path) -> list[BatchRecord]:
+    """The batch records in a cloud's batches file, in the order it ran them; a torn last
+    line (the cloud killed mid-write) is skipped, and so, with a warning, is any other
+    line that is not a record."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    out = []
+    for n, line in enumerate(lines[:-1], 1):  # lines[-1]: after the last newline, "" unless torn
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out.append(BatchRecord(**{k: v for k, v in row.items() if k in _BATCH_FIELDS}))
+        except (ValueError, TypeError) as exc:
+            warnings.warn(f"{path}:{n}: not a batch record ({exc}); skipped", RuntimeWarning, stacklevel=2)
+    return out
 
 
 def read_records(path: Path) -> list[RequestRecord]:
@@ -269,6 +303,7 @@ class WallRun:
     http_port: int | None = None
     outputs: list[Path] = field(default_factory=list)
     energy: dict | None = None  # the cloud process's whole-run energy reading, once stopped
+    batches: list[BatchRecord] = field(default_factory=list)  # the cloud's passes, once it stopped
 
     def http(self, path: str, method: str = "GET", timeout: float = 2.0) -> Any:
         """Ask the cloud's control plane (from inside the cloud's side of the link)."""
@@ -361,6 +396,7 @@ def run_wall(
     q_dtype: str = "float32",
     on_start: Callable[[WallRun], None] | None = None,
     link=None,
+    on_batch: Callable[[BatchRecord], None] | None = None,
 ) -> list[RequestRecord]:
     """Serve ``requests`` with a system across real processes on this host; one record per request.
 
@@ -371,6 +407,12 @@ def run_wall(
     called once every process is up. ``link`` (a live :class:`netem.backends.Link`) places
     the cloud and the edges on its two sides (default: both on loopback). Raises :class:`WallRunError` (with the records of the
     requests that finished, and of the failed ones) when anything fails.
+
+    The cloud's forward passes over sessions (:class:`BatchRecord`, times on this host's
+    monotonic clock, like the rounds') are read back once every process has stopped, kept
+    in :attr:`WallRun.batches` (and :attr:`WallRunError.batches`) and passed to ``on_batch``
+    one by one, in the order the cloud ran them, before ``run_wall`` returns or raises
+    :class:`WallRunError`: a failed run delivers the passes recorded before it failed.
     """
     spec = get_system(system)
     spec.make_config(config)  # a bad config fails here, before any process starts
@@ -392,7 +434,7 @@ def run_wall(
     common = ["--pair", pair_arg, "--system", spec.name, "--config", json.dumps(config or {})]
     run = WallRun(work, None, [], link=link)
     deadline = time.monotonic() + timeout_s
-    ok = False
+    ok = delivered = False
     try:
         try:
             cloud_meter = None
@@ -439,12 +481,32 @@ def run_wall(
                 lines.append(f"  logs and records: {work}")
                 raise WallRunError("\n".join(lines), _ordered(records, requests), work)
             ok = True
-            return _ordered(records, requests)
+            result = _ordered(records, requests)
         finally:
             stop_children(run.children)
+        delivered = True
+        _deliver_batches(run, on_batch)
+        return result
+    except WallRunError as exc:
+        if not delivered:
+            delivered = True
+            try:
+                _deliver_batches(run, on_batch)
+            except Exception as cb_exc:  # the run's failure stays the error raised
+                exc.add_note(f"while delivering the cloud's batch records: {type(cb_exc).__name__}: {cb_exc}")
+            exc.batches = run.batches
+        raise
     finally:
         if own_dir and (ok or not run.edges):  # keep a failed run's records and logs
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _deliver_batches(run: WallRun, on_batch: Callable[[BatchRecord], None] | None) -> None:
+    """Read the stopped cloud's batch records into ``run.batches``; pass each to ``on_batch``."""
+    run.batches = read_batches(run.workdir / BATCHES_FILE) if run.cloud is not None else []
+    if on_batch is not None:
+        for rec in run.batches:
+            on_batch(rec)
 
 
 def _begin_cloud_energy(run: WallRun):
@@ -457,9 +519,10 @@ def _begin_cloud_energy(run: WallRun):
 
 
 def _start_cloud(run: WallRun, common: list[str], cpus, deadline: float, system: str, draft_fp: str) -> None:
-    ready = run.workdir / "cloud.ready.json"
+    ready, batches = run.workdir / "cloud.ready.json", run.workdir / BATCHES_FILE
     ready.unlink(missing_ok=True)
-    args = [*common, "--grpc-port", "0", "--http-port", "0", "--ready-file", str(ready)]
+    batches.unlink(missing_ok=True)  # the cloud appends: a reused folder must not mix runs
+    args = [*common, "--grpc-port", "0", "--http-port", "0", "--ready-file", str(ready), "--batches", str(batches)]
     if run.link is not None:
         args += ["--host", run.link.cloud_bind]
     if cpus:

@@ -317,3 +317,113 @@ def test_wall_mode_on_the_default_pair_matches_inprocess(tmp_path, default_pair_
         assert got.error is None and got.n_tokens > 0
         assert got.output_tokens == want.output_tokens
     assert not _children()
+
+
+# ---- the cloud's batch records in wall mode -------------------------------------------------------
+def _session_request(session: str) -> str:
+    return session.split("-", 1)[1]  # sessions are "<edge device>-<request id>"; devices are c0, c1...
+
+
+def _toy_greedy(requests) -> list[list[int]]:
+    from tests.support import greedy_decode
+
+    pair = load_pair("toy")
+    _, target = open_engines(pair, ensure_pair(pair, progress=False))
+    return [greedy_decode(target, r.prompt, r.max_new_tokens)[0] for r in requests]
+
+
+def test_wall_mode_delivers_vanilla_verification_batches(tmp_path):
+    """Every verification round the edges recorded is a member of one of the cloud's batch
+    records (same session and round, same pass time and batch size), and each pass lies
+    within its round on the one wall clock."""
+    requests = [GenerationRequest(f"v{i}", [1 + i, 2, 3], 24, seed=i) for i in range(3)]
+    got, started = [], {}
+    records = run_wall("vanilla", "toy", requests, clients=3, timeout_s=60, workdir=tmp_path,
+                       on_start=lambda run: started.update(run=run), on_batch=got.append)
+    assert started["run"].batches == got and got  # delivered before run_wall returned
+    assert (tmp_path / "batches.jsonl").read_text().count("\n") == len(got)
+    assert [b.index for b in got] == list(range(len(got)))  # none lost, in the order they ran
+    assert [r.output_tokens for r in records] == _toy_greedy(requests)
+    members = {}
+    for b in got:
+        assert b.kind == "verify" and b.policy == "VanillaCloud" and b.end >= b.start
+        assert len(b.sessions) == len(b.rounds) == len(b.new_tokens) == len(b.arrived)
+        for s, rnd, arrived in zip(b.sessions, b.rounds, b.arrived):
+            assert arrived <= b.start
+            members[(_session_request(s), rnd)] = b
+    rounds = [(rec.request_id, r) for rec in records for r in rec.rounds if r.t_verify is not None]
+    assert len(rounds) == len(members) == sum(len(b.sessions) for b in got)
+    for request_id, r in rounds:
+        b = members[(request_id, r.round)]
+        assert r.t_verify == pytest.approx(b.actual_s, rel=1e-9)
+        assert r.batch_size == len(b.sessions)
+        assert r.start <= b.start <= b.end <= r.end
+    assert not _children()
+
+
+def test_wall_mode_delivers_centralized_decode_batches(tmp_path):
+    """Three edges, one request each, decoded by one continuously batched cloud: steps serve
+    several sessions at once, and each session is in one step per token after its first.
+
+    Requests are long (500 tokens, about half a second of streaming) so they overlap
+    although the three edge processes start their requests some tens of milliseconds apart;
+    at 24 tokens a request is over in a few milliseconds and may never share a step."""
+    n = 500
+    requests = [GenerationRequest(f"d{i}", [1 + i, 2, 3], n, seed=i) for i in range(3)]
+    got = []
+    records = run_wall("centralized", "toy", requests, clients=3, timeout_s=60, workdir=tmp_path,
+                       on_batch=got.append)
+    assert [r.output_tokens for r in records] == _toy_greedy(requests)
+    assert [b.index for b in got] == list(range(len(got)))
+    assert all(b.kind == "decode" and b.new_tokens == [1] * len(b.sessions) for b in got)
+    assert max(len(b.sessions) for b in got) > 1
+    steps = {}
+    span = {r.request_id: (r.start, r.end) for r in records}
+    for b in got:
+        for s in b.sessions:
+            steps[_session_request(s)] = steps.get(_session_request(s), 0) + 1
+            start, end = span[_session_request(s)]
+            assert start <= b.start <= b.end <= end  # one clock for the cloud and the edges
+    assert steps == {r.request_id: r.n_tokens - 1 for r in records}  # the first token is the prefill's
+    assert not _children()
+
+
+def test_wall_mode_delivers_the_batches_of_a_failed_run(tmp_path):
+    """The cloud is killed mid-run: the passes it recorded before it died are delivered with
+    the error, and cover every round of the requests that finished."""
+    requests = [GenerationRequest(f"f{i}", [1, 2, 3 + i % 5], 200, seed=i) for i in range(20)]
+    got = []
+
+    def on_start(run):
+        def killer():
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                out = run.outputs[0]
+                if out.is_file() and out.read_text().count("\n") >= 1:
+                    os.kill(run.cloud.pid, signal.SIGKILL)
+                    return
+                time.sleep(0.005)
+
+        threading.Thread(target=killer, daemon=True).start()
+
+    with pytest.raises(WallRunError, match="killed by signal 9") as info:
+        run_wall("vanilla", "toy", requests, timeout_s=60, workdir=tmp_path, on_start=on_start, on_batch=got.append)
+    err = info.value
+    assert got and err.batches == got
+    assert [b.index for b in got] == list(range(len(got)))
+    members = {(_session_request(s), rnd) for b in got for s, rnd in zip(b.sessions, b.rounds)}
+    finished = [r for r in err.records if r.error is None]
+    assert finished
+    assert all((rec.request_id, r.round) in members for rec in finished for r in rec.rounds if r.t_verify is not None)
+    assert not _children()
+
+
+def test_read_batches_skips_a_torn_last_line(tmp_path):
+    from harness.wall import batch_to_json, read_batches
+    from systems.records import BatchRecord
+
+    recs = [BatchRecord(i, "verify", 1.0 + i, 1.5 + i, ["c0-r0"], [i], [4], [3 + i], [0.5 + i], 0.5) for i in range(2)]
+    path = tmp_path / "batches.jsonl"
+    path.write_text("".join(batch_to_json(r) + "\n" for r in recs) + batch_to_json(recs[0])[:20])
+    assert read_batches(path) == recs
+    assert read_batches(tmp_path / "absent.jsonl") == []
