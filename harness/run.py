@@ -476,19 +476,30 @@ def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context, link=None) ->
 
     if not turns:
         return []
-    rows = {t.request_id: t.context() for t in turns}
+    by_id = {t.request_id: t for t in turns}
+    n_edges = plan.edges.n if plan.edges is not None else 1
     started = []
+
+    def row(rec) -> dict:
+        t = by_id[rec.request_id]
+        edge = turns.index(t) % n_edges  # run_wall deals requests to its edge processes in turn
+        return {**context, **t.context(), **request_context(plan, t.request, rec, edge)}
+
+    def batch(rec) -> None:
+        if writer is not None:
+            writer.append_batch(rec, {"system": plan.system.name, "network": plan.link.name})
+
     try:
         records = run_wall(plan.system.name, load_pair(str(cfg.pair.name)), [t.request for t in turns],
-                           system_params(cfg), on_start=started.append, link=link)
+                           system_params(cfg), clients=n_edges, on_start=started.append, link=link, on_batch=batch)
     except WallRunError as exc:
         if writer is not None:
             for rec in exc.records:
-                writer.append(rec, {**context, **rows[rec.request_id]}, energy=rec.energy)
+                writer.append(rec, row(rec), energy=rec.energy)
         raise
     if writer is not None:
         for rec in records:
-            writer.append(rec, {**context, **rows[rec.request_id]}, energy=rec.energy)
+            writer.append(rec, row(rec), energy=rec.energy)
         if started and started[0].energy:
             writer.update_manifest({"energy": started[0].energy})
     return records

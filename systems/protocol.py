@@ -597,6 +597,10 @@ class VerifyingCloud(CloudPolicy):
         a policy that holds jobs back for a batching window overrides this."""
         return self.take_batch()
 
+    def after_batch(self, record: BatchRecord, outcomes: Sequence) -> None:
+        """Called after each verification pass with its record and the members' outcomes
+        (:class:`systems.sampling.Outcome`), for a policy that learns from them."""
+
     def predict(self, members: Sequence[tuple[int, int]]) -> float | None:
         """Seconds a verification pass over ``members`` ((new tokens, cached context) each)
         is expected to take; None: this policy makes no prediction."""
@@ -697,14 +701,16 @@ class VerifyingCloud(CloudPolicy):
                 sessions=tuple(s.name for s, *_ in ready))
         outcomes = await self.ctx.compute.run(op, lambda: verify_batch(items))
         t_verify = self.ctx.clock.now() - t0
+        record = BatchRecord(
+            index=self._batches, kind="verify", start=t0, end=t0 + t_verify,
+            sessions=[s.name for s, *_ in ready], rounds=[j.round for _, j, *_ in ready],
+            new_tokens=[len(t) for *_, t in ready], context_tokens=[b for _, _, b, _ in ready],
+            arrived=[j.t_arrived for _, j, *_ in ready], actual_s=t_verify, predicted_s=predicted,
+            policy=type(self).__name__, extra=notes)
         if self.ctx.recorder is not None:
-            self.ctx.recorder.batch(BatchRecord(
-                index=self._batches, kind="verify", start=t0, end=t0 + t_verify,
-                sessions=[s.name for s, *_ in ready], rounds=[j.round for _, j, *_ in ready],
-                new_tokens=[len(t) for *_, t in ready], context_tokens=[b for _, _, b, _ in ready],
-                arrived=[j.t_arrived for _, j, *_ in ready], actual_s=t_verify, predicted_s=predicted,
-                policy=type(self).__name__, extra=notes))
+            self.ctx.recorder.batch(record)
         self._batches += 1
+        self.after_batch(record, outcomes)
         for (sess, job, base, tokens), out in zip(ready, outcomes):
             self._commit(sess, job, base, tokens, out)
             await self._send(sess, job, Verdict(

@@ -1,0 +1,31 @@
+"""A drafting round that notes each token's features and may stop where a predictor says."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from systems.protocol import SpeculativeEdge
+from systems.wisp.controller import draft_features
+
+
+async def draft_round(edge: SpeculativeEdge, limit: int, log_features: bool,
+                      stop: Callable[[tuple[float, ...]], bool] | None = None) -> bool:
+    """Draft up to ``limit`` tokens into the open window: fewer at a stop token, at the length
+    limit, or at the first token for which ``stop(features)`` is true (that token is kept:
+    drafted already, it costs the verifier one position, and is accepted if the prediction
+    was a false alarm). With ``log_features`` each token's [confidence, entropy, margin,
+    spread] goes into the round's record as ``draft_features``. True when ``stop`` ended it."""
+    features, stopped = [], False
+    for _ in range(min(limit, edge.remaining - 1)):
+        d = await edge.draft()
+        f = draft_features(d.logits) if (log_features or stop is not None) else None
+        if log_features:
+            features.append([round(x, 6) for x in f])
+        if edge.is_stop(d.token):
+            break
+        if stop is not None and stop(f):
+            stopped = True
+            break
+    if log_features:
+        edge.note("draft_features", features)
+    return stopped
