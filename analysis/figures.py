@@ -7,7 +7,9 @@ records' provenance columns (``clock``: virtual time is modelled, wall time meas
 energy ``*_kind`` columns), and each carries a caption (:func:`figure_caption`).
 
 :data:`FIGURES` lists them all with what each needs, so a report draws every figure whose
-data is present and says why the others were left out (:func:`draw_figures`).
+data is present and says why the others were left out (:func:`draw_figures`);
+:data:`EDGES_FIGURES` likewise lists those of runs of many edges sharing one cloud, which the
+report draws in its "Many edges" section.
 
     requests, rounds = load_runs(["results/sweep"])
     drawn, left_out = draw_figures(requests, rounds)
@@ -24,6 +26,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from analysis import capacity as C
 from analysis.bounds import measured_vs_bound, needs_bounds
 from analysis.stats import paired_ratios, summarise
 
@@ -418,6 +421,46 @@ def round_timeline(requests: pd.DataFrame | None, rounds: pd.DataFrame, *, run: 
     return fig
 
 
+# ---- many edges: SLO attainment and goodput against the number of edges --------------------------
+
+
+def attainment_goodput_vs_edges(requests: pd.DataFrame, rounds: pd.DataFrame | None = None, *, slo=None,
+                                threshold: float = C.DEFAULT_THRESHOLD) -> Figure:
+    """Two panels against the number of edge devices N, one line per system: SLO attainment
+    (share of requests meeting their SLO, with the capacity threshold dashed) and goodput
+    (output tokens/s of those requests), from :func:`analysis.capacity.sweep_table` (``slo``:
+    the objectives for requests that carry none)."""
+    table = C.sweep_table(requests, slo)
+    table = table[table["attainment"].notna()]
+    if table.empty:
+        raise ValueError("no request carries an SLO (give one with --slo)")
+    fig = Figure(figsize=(10.0, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    for system, rows in table.groupby("system", sort=True):
+        rows = rows.sort_values("n_edges", kind="stable")
+        n = rows["n_edges"].to_numpy(dtype=float)
+        left.plot(n, rows["attainment"].to_numpy(dtype=float), marker="o", label=str(system),
+                  gid=f"attainment:{system}")
+        right.plot(n, rows["goodput"].to_numpy(dtype=float), marker="o", label=str(system), gid=f"goodput:{system}")
+    left.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"capacity threshold ({threshold:g})")
+    left.set_ylim(0, 1.05)
+    left.set_ylabel("SLO attainment, share of requests")
+    right.set_ylabel("goodput, output tokens/s (SLO met)")
+    ticks = sorted({int(v) for v in table["n_edges"]})
+    for ax in (left, right):
+        ax.set_xlabel("edge devices sharing the cloud, N")
+        ax.set_xticks(ticks)
+        ax.legend(fontsize=7)
+    provenance = _time_label(requests)
+    fig.suptitle(f"SLO attainment and goodput against the number of edges: {provenance}")
+    slo_words = f"; requests without an SLO of their own judged against {slo.describe()}" if slo is not None else ""
+    _caption(fig, f"Attainment = requests meeting their SLO / requests with an SLO{slo_words}. Goodput = output "
+                  f"tokens of those requests / the run's makespan (first arrival to last end). Capacity = the "
+                  f"largest N at or above the dashed line with every smaller N too. Times are {provenance}.")
+    return fig
+
+
 # ---- the registry ---------------------------------------------------------------------------------
 
 
@@ -469,6 +512,16 @@ def _needs_drafts(requests: pd.DataFrame, rounds: pd.DataFrame) -> str | None:
     return None if (rounds["drafted"].fillna(0) > 0).any() else "no round drafted a token (no speculative system)"
 
 
+def _needs_edges(requests: pd.DataFrame, rounds: pd.DataFrame) -> str | None:
+    reason = _need_columns(requests, ["system", "n_edges", "n_tokens", "start", "end"], "request")
+    if reason:
+        return reason
+    counts = sorted(int(v) for v in requests["n_edges"].dropna().unique())
+    if len(counts) < 2:
+        return f"one number of edges only ({', '.join(map(str, counts)) or 'none'}): a line needs two"
+    return None
+
+
 def _needs_timeline(requests: pd.DataFrame, rounds: pd.DataFrame) -> str | None:
     return _need_columns(rounds, ["request_id", "round", "drafted", *(f"t_{p}" for p in PHASES)], "round")
 
@@ -507,6 +560,14 @@ FIGURES: list[FigureSpec] = [
 ]
 
 
+#: figures of runs of many edges sharing one cloud (the report's "Many edges" section draws them)
+EDGES_FIGURES: list[FigureSpec] = [
+    FigureSpec("attainment_goodput_vs_edges", "SLO attainment and goodput against the number of edges",
+               attainment_goodput_vs_edges, "runs at two numbers of edges or more (edges.n) whose requests are "
+               "judged against an SLO (their own, or --slo)", _needs_edges),
+]
+
+
 def draw_figures(requests: pd.DataFrame, rounds: pd.DataFrame,
                  specs: Sequence[FigureSpec] | None = None) -> tuple[dict[str, Figure], dict[str, str]]:
     """``(drawn, left_out)``: every figure of ``specs`` (default :data:`FIGURES`) the records can
@@ -527,8 +588,9 @@ def draw_figures(requests: pd.DataFrame, rounds: pd.DataFrame,
 
 
 __all__ = [
-    "BASELINES", "ESTIMATED_HATCH", "FIGURES", "FigureSpec", "PHASES", "RTT_COLUMN", "TIME_METRIC", "UPLINK_COLUMN",
-    "acceptance_by_position", "acceptance_by_position_table", "default_baseline", "draw_figures",
+    "BASELINES", "EDGES_FIGURES", "ESTIMATED_HATCH", "FIGURES", "FigureSpec", "PHASES", "RTT_COLUMN", "TIME_METRIC",
+    "UPLINK_COLUMN", "acceptance_by_position", "acceptance_by_position_table", "attainment_goodput_vs_edges",
+    "default_baseline", "draw_figures",
     "energy_per_token", "energy_per_token_table", "energy_provenance", "figure_caption", "figure_png",
     "phase_spans", "pick_request", "round_timeline", "speedup_table", "speedup_vs_bandwidth", "speedup_vs_rtt",
     "time_per_token_by_category", "time_provenance",

@@ -6,7 +6,9 @@ inline, no external URL) and a ``report.md`` with the PNGs beside it, built from
 It holds a manifest summary per run; the summary table per system and network (median TTFT,
 TPOT, end-to-end latency, acceptance rate, bytes each way and energy per token, each with its
 bootstrap CI); the paired speedup table with its verdicts; every figure of
-:data:`analysis.figures.FIGURES` the records can give (and why the others were left out); and
+:data:`analysis.figures.FIGURES` the records can give (and why the others were left out); for
+runs of many edges sharing one cloud, SLO attainment, goodput and capacity against the number
+of edges, beside WISP's published ratios (:mod:`analysis.capacity`, also as ``capacity.csv``); and
 each number's provenance: *modelled* (virtual time: device profiles and the link model),
 *measured* (wall clock, hardware counters, or counted from the records: tokens, bytes,
 verdicts) or *estimated* (energy from a power model). Nothing is re-run.
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis import capacity as C
 from analysis import figures as F
 from analysis import grid as G
 from analysis import metrics as M
@@ -36,6 +39,8 @@ from analysis.stats import Verdict, summarise
 from analysis.tables import console_text, write_summaries
 
 HTML_NAME, MD_NAME = "report.html", "report.md"
+CAPACITY_CSV = "capacity.csv"
+EDGES_HEADING = "Many edges: SLO attainment, goodput, capacity"
 # (column, heading, scale, provenance: "time" follows the clock, else fixed)
 SUMMARY_METRICS: tuple[tuple[str, str, float, str], ...] = (
     ("ttft", "TTFT, s", 1.0, "time"),
@@ -181,6 +186,133 @@ def speedup_rows(requests: pd.DataFrame, *, baseline: str | None = None, metric:
     return pd.DataFrame(out)
 
 
+# ---- many edges sharing one cloud ------------------------------------------------------------------
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{value:.0%}"
+
+
+def _joules(value: float, kind: str) -> str:
+    return f"n/a ({kind})" if pd.isna(value) else f"{fmt(value)} {kind}"
+
+
+def edges_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`analysis.capacity.sweep_table` (or its per-run, per-device form) for the report."""
+    keys = [c for c in ("run", "system", "n_edges", "edge_device") if c in table.columns
+            and not (c == "edge_device" and (table[c] == C.ALL_DEVICES).all())]
+    out = table[keys].rename(columns={"n_edges": "edges N", "edge_device": "edge device"}).copy()
+    out["requests"] = table["requests"]
+    out["judged (SLO)"] = table["with_slo"]
+    out["met"] = table["met"]
+    out["attainment"] = [_pct(v) for v in table["attainment"]]
+    out["goodput, tok/s"] = [fmt(v) for v in table["goodput"]]
+    out["throughput, tok/s"] = [fmt(v) for v in table["throughput"]]
+    out["makespan, s"] = [fmt(v) for v in table["makespan_s"]]
+    out["wasted tokens/request"] = [fmt(v) for v in table["wasted_tokens_per_request"]]
+    out["wasted J/request"] = [_joules(v, k) for v, k in zip(table["wasted_j_per_request"], table["wasted_j_kind"])]
+    out["times"] = table["clock"]
+    return out
+
+
+def ratios_table(ratios: pd.DataFrame) -> pd.DataFrame:
+    """:func:`analysis.capacity.paper_ratios` for the report: ours beside the paper's, each labelled."""
+    return pd.DataFrame({
+        "ratio": [f"WISP / {v} {m}" for m, v in zip(ratios["metric"], ratios["versus"])],
+        "ours": [f"{fmt(v)}x {k}" if pd.notna(v) else f"n/a ({k})" for v, k in zip(ratios["ours"], ratios["ours_are"])],
+        "basis": ratios["basis"],
+        "paper": [f"{fmt(v)}x [P]" if pd.notna(v) else "n/a" for v in ratios["paper"]]})
+
+
+def _pair_words(row) -> str:
+    return (f"batch {row.batch} took {row.later} (arrived {fmt(row.later_arrived)} s) while {row.waiting} "
+            f"(arrived {fmt(row.waiting_arrived)} s) waited until batch {row.waiting_batch}")
+
+
+def scheduler_section(batches: pd.DataFrame, time_kind: str) -> Section | None:
+    """What the cloud's recorded batches say: the estimator's error on the batches it was not
+    fitted on, work taken out of arrival order, and admissions the estimator refused."""
+    if batches.empty:
+        return None
+    section = Section("Many edges: the cloud's batches")
+    error = C.estimator_error(batches)
+    if len(error):
+        section.paragraphs.append(
+            "Verification time estimator: relative error |predicted - actual| / actual over the batches it "
+            "predicted, those it was fitted on left out (fitted excluded); actual times " + time_kind + ".")
+        section.table = pd.DataFrame({
+            "system": error["system"] if "system" in error.columns else "", "batches": error["count"],
+            "median error": [_pct(v) for v in error["median"]], "p90 error": [_pct(v) for v in error["p90"]],
+            "fitted excluded": error["fitted_excluded"]})
+    pairs = C.non_fcfs_pairs(batches)
+    refused = C.refused_admissions(batches)
+    for system in sorted(set(batches["system"].dropna())) if "system" in batches.columns else []:
+        mine = pairs[pairs["system"] == system] if "system" in pairs.columns else pairs
+        n_batches = int((batches["system"] == system).sum())
+        if mine.empty:
+            words = "every batch took work in arrival order (first come, first served)"
+        else:
+            words = (f"{mine['batch'].nunique()} batch(es) took work ahead of earlier-arrived work still waiting "
+                     f"({len(mine)} pair(s); e.g. {_pair_words(next(mine.itertuples()))}): not first come, "
+                     "first served")
+        theirs = refused[refused["system"] == system] if "system" in refused.columns else refused
+        if len(theirs):
+            words += (f"; the estimator refused {len(theirs)} admission(s) in {theirs['batch'].nunique()} batch(es) "
+                      f"(e.g. {theirs['session'].iloc[0]} in batch {theirs['batch'].iloc[0]})")
+        section.paragraphs.append(f"{system}: {n_batches} batch(es); {words}.")
+    return section
+
+
+def edges_sections(paths: Sequence[str | os.PathLike], requests: pd.DataFrame, rounds: pd.DataFrame, *,
+                   slo: M.SLO | None = None, threshold: float = C.DEFAULT_THRESHOLD) -> list[Section]:
+    """The report's sections on runs of many edges sharing one cloud (:mod:`analysis.capacity`),
+    empty unless the runs have several edges or requests carrying an SLO: the sweep table with
+    each system's capacity and the figure; WISP's ratios beside the paper's; the per-device
+    table (several device profiles); and the cloud's batches (estimator error, order, refusals)."""
+    if not C.has_many_edges(requests):
+        return []
+    time_kind = C.clock_kind(requests)
+    table = C.sweep_table(requests, slo)
+    caps = C.capacities(table, threshold)
+    own = "Requests carrying an SLO are judged by their recorded verdict; " + (
+        f"the others against {slo.describe()} (--slo)." if slo is not None else
+        "the others are not judged (give --slo to judge them).")
+    main = Section(EDGES_HEADING, [
+        own + " Attainment = requests meeting their SLO / requests judged. Goodput = output tokens of the "
+        "requests that met it / the run's makespan (first arrival, or start under a closed loop, to last end); "
+        "throughput likewise over every request. Wasted = draft tokens not accepted (drafted - accepted) and the "
+        f"edge's joules drafting them, per request. Times {time_kind}.",
+        f"Capacity (largest N with attainment >= {threshold:g} at N and every smaller N tested): "
+        + "; ".join(f"{r.system} {r.capacity_label}" + (f" (first miss at N={r.first_miss})"
+                                                         if pd.notna(r.first_miss) and r.capacity_label != "none"
+                                                         else "") for r in caps.itertuples()) + "."],
+        edges_table(table))
+    specs = [replace(s, function=partial(s.function, slo=slo, threshold=threshold)) for s in F.EDGES_FIGURES]
+    drawn, left_out = F.draw_figures(requests, rounds, specs)
+    titles = {s.name: s.title for s in F.EDGES_FIGURES}
+    for name, fig in drawn.items():
+        main.figures.append((name, titles[name], F.figure_png(fig), F.figure_caption(fig)))
+    if left_out:
+        main.paragraphs.append("Left out: " + "; ".join(f"{titles[n]}: {why}" for n, why in left_out.items()) + ".")
+    sections = [main]
+    ratios = C.paper_ratios(table, caps, time_kind)
+    if len(ratios):
+        sections.append(Section("Many edges: WISP beside the paper", [
+            f"Paper: {C.PAPER_SOURCE}; goodput up to 1.94x centralized and 3.7x SLED, capacity up to 2.1x and "
+            f"4.1x [P]. Ours are {time_kind} on this suite's pair, devices and links, not the paper's set-up; "
+            "the basis says at which N each goodput ratio is taken."], ratios_table(ratios)))
+    if "edge_device" in requests.columns and requests["edge_device"].nunique(dropna=True) > 1:
+        per_device = C.run_metrics(requests, slo)
+        per_device = per_device[per_device["edge_device"] != C.ALL_DEVICES]
+        sections.append(Section("Many edges: per edge device", [
+            "Each device profile's requests in each run; goodput and throughput over the whole run's makespan, so "
+            f"the devices' add up to the run's. Times {time_kind}."], edges_table(per_device)))
+    scheduler = scheduler_section(C.load_batches(paths), time_kind)
+    if scheduler is not None:
+        sections.append(scheduler)
+    return sections
+
+
 # ---- assembling ---------------------------------------------------------------------------------------
 
 
@@ -226,10 +358,13 @@ def grid_sections(paths: Sequence[str | os.PathLike]) -> list[Section]:
 
 def report_sections(paths: Sequence[str | os.PathLike], *, baseline: str | None = None,
                     metric: str = F.TIME_METRIC, n_resamples: int = 9999, slo: M.SLO | None = None,
-                    records: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> list[Section]:
+                    records: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+                    capacity_threshold: float = C.DEFAULT_THRESHOLD) -> list[Section]:
     """The report's sections, built from the run folders at ``paths`` (as :func:`load_runs`
     reads them, or their ``records`` already loaded); with ``slo``, a section of SLO attainment
-    and goodput. Raises :class:`analysis.load.RunFolderError` for a path that is not a run."""
+    and goodput; for runs of many edges (or requests carrying an SLO), the sections of
+    :func:`edges_sections` (capacity at attainment >= ``capacity_threshold``). Raises
+    :class:`analysis.load.RunFolderError` for a path that is not a run."""
     requests, rounds = records if records is not None else load_runs(paths)
     requests = requests.assign(wasted=M.wasted_per_request(requests, rounds))
     manifests = run_manifests(paths)
@@ -249,6 +384,7 @@ def report_sections(paths: Sequence[str | os.PathLike], *, baseline: str | None 
             f"SLO: {slo.describe()}. Goodput = requests meeting every objective per second of serving (the sum of "
             f"the requests' end-to-end latencies: one request at a time per edge). Times {time_kind}."],
             goodput_table(requests, slo)))
+    sections += edges_sections(paths, requests, rounds, slo=slo, threshold=capacity_threshold)
     try:
         speed = speedup_rows(requests, baseline=baseline, metric=metric, n_resamples=n_resamples)
         sections.append(Section("Paired speedup", [
@@ -327,7 +463,8 @@ def render_markdown(sections: Sequence[Section], title: str = "SpecWAN report") 
 
 def build_report(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                  baseline: str | None = None, metric: str = F.TIME_METRIC, n_resamples: int = 9999,
-                 slo: M.SLO | None = None, records: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> Path:
+                 slo: M.SLO | None = None, records: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+                 capacity_threshold: float = C.DEFAULT_THRESHOLD) -> Path:
     """Write ``report.html`` (self-contained), ``report.md``, one PNG per figure and the console
     tables as ``summary.csv`` and ``summary_by_category.csv`` (:mod:`analysis.tables`), and a grid
     run's table as ``grid.csv`` (:mod:`analysis.grid`; several grid runs: one in a folder named
@@ -336,19 +473,23 @@ def build_report(paths: str | os.PathLike | Sequence[str | os.PathLike], out_dir
 
     ``baseline``: the system speedups are measured against (default: cloud_only, else vanilla);
     ``metric``: the time-per-token column for the speedups; ``slo``: adds SLO attainment and
-    goodput (:mod:`analysis.metrics`). Raises
+    goodput (:mod:`analysis.metrics`). Runs of many edges (or requests carrying an SLO) add the
+    "Many edges" sections and ``capacity.csv`` (:func:`analysis.capacity.capacity_table`;
+    capacity at attainment >= ``capacity_threshold``). Raises
     :class:`analysis.load.RunFolderError` for a path that is not a run and holds none.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     records = records if records is not None else load_runs(paths)
     sections = report_sections(paths, baseline=baseline, metric=metric, n_resamples=n_resamples, slo=slo,
-                               records=records)
+                               records=records, capacity_threshold=capacity_threshold)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for s in sections:
         for name, _, png, _ in s.figures:
             (out / f"{name}.png").write_bytes(png)
     write_summaries(*records, out)
+    if C.has_many_edges(records[0]):
+        C.capacity_table(records[0], slo, capacity_threshold).to_csv(out / CAPACITY_CSV, index=False)
     grids = G.grid_runs(paths)
     for run_dir, label in grids.items():
         G.write_grid_csv(run_dir, out if len(grids) == 1 else out / label)
@@ -380,6 +521,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "else vanilla)")
     parser.add_argument("--metric", default=F.TIME_METRIC, help="time-per-token column for the speedups")
     parser.add_argument("--slo", help="objectives in ms for SLO attainment and goodput, e.g. ttft:500,tpot:100")
+    parser.add_argument("--capacity-attainment", type=float, default=C.DEFAULT_THRESHOLD, metavar="SHARE",
+                        help="runs of many edges: a system's capacity is the largest N whose SLO attainment is at "
+                             f"least this share, every smaller N too (default {C.DEFAULT_THRESHOLD:g})")
 
 
 def run(args: argparse.Namespace, prog: str = "analysis.report") -> int:
@@ -404,9 +548,14 @@ def run(args: argparse.Namespace, prog: str = "analysis.report") -> int:
     except ValueError as exc:
         print(f"{prog}: --slo: {exc}", file=sys.stderr)
         return 2
+    threshold = getattr(args, "capacity_attainment", C.DEFAULT_THRESHOLD)
+    if not 0 < threshold <= 1:
+        print(f"{prog}: --capacity-attainment: {threshold:g} is not a share in (0, 1]", file=sys.stderr)
+        return 2
     try:
         records = load_runs(paths)  # read once for the report and the console tables
-        page = build_report(paths, out, baseline=args.baseline, metric=args.metric, slo=slo, records=records)
+        page = build_report(paths, out, baseline=args.baseline, metric=args.metric, slo=slo, records=records,
+                            capacity_threshold=threshold)
         summary = console_text(*records)
         grids = [G.grid_table_text(run_dir) for run_dir in G.grid_runs(paths)]
     except RunFolderError as exc:
