@@ -390,8 +390,14 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
     acceptance = f", acceptance {accepted / verified:.3f}" if verified else ""
     devices = (f"edge {plan.edge.name} [{plan.edge.kind}], cloud {plan.cloud.name} [{plan.cloud.kind}]"
                if plan.mode == "virtual" else f"separate processes on this machine, link backend {link.backend}")
+    if plan.edges is not None and plan.edges.shared_time:
+        from harness.edges import describe_edges
+
+        devices = f"{describe_edges(plan.edges)}; cloud {plan.cloud.name} [{plan.cloud.kind}]"
     kind = "modelled" if plan.mode == "virtual" else "measured"
-    print(f"{plan.system.name} on {plan.link.name} ({plan.mode} time; {devices}): {len(records)} requests, "
+    where_net = "several networks" if plan.edges is not None and len({e.network for e in plan.edges.edges}) > 1 \
+        else plan.link.name
+    print(f"{plan.system.name} on {where_net} ({plan.mode} time; {devices}): {len(records)} requests, "
           f"{tokens} tokens, {1e3 * seconds / max(1, tokens):.1f} ms/token ({kind}){acceptance}{where}")
     if probe is not None:
         from netem.probe import summary

@@ -11,5 +11,6 @@ register_system(
     edge=WispEdge,
     cloud=WispCloud,
     description="WISP-like: rejection-predicting edge controller, SLO-aware EDF/density batching with a time estimator",
-    variants={"batch1": {"max_batch": 1}, "sparse": {"verification": "sparse"}, "short": {"max_draft": 2}},
+    variants={"batch1": {"max_batch": 1}, "sparse": {"verification": "sparse"}, "short": {"max_draft": 2},
+              "controller": {"controller": "systems/wisp/trained/toy.json"}},
 )
