@@ -13,6 +13,7 @@ into the same folder, a complete run is skipped and an unfinished one resumes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,6 +216,22 @@ def has_chat_template(engine) -> bool:
 _SHARED_ENGINES: dict[str, tuple] = {}
 
 
+SHARED_TIME_SEQUENCES = 16
+
+
+def with_sequences(pair, n_edges: int):
+    """The pair with room for ``n_edges`` concurrent sessions per llama.cpp model (one process
+    serves every edge in a shared-time run): ``n_seq_max`` at least 16 where the pair leaves it
+    unset, so a sweep over N up to 15 keeps one loaded engine (and its memory of model calls)."""
+    roles = {}
+    for role, spec in pair.roles().items():
+        if spec.engine == "llamacpp" and "n_seq_max" not in spec.options:
+            spec = dataclasses.replace(spec, options={**spec.options,
+                                                      "n_seq_max": max(SHARED_TIME_SEQUENCES, n_edges + 1)})
+        roles[role] = spec
+    return dataclasses.replace(pair, **roles)
+
+
 def shared_engines(pair, paths) -> tuple:
     """The pair's ``(draft, target)`` engines, opened once per process and kept for the next run.
 
@@ -290,6 +307,8 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
     from harness.results import RunWriter, build_manifest
 
     link, probe = wall if wall is not None else (None, None)
+    if plan.mode == "virtual" and plan.edges is not None and plan.edges.shared_time:
+        plan = dataclasses.replace(plan, pair=with_sequences(plan.pair, plan.edges.n))
     paths = ensure_pair(plan.pair)
     if plan.mode == "wall":
         draft, target = _tokenizer_engine(plan.pair, paths), None
@@ -421,8 +440,6 @@ def _serve_shared(plan: Plan, cfg: DictConfig, turns, writer, context, draft, ta
     """Serve every turn in one shared virtual time: the run's edges (:mod:`harness.edges`)
     against one cloud. Each request is on disk as soon as it finishes, each cloud batch as
     soon as it runs."""
-    import dataclasses
-
     from harness.energy.virtual import VirtualEnergy
     from harness.inprocess import EdgeSpec, RunOptions, run_system
 

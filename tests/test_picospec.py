@@ -40,8 +40,9 @@ def _run(config, requests, draft, target, rtt=0.08, t_draft=0.02, t_verify=0.01)
 # ---- bytes on the wire -----------------------------------------------------------------------
 # msgpack sizes of the messages (systems/messages.py), with ids and positions below 128 (one
 # byte each), a q(x) scalar a float64 (9 bytes) and a session name of L characters:
-#   Upload under the sparse rule:        14 + L + f + 10 n   (n drafts, f fixed corrections)
-#   Upload with full fp16 rows, V = 8:   31 + L + 17 n       (1 id + 16 bytes of row per draft)
+#   Upload under the sparse rule:        15 + L + f + 10 n   (n drafts, f fixed corrections)
+#   Upload with full fp16 rows, V = 8:   32 + L + 17 n       (1 id + 16 bytes of row per draft)
+#   (the Upload counts include its SLO slack field: one byte, msgpack nil, when unset)
 #   PicoVerdict:                         69 + L + 10 k       (k top-K pairs: an id and a float64)
 SERIAL = {"parallel_draft": False, "fast_verify": False}  # one upload per round
 
@@ -58,7 +59,7 @@ def test_sparse_split_bytes_per_round(k):
         fixed = 0
         for r in rec.rounds:
             assert r.n_uploads == 1
-            assert r.bytes_up == 14 + name + fixed + 10 * r.uploaded, r
+            assert r.bytes_up == 15 + name + fixed + 10 * r.uploaded, r
             rejection = r.accepted < r.verified
             assert r.bytes_down == 69 + name + (10 * k if rejection else 0), r
             assert r.extra["correction"] == ("resampled" if rejection else "bonus")
@@ -75,7 +76,7 @@ def test_full_rows_without_split_rejection():
     for rec in records:
         name = len(f"c0-{rec.request_id}")
         for r in rec.rounds:
-            assert r.bytes_up == 31 + name + 17 * r.uploaded, r
+            assert r.bytes_up == 32 + name + 17 * r.uploaded, r
             assert r.bytes_down == 69 + name, r  # the cloud resamples: one id down, no pairs
             assert r.extra["correction"] in ("bonus", "cloud")
 

@@ -111,3 +111,46 @@ def test_transformers_fp32_target_is_exactly_lossless(draft_model_path, target_m
     finally:
         draft.close()
         target.close()
+
+
+def test_three_edge_processes_against_one_cloud_process(tmp_path, llama_pair, report):
+    """mode=wall with edges.n=3 on the default pair: every edge's records on disk, the cloud's
+    batches (several edges in one pass) beside them, each output the target's greedy decode up
+    to near ties; its time per token beside the same run in virtual time (reported, not
+    asserted: four processes share this machine's cores, and the contention is recorded)."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.results import load_batches, load_run
+    from harness.run import CONF_DIR, execute
+
+    common = ["system=sled", "workload=smoke", "workload.turns=1", "max_new_tokens=24", "edges.n=3"]
+    runs = {}
+    for mode in ("wall", "virtual"):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = compose(config_name="config", overrides=[*common, f"mode={mode}"])
+        execute(cfg, tmp_path / mode)
+        manifest, requests, _ = load_run(tmp_path / mode)
+        runs[mode] = (manifest, requests, load_batches(tmp_path / mode))
+    manifest, requests, batches = runs["wall"]
+    assert sorted(set(requests["edge"])) == ["e0", "e1", "e2"] and requests["error"].isna().all()
+    assert len(requests) == len(runs["virtual"][1]) >= 3
+    assert len(batches) and batches["sessions"].map(len).max() > 1, "no verification pass served two edges"
+    members = {s.split("-", 1)[0] for ss in batches["sessions"] for s in ss}
+    assert len(members) >= 2
+    _, target = llama_pair
+    for prompt_ids, output in zip(_prompt_ids(target, requests), requests["output_ids"]):
+        assert all(gap <= NEAR_TIE for _, gap in _divergences(target, prompt_ids, list(output)))
+    for mode, (m, r, b) in runs.items():
+        ms = 1e3 * r["e2e"].sum() / r["n_tokens"].sum()
+        report(f"sled, 3 edges, {mode}: {ms:.1f} ms/token ({'measured' if mode == 'wall' else 'modelled'}), "
+               f"{len(b)} cloud passes, largest {b['sessions'].map(len).max()}; contention at start: "
+               f"{(m.get('contention') or {}).get('summary', m.get('contention'))}")
+
+
+def _prompt_ids(engine, requests):
+    """The prompt tokens the smoke workload renders for each recorded request (first turns)."""
+    from workloads.workload import load_workload
+
+    workload = load_workload({"set": "smoke", "turns": 1}, max_new_tokens=24)
+    prompts = {t.request_id: t.request.prompt for t in workload.first_turns(engine)}
+    return [prompts[rid] for rid in requests["request_id"]]
