@@ -107,7 +107,8 @@ def edges_plan(data: Mapping[str, Any] | None, *, run_device: RoleProfile, run_n
     n = data.get("n", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise EdgesError(f"edges.n must be a positive integer (the number of edge devices), got {n!r}")
-    arrivals = dict(data.get("arrivals") or {"kind": "closed"})
+    # unset keys (null in the YAML, there so `edges.arrivals.rate=...` can be given) are left out
+    arrivals = {k: v for k, v in dict(data.get("arrivals") or {"kind": "closed"}).items() if v is not None}
     kind = arrivals.get("kind", "closed")
     if kind not in ARRIVAL_KINDS:
         raise EdgesError(f"edges.arrivals.kind must be one of {', '.join(ARRIVAL_KINDS)}, got {kind!r}")

@@ -349,8 +349,9 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
             _, previous, _ = load_run(run_dir)
             done_outputs = {rid: list(ids) for rid, ids in zip(previous["request_id"], previous["output_ids"])}
     records = []
-    bar = tqdm(total=len(turns), desc=f"{plan.system.name} on {plan.link.name}", unit="request",
-               file=sys.stderr, dynamic_ncols=True)
+    shared = plan.edges is not None and plan.edges.shared_time
+    bar = tqdm(total=len(turns), desc=f"{plan.system.name} on {f'{plan.edges.n} edges' if shared else plan.link.name}",
+               unit="request", file=sys.stderr, dynamic_ncols=True)
     try:
         wave = list(turns)
         while wave:
