@@ -8,7 +8,10 @@ process, every request of the run is served in one shared virtual time: one clou
 arrivals, each serving its own requests one after another (a request that arrives while its
 device is busy waits, and its latency counts from its arrival).
 
-Requests are dealt to the edges in turn (request i to edge i mod N). Device and network
+Requests are dealt to the edges in turn (request i to edge i mod N), so the workload's
+requests are shared among the edges; with ``requests_per_edge: k`` every edge serves k
+requests instead (N * k in all, the workload's requests taken in turn and repeated as
+needed, each with its own id), so the cloud's load grows with N. Device and network
 profiles are taken in turn from ``devices`` and ``networks`` (edge i gets
 ``devices[i mod len]``); an empty list gives every edge the run's own. ``arrivals`` is one
 arrival process per edge (:mod:`workloads.arrivals`; edge i's seed is ``seed + i``), so the
@@ -24,7 +27,7 @@ from harness.link import LinkProfile
 from harness.profiles import RoleProfile, role_profile
 from netem.profile import ProfileError, parse_profile
 
-EDGES_KEYS = ("n", "devices", "networks", "arrivals")
+EDGES_KEYS = ("n", "devices", "networks", "arrivals", "requests_per_edge")
 ARRIVAL_KINDS = ("closed", "poisson", "gamma")
 
 
@@ -49,6 +52,7 @@ class EdgesPlan:
 
     edges: tuple[EdgePlan, ...]
     arrivals: Mapping[str, Any] = field(default_factory=lambda: {"kind": "closed"})
+    requests_per_edge: int | None = None  # None: the workload's requests dealt among the edges
 
     @property
     def n(self) -> int:
@@ -56,8 +60,24 @@ class EdgesPlan:
 
     @property
     def shared_time(self) -> bool:
-        """Whether the run serves all its requests in one shared time (several edges or open loop)."""
-        return self.n > 1 or self.arrivals.get("kind", "closed") != "closed"
+        """Whether the run serves all its requests in one shared time (several edges, open
+        loop, or a number of requests per edge)."""
+        return self.n > 1 or self.arrivals.get("kind", "closed") != "closed" or self.requests_per_edge is not None
+
+    def expand(self, turns: Sequence[Any]) -> list[Any]:
+        """The turns the run serves: as given, or with ``requests_per_edge`` k, N * k of them
+        (request i = j * N + e is edge e's j-th: the workload's turn i mod its count, its id
+        suffixed ``@<edge>.<j>`` so every request of the run has its own)."""
+        import dataclasses
+
+        if not self.requests_per_edge or not turns:
+            return list(turns)
+        out = []
+        for i in range(self.n * self.requests_per_edge):
+            t = turns[i % len(turns)]
+            rid = f"{t.request.request_id}@{self.edges[i % self.n].name}.{i // self.n}"
+            out.append(dataclasses.replace(t, request=dataclasses.replace(t.request, request_id=rid)))
+        return out
 
     def assign(self, n_requests: int) -> list[int]:
         """The edge serving each request: dealt in turn."""
@@ -81,7 +101,7 @@ class EdgesPlan:
 
     def describe(self) -> dict:
         """The manifest's entry: each edge's device, its kind and source, and its network."""
-        return {"n": self.n, "arrivals": dict(self.arrivals),
+        return {"n": self.n, "arrivals": dict(self.arrivals), "requests_per_edge": self.requests_per_edge,
                 "edges": [{"name": e.name, "device": e.device.name, "device_option": e.device_option,
                            "device_kind": e.device.kind, "network": e.network} for e in self.edges]}
 
@@ -124,6 +144,9 @@ def edges_plan(data: Mapping[str, Any] | None, *, run_device: RoleProfile, run_n
             arrival_process(arrivals)
         except ArrivalError as exc:
             raise EdgesError(f"edges.arrivals: {exc}") from exc
+    per_edge = data.get("requests_per_edge")
+    if per_edge is not None and (isinstance(per_edge, bool) or not isinstance(per_edge, int) or per_edge < 1):
+        raise EdgesError(f"edges.requests_per_edge must be a positive integer or null, got {per_edge!r}")
     devices = []
     for name in _names(data.get("devices"), "devices"):
         try:
@@ -143,7 +166,7 @@ def edges_plan(data: Mapping[str, Any] | None, *, run_device: RoleProfile, run_n
         dev_option, device = devices[i % len(devices)] if devices else ("", run_device)
         net_name, link = networks[i % len(networks)] if networks else (run_network, run_link)
         edges.append(EdgePlan(f"e{i}", device, dev_option, net_name, link))
-    return EdgesPlan(tuple(edges), arrivals)
+    return EdgesPlan(tuple(edges), arrivals, per_edge)
 
 
 def slo_met(ttft: float | None, tpot: float | None, slo_ttft_s: float | None,
@@ -168,7 +191,8 @@ def describe_edges(plan: EdgesPlan) -> str:
     arr = plan.arrivals
     how = "closed loop" if arr.get("kind", "closed") == "closed" else \
         f"{arr['kind']} arrivals at {arr.get('rate')} requests/s per edge"
-    return f"{plan.n} edge device(s): {parts}; {how}"
+    each = f", {plan.requests_per_edge} requests each" if plan.requests_per_edge else ""
+    return f"{plan.n} edge device(s): {parts}; {how}{each}"
 
 
 __all__: Sequence[str] = ("EdgePlan", "EdgesError", "EdgesPlan", "describe_edges", "edges_plan", "slo_met")

@@ -321,6 +321,8 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
     engine = target or draft
     calls = _model_calls(draft, target)
     workload, turns = build_workload(cfg, engine)
+    if plan.edges is not None:
+        turns = plan.edges.expand(turns)
     context = {"system": plan.system.name, "pair": plan.pair.name, "network": plan.link.name,
                "workload": str(cfg.workload.name), "clock": plan.mode, "seed": int(cfg.seed)}
     energy, energy_manifest = energy_plan(plan)
@@ -415,8 +417,8 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
 
         devices = f"{describe_edges(plan.edges)}; cloud {plan.cloud.name} [{plan.cloud.kind}]"
     kind = "modelled" if plan.mode == "virtual" else "measured"
-    where_net = "several networks" if plan.edges is not None and len({e.network for e in plan.edges.edges}) > 1 \
-        else plan.link.name
+    nets = sorted({e.network for e in plan.edges.edges}) if plan.edges is not None else [plan.link.name]
+    where_net = "several networks" if len(nets) > 1 else nets[0]
     print(f"{plan.system.name} on {where_net} ({plan.mode} time; {devices}): {len(records)} requests, "
           f"{tokens} tokens, {1e3 * seconds / max(1, tokens):.1f} ms/token ({kind}){acceptance}{where}")
     if probe is not None:

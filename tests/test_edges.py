@@ -109,3 +109,17 @@ def test_conf_option_lists_the_valid_names():
     assert "laptop_gpu_cloud" in str(err.value)
     assert edges_plan(None, run_device=make_plan(_compose(*TOY)).edge, run_network="loopback",
                       run_link=make_plan(_compose(*TOY)).link, option=conf_option).n == 1
+
+
+def test_requests_per_edge_gives_every_edge_its_own_load(tmp_path):
+    cfg = _compose(*TOY, "system=centralized", "workload.size=2", "edges.n=3", "edges.requests_per_edge=2")
+    records = execute(cfg, tmp_path)
+    _, requests, _ = load_run(tmp_path)
+    assert len(records) == 6 and requests["request_id"].is_unique
+    ids = [r.request_id for r in records]
+    assert [i.split("@")[1] for i in ids] == ["e0.0", "e1.0", "e2.0", "e0.1", "e1.1", "e2.1"]
+    edge_of = dict(zip(requests["request_id"], requests["edge"]))
+    assert [edge_of[i] for i in ids] == ["e0", "e1", "e2", "e0", "e1", "e2"]
+    # the workload's two prompts taken in turn: the same prompt gives the same (greedy) answer
+    assert records[0].output_tokens == records[2].output_tokens == records[4].output_tokens
+    assert records[1].output_tokens == records[3].output_tokens
