@@ -133,6 +133,9 @@ def edges_plan(data: Mapping[str, Any] | None, *, run_device: RoleProfile, run_n
     if kind not in ARRIVAL_KINDS:
         raise EdgesError(f"edges.arrivals.kind must be one of {', '.join(ARRIVAL_KINDS)}, got {kind!r}")
     allowed = {"closed": {"kind"}, "poisson": {"kind", "rate", "seed"}, "gamma": {"kind", "rate", "burstiness", "seed"}}
+    # a profile's rate stays set when a run switches it to another kind: what the kind does not use is dropped
+    ignored = {"closed": {"rate", "burstiness"}, "poisson": {"burstiness"}, "gamma": set()}
+    arrivals = {k: v for k, v in arrivals.items() if k not in ignored[kind]}
     extra = sorted(set(arrivals) - allowed[kind])
     if extra:
         raise EdgesError(f"edges.arrivals ({kind}): unknown key(s) {', '.join(extra)}; "

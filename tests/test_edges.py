@@ -31,6 +31,11 @@ def test_edges_take_devices_and_networks_in_turn():
     assert plan.edges.shared_time and plan.edges.assign(7) == [0, 1, 2, 3, 4, 0, 1]
 
 
+def test_switching_the_arrival_kind_keeps_only_the_keys_it_uses():
+    plan = make_plan(_compose(*TOY, "edges=mixed", "edges.arrivals.kind=closed"))
+    assert dict(plan.edges.arrivals) == {"kind": "closed"}
+
+
 def test_one_edge_closed_loop_is_the_single_device_run():
     plan = make_plan(_compose(*TOY))
     assert plan.edges.n == 1 and not plan.edges.shared_time
