@@ -412,10 +412,12 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
     acceptance = f", acceptance {accepted / verified:.3f}" if verified else ""
     devices = (f"edge {plan.edge.name} [{plan.edge.kind}], cloud {plan.cloud.name} [{plan.cloud.kind}]"
                if plan.mode == "virtual" else f"separate processes on this machine, link backend {link.backend}")
-    if plan.edges is not None and plan.edges.shared_time:
+    if plan.edges is not None and plan.edges.shared_time and plan.mode == "virtual":
         from harness.edges import describe_edges
 
         devices = f"{describe_edges(plan.edges)}; cloud {plan.cloud.name} [{plan.cloud.kind}]"
+    elif plan.edges is not None and plan.edges.n > 1:
+        devices = f"{plan.edges.n} edge processes and a cloud process on this machine, link backend {link.backend}"
     kind = "modelled" if plan.mode == "virtual" else "measured"
     nets = sorted({e.network for e in plan.edges.edges}) if plan.edges is not None else [plan.link.name]
     where_net = "several networks" if len(nets) > 1 else nets[0]
@@ -495,6 +497,20 @@ def _tokenizer_engine(pair, paths):
     return create_engine(spec.engine, **options)
 
 
+def wall_processes(n_edges: int) -> dict:
+    """How a wall run's own processes share this machine's cores (the contention within the
+    run, beside the other processes' load sampled before it): the cores each is pinned to."""
+    import os
+
+    from harness.wall import cpu_plan
+
+    cloud, edges = cpu_plan(n_edges)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"processes": 1 + n_edges, "usable_cores": cores, "cloud_cores": cloud, "edge_cores": edges,
+            "note": f"1 cloud process and {n_edges} edge process(es) on {cores} core(s); processes pinned to the "
+                    "same cores take turns, so measured times include that sharing"}
+
+
 def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context, link=None) -> list:
     """Serve the turns' requests across real processes; record what finished even on failure."""
     from harness.pairs import load_pair
@@ -526,6 +542,7 @@ def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context, link=None) ->
     if writer is not None:
         for rec in records:
             writer.append(rec, row(rec), energy=rec.energy)
+        writer.update_manifest({"wall_processes": wall_processes(n_edges)})
         if started and started[0].energy:
             writer.update_manifest({"energy": started[0].energy})
     return records

@@ -143,8 +143,10 @@ def test_three_edge_processes_against_one_cloud_process(tmp_path, llama_pair, re
     for mode, (m, r, b) in runs.items():
         ms = 1e3 * r["e2e"].sum() / r["n_tokens"].sum()
         report(f"sled, 3 edges, {mode}: {ms:.1f} ms/token ({'measured' if mode == 'wall' else 'modelled'}), "
-               f"{len(b)} cloud passes, largest {b['sessions'].map(len).max()}; contention at start: "
-               f"{(m.get('contention') or {}).get('summary', m.get('contention'))}")
+               f"{len(b)} cloud passes, largest {b['sessions'].map(len).max()}; other processes at the start: "
+               f"{(m.get('contention') or {}).get('other_load_cores')} cores busy"
+               + (f"; {m['wall_processes']['note']}" if "wall_processes" in m else ""))
+    assert runs["wall"][0]["wall_processes"]["processes"] == 4
 
 
 def _prompt_ids(engine, requests):
