@@ -527,3 +527,27 @@ def test_online_tuning_scores_each_candidate_over_its_own_tokens():
     # ... and the window's TPT moving to 0.2 (> 20% off) starts round 2, seeded 5 + 2
     restarted = tuning.observe(3.0, 10, second)
     assert restarted == ThresholdTuner("random", 2, 7).ask() != first and tuning.rounds == 2
+
+
+def test_online_retuning_window_and_gate_at_their_boundaries():
+    """The TPT window is the latest verdicts holding at least ``retune_window`` tokens (older
+    ones dropped while the rest still holds that many), and re-tuning starts only when the
+    TPT moves by strictly more than ``retune_gate`` of the reference. Times and tokens chosen
+    so each comparison lands exactly on its boundary (binary fractions: no rounding)."""
+    from systems.pipesd.policy import PipeSDConfig, _OnlineTuning
+
+    current = (0.9, 0.3)
+    # window: 10 tokens; reference 2 s / 10 = 0.2. The third verdict leaves exactly 10 tokens
+    # after the oldest, so the oldest goes: TPT = (1 + 3) / 10 = 0.4, off by 0.2 > 0.8 x 0.2
+    # (keeping it would give 5 / 15 = 0.33, off by 0.13: no re-tuning)
+    cfg = PipeSDConfig(tuner="online", tuner_method="random", tuner_trials=2, retune_window=10, retune_gate=0.8)
+    tuning = _OnlineTuning(cfg)
+    assert tuning.observe(1.0, 5, current) == current and tuning.reference is None
+    assert tuning.observe(1.0, 5, current) == current and tuning.reference == 0.2
+    assert tuning.observe(3.0, 5, current) != current and tuning.rounds == 1
+    # gate: reference 1 s / 4 = 0.25; then 1.5 s / 4 = 0.375, off by exactly 0.5 x 0.25: no re-tuning
+    cfg = PipeSDConfig(tuner="online", tuner_method="random", tuner_trials=2, retune_window=4, retune_gate=0.5)
+    tuning = _OnlineTuning(cfg)
+    assert tuning.observe(1.0, 4, current) == current and tuning.reference == 0.25
+    assert tuning.observe(1.5, 4, current) == current and tuning.rounds == 0 and tuning.tuner is None
+    assert tuning.observe(1.5 + 2 ** -10, 4, current) != current and tuning.rounds == 1  # just beyond: re-tunes
