@@ -177,9 +177,21 @@ def _link_check(args: argparse.Namespace) -> int:
     from netem.kernel import BackendUnavailable, capabilities
     from netem.probe import probe_link, side_by_side
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
             cfg = compose(config_name="config", overrides=list(args.overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        options = []
+        if any(ln.startswith("Available options") for ln in lines):
+            after = lines[next(i for i, ln in enumerate(lines) if ln.startswith("Available options")) + 1:]
+            options = [ln for ln in after[: next((i for i, ln in enumerate(after) if ln.endswith(":")), len(after))]]
+        hint = f"; valid: {', '.join(options)}" if options else ""
+        raise UsageError(f"{lines[0]}{hint}") from None
+    try:
         profile = network_spec(cfg.network)
         with open_link(profile) as link:
             print(f"link {profile.name}: backend {link.backend} ({link.level}); {link.why}")

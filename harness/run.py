@@ -97,6 +97,8 @@ def make_plan(cfg: DictConfig) -> Plan:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be a positive integer, got {cfg.max_new_tokens!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
     if not isinstance(cfg.temperature, (int, float)) or cfg.temperature < 0:
         raise ConfigError(f"temperature must be a number >= 0, got {cfg.temperature!r}")
     system = get_system(cfg.system.name)

@@ -60,6 +60,26 @@ def test_cli_reports_a_config_error_in_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the refused run leaves no folder behind
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["run", "pair=toy", "seed=abc"], "seed must be an integer, got 'abc'"),
+    (["link-check", "network=nosuch"], "Could not find 'network/nosuch'; valid: 4g, 5g,"),
+])
+def test_more_mistakes_are_one_line(tmp_path, argv, message):
+    out = subprocess.run([sys.executable, "-m", "harness.cli", *argv, f"out={tmp_path}"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize("network", ["lan", "wan_50ms_10mbit", "slow_wan", "lossy", "satellite", "pipesd_s1"])
+def test_documented_network_keys_can_be_set_on_every_profile(network):
+    """The README's network keys (loss, jitter, queue) are overridable on any profile, not
+    only on those that set them."""
+    plan = make_plan(_compose("pair=toy", f"network={network}", "network.loss=0.01", "network.jitter_ms=3",
+                              "network.queue_ms=80"))
+    assert plan.network.loss == 0.01 and plan.network.jitter_s == pytest.approx(0.003)
+
+
 def test_virtual_run_on_the_toy_pair(capsys):
     from harness.run import execute
 
