@@ -325,6 +325,7 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
     workload, turns = build_workload(cfg, engine)
     if plan.edges is not None:
         turns = plan.edges.expand(turns)
+    turns, too_long = fit_context(turns, [e for e in (draft, target) if e is not None])
     context = {"system": plan.system.name, "pair": plan.pair.name, "network": plan.link.name,
                "workload": str(cfg.workload.name), "clock": plan.mode, "seed": int(cfg.seed)}
     energy, energy_manifest = energy_plan(plan)
@@ -339,6 +340,8 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
         writer = RunWriter(run_dir, manifest, extra_context=EDGE_COLUMNS)
         if plan.edges is not None and plan.edges.shared_time:
             writer.update_manifest({"edges": plan.edges.describe()})
+        if too_long:
+            writer.update_manifest({"left_out_requests": too_long})
         if link is not None:
             from netem.kernel import capabilities
             from netem.probe import side_by_side
@@ -441,6 +444,32 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
         replayed, computed = _model_calls(draft, target)
         print(f"  model calls: {replayed - calls[0]} replayed from memory, {computed - calls[1]} computed")
     return records
+
+
+def fit_context(turns, engines) -> tuple[list, list[dict]]:
+    """The turns whose prompt plus ``max_new_tokens`` fits every model's context, and the
+    others (request id, sizes, reason), each said in one line; none fitting is an error."""
+    n_ctx = min((e.info.n_ctx for e in engines), default=None)
+    if n_ctx is None:
+        return list(turns), []
+    kept, left = [], []
+    for t in turns:
+        need = len(t.request.prompt) + t.request.max_new_tokens
+        if need <= n_ctx:
+            kept.append(t)
+            continue
+        left.append({"request_id": t.request_id, "prompt_tokens": len(t.request.prompt),
+                     "max_new_tokens": t.request.max_new_tokens,
+                     "reason": f"prompt + max_new_tokens = {need} tokens exceed the models' context ({n_ctx})"})
+    if kept:
+        for x in left:
+            print(f"specwan: leaving out {x['request_id']}: {x['reason']}", file=sys.stderr)
+    elif turns:
+        worst = min(left, key=lambda x: x["prompt_tokens"])
+        raise ConfigError(f"no request fits the models' context of {n_ctx} tokens (the shortest prompt, "
+                          f"{worst['prompt_tokens']} tokens, plus max_new_tokens {worst['max_new_tokens']}): lower "
+                          "max_new_tokens, or raise the pair's n_ctx (pair.target.options.n_ctx=...)")
+    return kept, left
 
 
 def _serve_shared(plan: Plan, cfg: DictConfig, turns, writer, context, draft, target, energy, bar) -> list:

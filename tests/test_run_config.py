@@ -24,6 +24,29 @@ def test_default_config_plans():
     assert plan.link.name == "loopback"
 
 
+def test_requests_beyond_the_context_are_left_out_and_named(capsys):
+    from types import SimpleNamespace
+
+    from harness.run import fit_context
+    from systems.api import GenerationRequest
+
+    engine = SimpleNamespace(info=SimpleNamespace(n_ctx=100))
+    turns = [SimpleNamespace(request_id=f"r{n}", request=GenerationRequest(f"r{n}", [1] * n, 40)) for n in (60, 61, 10)]
+    kept, left = fit_context(turns, [engine, SimpleNamespace(info=SimpleNamespace(n_ctx=4096))])
+    assert [t.request_id for t in kept] == ["r60", "r10"]  # 60 + 40 = 100 fits; 61 + 40 does not
+    assert left == [{"request_id": "r61", "prompt_tokens": 61, "max_new_tokens": 40,
+                     "reason": "prompt + max_new_tokens = 101 tokens exceed the models' context (100)"}]
+    assert "leaving out r61" in capsys.readouterr().err
+
+
+def test_a_budget_no_request_fits_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "run", "pair=toy", "workload.chat_template=false",
+                          "max_new_tokens=1000000000", f"out={tmp_path}"], capture_output=True, text=True, timeout=120)
+    last = out.stderr.strip().splitlines()[-1]  # after the workload's one-line summary
+    assert out.returncode == 2 and "no request fits the models' context of 4096 tokens" in last
+    assert "Traceback" not in out.stderr and "leaving out" not in out.stderr and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("system", ["vanilla", "edge_only", "cloud_only"])
 @pytest.mark.parametrize("network", ["loopback", "lan", "wan_50ms_10mbit", "slow_wan", "pipesd_s1", "pipesd_s4",
                                      "wifi", "5g", "4g", "congested_cellular", "satellite", "lossy", "lossy_4g"])
