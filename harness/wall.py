@@ -581,7 +581,7 @@ def _wait_edges(run: WallRun, deadline: float, timeout_s: float) -> list[str]:
         time.sleep(0.02)
     if run.cloud is not None and not run.cloud.alive():
         code = run.cloud.proc.returncode
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        how = exit_reason(code)
         problems.insert(0, f"the cloud process (pid {run.cloud.pid}) {how} while requests were in flight")
         if code > 0:
             problems.append("cloud log:\n" + run.cloud.tail())
@@ -591,9 +591,22 @@ def _wait_edges(run: WallRun, deadline: float, timeout_s: float) -> list[str]:
             problems.append(f"{e.name} (pid {e.pid}) did not finish")
         elif code != 0:
             said = [t for t in e.tail(50).splitlines() if t.strip().startswith("edge_client")]
-            problems.append(f"{e.name} (pid {e.pid}) exited with code {code}: "
-                            + (said[-1].strip() if said else "\n" + e.tail(8)))
+            log = said[-1].strip() if said else e.tail(8)
+            problems.append(f"{e.name} (pid {e.pid}) {exit_reason(code)}" + (f": {log}" if said else
+                                                                              f"; its log ends:\n{log}" if log else
+                                                                              " (its log is empty)"))
     return problems
+
+
+def exit_reason(code: int) -> str:
+    """How a child process ended, in words: "was killed by SIGKILL (signal 9)" or "exited with code 3"."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "an unknown signal"
+        return f"was killed by {name} (signal {-code})"
+    return f"exited with code {code}"
 
 
 def _stop_cloud(run: WallRun) -> list[str]:

@@ -222,7 +222,7 @@ def test_wall_mode_when_the_cloud_dies_mid_run(tmp_path):
         run_wall("vanilla", "toy", requests, timeout_s=60, workdir=tmp_path, on_start=on_start)
     err = info.value
     message = str(err)
-    assert "cloud process" in message and "killed by signal 9" in message
+    assert "cloud process" in message and "killed by SIGKILL (signal 9)" in message
     assert "not run" in message
     finished = [r for r in err.records if r.error is None]
     assert len(err.failed) == 1 and finished
@@ -406,7 +406,7 @@ def test_wall_mode_delivers_the_batches_of_a_failed_run(tmp_path):
 
         threading.Thread(target=killer, daemon=True).start()
 
-    with pytest.raises(WallRunError, match="killed by signal 9") as info:
+    with pytest.raises(WallRunError, match=r"killed by SIGKILL \(signal 9\)") as info:
         run_wall("vanilla", "toy", requests, timeout_s=60, workdir=tmp_path, on_start=on_start, on_batch=got.append)
     err = info.value
     assert got and err.batches == got
@@ -427,3 +427,11 @@ def test_read_batches_skips_a_torn_last_line(tmp_path):
     path.write_text("".join(batch_to_json(r) + "\n" for r in recs) + batch_to_json(recs[0])[:20])
     assert read_batches(path) == recs
     assert read_batches(tmp_path / "absent.jsonl") == []
+
+
+def test_a_child_ended_by_a_signal_is_named_by_it():
+    from harness.wall import exit_reason
+
+    assert exit_reason(-9) == "was killed by SIGKILL (signal 9)"
+    assert exit_reason(-15) == "was killed by SIGTERM (signal 15)"
+    assert exit_reason(3) == "exited with code 3"
