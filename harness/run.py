@@ -585,6 +585,7 @@ def main(cfg: DictConfig) -> None:
 
     from hydra.types import RunMode
 
+    from harness.results import ResultsError
     from harness.wall import WallRunError
 
     hydra_cfg = HydraConfig.get()
@@ -604,8 +605,10 @@ def main(cfg: DictConfig) -> None:
         # combination is left out, with the reason, and the sweep goes on
         print(f"specwan run: left out {cfg.system.name} on {cfg.network.name}: {exc}", file=sys.stderr, flush=True)
         Path(hydra_cfg.runtime.output_dir, LEFT_OUT).write_text(f"{exc}\n")
-    except (ConfigError, WallRunError) as exc:
-        print(f"specwan run: error: {exc}", file=sys.stderr)
+    except (ConfigError, WallRunError, ResultsError) as exc:
+        # ResultsError: a refused resume (the folder holds another config, or another writer has it)
+        print(f"specwan run: error: {' '.join(str(exc).split()) if isinstance(exc, ResultsError) else exc}",
+              file=sys.stderr)
         _discard_if_empty(Path(hydra_cfg.runtime.output_dir))
         sys.exit(2)
 

@@ -199,3 +199,14 @@ def test_multi_turn_run_serves_second_turns_and_resumes_them(tmp_path):
     assert sorted(r.request_id for r in resumed) == sorted(i for i in ids if "turn2" in i)
     assert {r.request_id: r.output_tokens for r in resumed} == {
         r.request_id: r.output_tokens for r in records if "turn2" in r.request_id}
+
+
+def test_a_refused_resume_is_one_line_and_keeps_the_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    common = [sys.executable, "-m", "harness.cli", "run", "pair=toy", "workload.size=1", "workload.chat_template=false",
+              f"hydra.run.dir={run_dir}"]
+    assert subprocess.run([*common, "max_new_tokens=4"], capture_output=True, text=True, timeout=120).returncode == 0
+    out = subprocess.run([*common, "max_new_tokens=5"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "was written with a different config" in out.stderr.strip().splitlines()[-1]
+    assert (run_dir / "requests.jsonl").read_text().count("\n") == 1  # what was measured stays
