@@ -562,9 +562,15 @@ def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context, link=None) ->
         if writer is not None:
             writer.append_batch(rec, {"system": plan.system.name, "network": plan.link.name})
 
+    import tempfile
+
     try:
-        records = run_wall(plan.system.name, load_pair(str(cfg.pair.name)), [t.request for t in turns],
-                           system_params(cfg), clients=n_edges, on_start=started.append, link=link, on_batch=batch)
+        # the processes load the pair as this run resolved it (pair.* overrides included), from a file
+        with tempfile.TemporaryDirectory(prefix="specwan-pair-") as tmp:
+            pair_file = Path(tmp) / f"{cfg.pair.name}.yaml"
+            pair_file.write_text(OmegaConf.to_yaml(cfg.pair, resolve=True))
+            records = run_wall(plan.system.name, load_pair(pair_file), [t.request for t in turns], system_params(cfg),
+                               clients=n_edges, on_start=started.append, link=link, on_batch=batch)
     except WallRunError as exc:
         if writer is not None:
             for rec in exc.records:

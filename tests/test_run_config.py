@@ -210,3 +210,18 @@ def test_a_refused_resume_is_one_line_and_keeps_the_folder(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "was written with a different config" in out.stderr.strip().splitlines()[-1]
     assert (run_dir / "requests.jsonl").read_text().count("\n") == 1  # what was measured stays
+
+
+def test_wall_runs_honour_pair_overrides(tmp_path):
+    """mode=wall starts its processes on the pair as resolved, overrides included: a toy draft
+    set equal to the target (agreement 1.0) has every draft token accepted in both modes."""
+    from harness.results import load_run
+    from harness.run import execute
+
+    for mode in ("virtual", "wall"):
+        cfg = _compose("pair=toy", "pair.draft.options.agreement=1.0", "workload.size=2", "max_new_tokens=12",
+                       "workload.chat_template=false", f"mode={mode}")
+        execute(cfg, tmp_path / mode)
+        manifest, requests, rounds = load_run(tmp_path / mode)
+        assert manifest["config"]["pair"]["draft"]["options"]["agreement"] == 1.0
+        assert rounds["verified"].sum() > 0 and (rounds["accepted"] == rounds["verified"]).all(), mode
