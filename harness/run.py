@@ -564,21 +564,33 @@ def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context, link=None) ->
 
     import tempfile
 
+    written: set[str] = set()
+
+    def record(rec) -> None:
+        """On disk as soon as its edge reports it: a harness stopped mid-run loses only what is in flight."""
+        if writer is not None and rec.request_id not in written:
+            writer.append(rec, row(rec), energy=rec.energy)
+            written.add(rec.request_id)
+
     try:
-        # the processes load the pair as this run resolved it (pair.* overrides included), from a file
-        with tempfile.TemporaryDirectory(prefix="specwan-pair-") as tmp:
-            pair_file = Path(tmp) / f"{cfg.pair.name}.yaml"
+        # The processes load the pair as this run resolved it (pair.* overrides included), from a
+        # file; with a run folder, that file and the processes' logs and outputs stay in it
+        # (wall/), so nothing is left in /tmp even if the harness is killed.
+        with contextlib.ExitStack() as stack:
+            home = (writer.run_dir if writer is not None
+                    else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="specwan-pair-"))))
+            pair_file = home / "pair.yaml"
             pair_file.write_text(OmegaConf.to_yaml(cfg.pair, resolve=True))
             records = run_wall(plan.system.name, load_pair(pair_file), [t.request for t in turns], system_params(cfg),
-                               clients=n_edges, on_start=started.append, link=link, on_batch=batch)
+                               clients=n_edges, on_start=started.append, on_record=record, link=link, on_batch=batch,
+                               workdir=home / "wall" if writer is not None else None)
     except WallRunError as exc:
-        if writer is not None:
-            for rec in exc.records:
-                writer.append(rec, row(rec), energy=rec.energy)
+        for rec in exc.records:
+            record(rec)
         raise
+    for rec in records:
+        record(rec)
     if writer is not None:
-        for rec in records:
-            writer.append(rec, row(rec), energy=rec.energy)
         writer.update_manifest({"wall_processes": wall_processes(n_edges)})
         if started and started[0].energy:
             writer.update_manifest({"energy": started[0].energy})

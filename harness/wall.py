@@ -35,7 +35,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from harness.pairs import PairSpec, ensure_pair, load_pair, vocab_fingerprint
+from netem.tempdirs import owned_tempdir
 from systems.api import GenerationRequest, get_system
 from systems.records import BatchRecord, RequestRecord, RoundRecord
 from systems.sampling import SamplingParams
@@ -304,6 +304,32 @@ class WallRun:
     outputs: list[Path] = field(default_factory=list)
     energy: dict | None = None  # the cloud process's whole-run energy reading, once stopped
     batches: list[BatchRecord] = field(default_factory=list)  # the cloud's passes, once it stopped
+    read_upto: dict[Path, int] = field(default_factory=dict)  # bytes of each edge's output already passed on
+    on_record: Callable[[RequestRecord], None] | None = None
+
+    def pass_on_new_records(self) -> None:
+        """Hand each request record an edge has finished writing since the last call to
+        ``on_record`` (complete lines only; a line being written waits for the next call)."""
+        if self.on_record is None:
+            return
+        for path in self.outputs:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self.read_upto.get(path, 0))
+                    data = f.read()
+            except OSError:
+                continue
+            end = data.rfind(b"\n") + 1
+            if not end:
+                continue
+            self.read_upto[path] = self.read_upto.get(path, 0) + end
+            for line in data[:end].decode("utf-8", errors="replace").splitlines():
+                if line.strip():
+                    try:
+                        record = record_from_json(line)
+                    except (ValueError, TypeError):
+                        continue
+                    self.on_record(record)
 
     def http(self, path: str, method: str = "GET", timeout: float = 2.0) -> Any:
         """Ask the cloud's control plane (from inside the cloud's side of the link)."""
@@ -395,6 +421,7 @@ def run_wall(
     pin: bool = True,
     q_dtype: str = "float32",
     on_start: Callable[[WallRun], None] | None = None,
+    on_record: Callable[[RequestRecord], None] | None = None,
     link=None,
     on_batch: Callable[[BatchRecord], None] | None = None,
 ) -> list[RequestRecord]:
@@ -404,9 +431,11 @@ def run_wall(
     ``timeout_s`` bounds the whole run (start-up included). ``workdir`` keeps the request
     files, the edges' JSON-lines outputs and every process's log (a temporary folder by
     default, removed after the run unless edges ran and it failed). ``on_start`` is
-    called once every process is up. ``link`` (a live :class:`netem.backends.Link`) places
-    the cloud and the edges on its two sides (default: both on loopback). Raises :class:`WallRunError` (with the records of the
-    requests that finished, and of the failed ones) when anything fails.
+    called once every process is up. ``on_record`` gets each request's record as soon as its
+    edge has written it (failed requests included), while the run goes on. ``link`` (a live
+    :class:`netem.backends.Link`) places the cloud and the edges on its two sides (default:
+    both on loopback). Raises :class:`WallRunError` (with the records of the requests that
+    finished, and of the failed ones) when anything fails.
 
     The cloud's forward passes over sessions (:class:`BatchRecord`, times on this host's
     monotonic clock, like the rounds') are read back once every process has stopped, kept
@@ -428,11 +457,11 @@ def run_wall(
     draft_fp = _draft_fingerprint(pair_spec, paths)
 
     own_dir = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="specwan-wall-")) if own_dir else Path(workdir)
+    work = owned_tempdir("specwan-wall-") if own_dir else Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     cloud_cpus, edge_cpus = cpu_plan(clients) if pin else (None, [None] * clients)
     common = ["--pair", pair_arg, "--system", spec.name, "--config", json.dumps(config or {})]
-    run = WallRun(work, None, [], link=link)
+    run = WallRun(work, None, [], link=link, on_record=on_record)
     deadline = time.monotonic() + timeout_s
     ok = delivered = False
     try:
@@ -578,7 +607,9 @@ def _wait_edges(run: WallRun, deadline: float, timeout_s: float) -> list[str]:
                 cloud_gone_at = now
             elif now - cloud_gone_at > GRACE_S:  # the edges should have noticed by now
                 break
+        run.pass_on_new_records()
         time.sleep(0.02)
+    run.pass_on_new_records()
     if run.cloud is not None and not run.cloud.alive():
         code = run.cloud.proc.returncode
         how = exit_reason(code)

@@ -29,13 +29,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from netem import kernel, ns
 from netem.profile import NetworkProfile
+from netem.tempdirs import owned_tempdir
 
 LEVELS = {"netem": "packet-level (kernel qdiscs)", "tun": "packet-level (user-space TUN wire)",
           "relay": "stream-level: no handshake delay, no slow start, no packet loss",
@@ -327,7 +327,7 @@ def open_link(profile: NetworkProfile, backend: str | None = None, workdir: str 
     stale = ns.clean_stale() if os.geteuid() == 0 else []
     name, why = kernel.choose(backend or profile.backend, profile.shaped)
     own = workdir is None
-    work = Path(tempfile.mkdtemp(prefix="specwan-link-")) if own else Path(workdir)
+    work = owned_tempdir("specwan-link-") if own else Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     link = BACKEND_CLASSES[name](profile, why, work)
     link.stale_cleaned = stale

@@ -435,3 +435,45 @@ def test_a_child_ended_by_a_signal_is_named_by_it():
     assert exit_reason(-9) == "was killed by SIGKILL (signal 9)"
     assert exit_reason(-15) == "was killed by SIGTERM (signal 15)"
     assert exit_reason(3) == "exited with code 3"
+
+
+def test_a_harness_killed_mid_wall_run_keeps_every_finished_request(tmp_path):
+    """kill -9 of the harness during a wall run: the requests its edges had finished are in
+    the run folder already (appended as each edge reported it), and the edges die with it."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "harness.cli", "run", "mode=wall", "pair=toy", "workload=humaneval",
+           "workload.size=40", "workload.chat_template=false", "max_new_tokens=400", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    journal = run_dir / "requests.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if journal.exists() and journal.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed: give it more work"
+        # the records reached the folder while the edges were still serving, not after the run
+        edges = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                 if "harness.edge_client" in " ".join(c.cmdline())]
+        assert edges, "records reached the run folder only once every edge had finished"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    from netem.tempdirs import remove_stale
+
+    for prefix in ("specwan-link-", "specwan-wall-"):  # what the killed harness could not remove
+        remove_stale(prefix)
+    lines = [json.loads(x) for x in journal.read_text().splitlines() if x.strip()]
+    assert 2 <= len(lines) < 40 and all(x["error"] is None for x in lines)
+    assert len({x["request_id"] for x in lines}) == len(lines)

@@ -1,0 +1,30 @@
+"""Temporary folders that name their owner: a later start removes those a killed process left."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from netem.tempdirs import OWNER, owned_tempdir, remove_stale
+
+
+def test_a_folder_whose_owner_died_is_removed_and_others_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    mine = owned_tempdir("specwan-test-")
+    assert (mine / OWNER).read_text().split()[0] == str(os.getpid())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "specwan-test-stale"
+    stale.mkdir()
+    (stale / OWNER).write_text(f"{int(dead.stdout)} 1.000")
+    reused = tmp_path / "specwan-test-reused"  # a live pid, but not the process that made it
+    reused.mkdir()
+    (reused / OWNER).write_text(f"{os.getppid()} 1.000")
+    foreign = tmp_path / "specwan-test-foreign"  # no owner file: not ours to judge
+    foreign.mkdir()
+    removed = remove_stale("specwan-test-")
+    assert sorted(p.name for p in removed) == ["specwan-test-reused", "specwan-test-stale"]
+    assert mine.exists() and foreign.exists() and not stale.exists() and not reused.exists()
