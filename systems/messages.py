@@ -172,6 +172,15 @@ class HiddenStates(Message):
     seed: int = 0
 
 
+@_message(9)
+@dataclass
+class Failure(Message):
+    """Cloud -> edge: the cloud refused a message of this session and closed the session;
+    ``reason`` says what was wrong. Other sessions are not affected."""
+
+    reason: str
+
+
 def _pack_value(v):
     if isinstance(v, np.ndarray):
         return {"__nd__": [v.dtype.str, list(v.shape), np.ascontiguousarray(v).tobytes()]}

@@ -32,13 +32,24 @@ from systems.api import (
     prefix_digest,
     verify_batch,
 )
-from systems.messages import Ack, CloseSession, OpenSession, TokenOut, Upload, Verdict
+from systems.engines.base import EngineError
+from systems.messages import Ack, CloseSession, Failure, OpenSession, TokenOut, Upload, Verdict
 from systems.records import BatchRecord, RoundRecord
 from systems.sampling import SamplingParams, resample_sparse, softmax
 
 
 class ProtocolError(RuntimeError):
     """Edge and cloud disagree about the committed prefix, or a message is out of order."""
+
+
+class SessionError(ProtocolError):
+    """A message the cloud cannot serve (a session it does not hold, ids outside the vocabulary,
+    positions or shapes out of range, no room left): the cloud fails that session, answers it
+    with a :class:`Failure`, and keeps serving the others."""
+
+
+class CloudRefused(ProtocolError):
+    """The cloud failed this edge's session (:class:`Failure`); the message is its reason."""
 
 
 async def receive_token(ctx: EdgeContext, request: GenerationRequest, output: list[int], start: float,
@@ -132,6 +143,7 @@ class SpeculativeEdge:
         self._lead_sent = False  # the open window's first upload carried its lead as an id only
         self._inbox: asyncio.Queue[Envelope] = asyncio.Queue()
         self._acks: asyncio.Queue[Envelope] = asyncio.Queue()
+        self.failure: str | None = None  # the cloud's reason, once it failed this session
         self._reader: asyncio.Task | None = None
         stops = set(request.stop_ids) | set(self.drafter.engine.eos_token_ids)
         self._stops = frozenset(stops)
@@ -149,7 +161,7 @@ class SpeculativeEdge:
 
     async def close(self) -> None:
         # Windows still awaiting verdicts (speculation past the end) are answered but unused.
-        while self._in_flight:
+        while self._in_flight and self.failure is None:
             env = await self._next_envelope()
             self._in_flight.pop(0)
             self._record(env.msg, env, [], discarded=True)
@@ -161,14 +173,19 @@ class SpeculativeEdge:
     async def _read(self) -> None:
         while True:
             env = await self.ctx.link.recv()
+            if isinstance(env.msg, Failure):  # whoever waits, for an ack or a verdict, learns of it
+                self.failure = env.msg.reason
+                await self._acks.put(env)
+                await self._inbox.put(env)
+                return
             await (self._acks if isinstance(env.msg, Ack) else self._inbox).put(env)
 
     async def next_ack(self) -> Envelope:
         """The next :class:`Ack` (uploads prepared with ``ack=True`` are answered in order)."""
-        return await self._acks.get()
+        return _refused(await self._acks.get())
 
     async def _next_envelope(self) -> Envelope:
-        return await self._inbox.get()
+        return _refused(await self._inbox.get())
 
     # ---- drafting and uploads ------------------------------------------------------------
     @property
@@ -467,6 +484,57 @@ class SpeculativeEdge:
         return extra
 
 
+def check_message(msg, sessions: dict, engine) -> None:
+    """Raise :class:`SessionError` (one line) for an edge's message a verifier cannot serve:
+    before it touches a model, its session must be open (or, for an :class:`OpenSession`, not
+    yet), its token ids inside the vocabulary, its positions and counts in range and inside the
+    context, and its draft data shaped as the tokens it travels with."""
+    vocab, n_ctx = engine.info.vocab_size, engine.info.n_ctx
+
+    def ids(tokens, what: str) -> None:
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
+            raise SessionError(f"{what}: token ids must be integers in [0, {vocab})")
+
+    if isinstance(msg, OpenSession):
+        if msg.session in sessions:
+            raise SessionError(f"session {msg.session!r} is already open")
+        if not msg.prompt:
+            raise SessionError("an empty prompt")
+        ids(msg.prompt, "prompt")
+        if len(msg.prompt) >= n_ctx:
+            raise SessionError(f"a prompt of {len(msg.prompt)} tokens leaves no room in the context of {n_ctx}")
+        if not msg.sparse_k >= 1:
+            raise SessionError(f"sparse_k must be >= 1, got {msg.sparse_k}")
+    elif isinstance(msg, Upload) and not msg.probe:
+        sess = sessions.get(msg.session)
+        if sess is None:
+            raise SessionError(f"upload for session {msg.session!r}, which is not open")
+        if msg.start < 0 or not 0 <= msg.n_fixed <= len(msg.tokens):
+            raise SessionError(f"upload positions out of range (start {msg.start}, n_fixed {msg.n_fixed}, "
+                               f"{len(msg.tokens)} tokens)")
+        ids(msg.tokens, "upload")
+        if msg.start + len(msg.tokens) + 1 > n_ctx:
+            raise SessionError(f"an upload reaching position {msg.start + len(msg.tokens)} is past the context "
+                               f"of {n_ctx}")
+        drafts = len(msg.tokens) - msg.n_fixed
+        if msg.q_token is not None and len(msg.q_token) != drafts:
+            raise SessionError(f"q_token holds {len(msg.q_token)} values for {drafts} draft tokens")
+        if msg.q_rows is not None:
+            rows = drafts - (1 if msg.lead_implied else 0)
+            shape = getattr(msg.q_rows, "shape", ())
+            if len(shape) != 2 or shape[0] != rows or shape[1] != vocab:
+                raise SessionError(f"q_rows of shape {tuple(shape)} for {rows} draft rows of {vocab} tokens")
+    elif not isinstance(msg, (Upload, CloseSession)):
+        raise SessionError(f"unexpected message {type(msg).__name__} at the verifier")
+
+
+def _refused(env: Envelope) -> Envelope:
+    """``env``, unless it is the cloud's :class:`Failure` of the session: then raise it."""
+    if isinstance(env.msg, Failure):
+        raise CloudRefused(f"the cloud failed the session: {env.msg.reason}")
+    return env
+
+
 class SerialUploader:
     """The edge's communication interface: sends prepared uploads one at a time, each
     acknowledged by the cloud before the next one starts (a sender of blocking requests,
@@ -568,6 +636,7 @@ class VerifyingCloud(CloudPolicy):
         self.jobs: list[Job] = []
         self.batch_notes = {}
         self._batches = 0
+        self.failed: dict[str, str] = {}  # sessions the cloud failed, with the reason
         self._wake = asyncio.Event()
         worker = asyncio.get_running_loop().create_task(self._work())
         try:
@@ -580,7 +649,15 @@ class VerifyingCloud(CloudPolicy):
                     recv.cancel()
                     worker.result()
                     raise ProtocolError("the verification worker stopped")
-                await self.handle(recv.result())
+                env = recv.result()
+                session = getattr(env.msg, "session", "")
+                if session in self.failed:
+                    continue  # the rest of what a failed session had on the link
+                try:
+                    check_message(env.msg, self.sessions, self.ctx.engine)
+                    await self.handle(env)
+                except (SessionError, ValueError, EngineError) as exc:  # that session's fault, not the server's
+                    await self.fail(session, f"{type(exc).__name__}: {exc}")
         finally:
             worker.cancel()
             # Sessions whose CloseSession is still on the link when serving stops.
@@ -633,6 +710,19 @@ class VerifyingCloud(CloudPolicy):
         else:
             raise ProtocolError(f"unexpected message {type(msg).__name__} at the verifier")
 
+    async def fail(self, session: str, reason: str) -> None:
+        """Close ``session`` and its queued work, and tell its edge why (:class:`Failure`)."""
+        self.failed[session] = reason
+        sess = self.sessions.pop(session, None)
+        if sess is not None:
+            sess.closed = True
+            sess.verifier.close()
+        self.jobs = [j for j in self.jobs if j.session != session]
+        try:
+            await self.ctx.link.send(Failure(session, reason))
+        except Exception:  # noqa: BLE001 - no route back (a session never opened): nobody to tell
+            pass
+
     def _enqueue(self, job: Job) -> None:
         self.jobs.append(job)
         self._wake.set()
@@ -670,7 +760,13 @@ class VerifyingCloud(CloudPolicy):
                 self._wake.clear()
                 await self._wake.wait()
             batch = await self.next_batch()
-            await self.run_batch(batch)
+            try:
+                await self.run_batch(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a pass that fails fails its sessions, not the server
+                for name in dict.fromkeys(j.session for j in batch):
+                    await self.fail(name, f"verification failed: {type(exc).__name__}: {exc}")
 
     async def run_batch(self, batch: Sequence[Job]) -> None:
         for job in [j for j in batch if j.kind == "prefill"]:
