@@ -477,3 +477,23 @@ def test_a_harness_killed_mid_wall_run_keeps_every_finished_request(tmp_path):
     lines = [json.loads(x) for x in journal.read_text().splitlines() if x.strip()]
     assert 2 <= len(lines) < 40 and all(x["error"] is None for x in lines)
     assert len({x["request_id"] for x in lines}) == len(lines)
+
+
+def test_the_message_limit_fits_the_largest_message_the_protocol_sends():
+    """The gRPC limit (far below gRPC's 1 GiB maximum, so a bad client cannot make the cloud
+    buffer a huge message) still carries the protocol's largest messages on the default pair:
+    32 float32 draft rows of its 151,936-token vocabulary, and a 4,096-position prompt's float32
+    hidden states of its 1.5B target (1,536 wide), framed."""
+    import numpy as np
+
+    from harness.transport.frames import encode_frame
+    from harness.transport.grpc_link import MAX_MESSAGE_BYTES
+    from systems.messages import HiddenStates, Upload
+
+    rows = Upload("e0-r", round=0, start=4000, tokens=list(range(32)), verify=True,
+                  q_rows=np.zeros((32, 151_936), dtype=np.float32))
+    states = HiddenStates("e0-r", start=0, states=np.zeros((4096, 1536), dtype=np.float32))
+    for msg in (rows, states):
+        size = len(encode_frame(encode(msg), 0.0))
+        assert size <= MAX_MESSAGE_BYTES, (type(msg).__name__, size)
+    assert MAX_MESSAGE_BYTES <= 128 << 20

@@ -45,8 +45,11 @@ from systems.messages import PROTOCOL_VERSION, CloseSession, Message, TokenOut, 
 
 log = logging.getLogger(__name__)
 
-# Full draft distributions (gamma x vocabulary x float32) exceed gRPC's 4 MB default.
-MAX_MESSAGE_BYTES = 1 << 30
+# The largest message the protocol needs, with room to spare: 32 float32 draft rows of the
+# default pair's 151,936-token vocabulary (19.4 MB), or a 4,096-position prompt's float32
+# hidden states of its 1.5B target (1,536 wide: 25.2 MB). gRPC's 4 MB default is too small;
+# a larger limit only lets a bad client make the cloud buffer more before it is refused.
+MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
