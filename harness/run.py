@@ -550,12 +550,13 @@ def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context, link=None) ->
     if not turns:
         return []
     by_id = {t.request_id: t for t in turns}
+    position = {t.request_id: i for i, t in enumerate(turns)}
     n_edges = plan.edges.n if plan.edges is not None else 1
     started = []
 
     def row(rec) -> dict:
         t = by_id[rec.request_id]
-        edge = turns.index(t) % n_edges  # run_wall deals requests to its edge processes in turn
+        edge = position[rec.request_id] % n_edges  # run_wall deals requests to its edge processes in turn
         return {**context, **t.context(), **request_context(plan, t.request, rec, edge)}
 
     def batch(rec) -> None:

@@ -628,7 +628,7 @@ class VerifyingCloud(CloudPolicy):
     recorder as a :class:`BatchRecord`.
     """
 
-    batch_notes: dict = {}
+    batch_notes: dict  # set per pass by a scheduler (see serve)
 
     async def serve(self, ctx: CloudContext) -> None:
         self.ctx = ctx
