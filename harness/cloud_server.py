@@ -7,16 +7,25 @@ device. Control plane: a FastAPI app served by uvicorn in the same process and e
 - ``GET /info``: system and its config, model, vocabulary size and fingerprint, EOS ids,
   message protocol and transport versions, ports;
 - ``GET /stats``: sessions open, messages and payload bytes each way, verify jobs done...;
-- ``POST /shutdown``: stop serving and exit (status 0);
+- ``POST /shutdown``: stop serving and exit (status 0); only with the shared token, as a
+  JSON body ``{"token": "..."}``;
 - ``/docs``, ``/openapi.json``: the API's documentation (FastAPI).
 
 ::
 
     python -m harness.cloud_server --pair toy --system vanilla [--config '{"gamma": 4}'] \\
-        --grpc-port 0 --http-port 0 --ready-file cloud.json [--batches batches.jsonl]
+        --grpc-port 0 --http-port 0 --ready-file cloud.json [--batches batches.jsonl] \\
+        [--host 0.0.0.0 --token-file token.txt] [--tls-cert cert.pem --tls-key key.pem]
 
 Port 0 binds a free port; once both planes serve, the bound ports are written as JSON to
-the ready file (atomically). SIGTERM and SIGINT stop it cleanly, like ``/shutdown``.
+the ready file (atomically, readable by its owner only). SIGTERM and SIGINT stop it cleanly,
+like ``/shutdown``.
+
+Every gRPC stream must present the shared token (``harness/transport/auth.py``): from
+``--token-file`` or the ``SPECWAN_CLOUD_TOKEN`` environment variable. Bound to loopback
+without either, the server makes one and writes it to the ready file as ``"token"``; bound
+to any other address it refuses to start without one. ``--tls-cert``/``--tls-key`` (PEM)
+serve both planes over TLS.
 
 With ``--batches``, each forward pass the cloud policy runs over sessions (a
 :class:`systems.records.BatchRecord`) is appended to that file as one JSON line, flushed
@@ -40,15 +49,26 @@ import sys
 import time
 from pathlib import Path
 
+from fastapi import Request
+from pydantic import BaseModel
+
 log = logging.getLogger("specwan.cloud")
+
+
+class ShutdownRequest(BaseModel):
+    """The body of ``POST /shutdown``: the cloud's shared token."""
+
+    token: str
 
 TRANSPORT_VERSION = "specwan.v1"
 
 
 def build_app(state: "CloudState"):
     """The control-plane app over the server's live state."""
-    from fastapi import FastAPI
+    from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
+
+    from harness.transport.auth import token_matches
 
     app = FastAPI(
         title="SpecWAN cloud server",
@@ -71,8 +91,17 @@ def build_app(state: "CloudState"):
     def stats():
         return {**state.link.snapshot(), "uptime_s": time.monotonic() - state.started}
 
-    @app.post("/shutdown", summary="Stop serving and exit")
-    def shutdown():
+    @app.post("/shutdown", summary="Stop serving and exit (needs the shared token, as JSON)",
+              responses={401: {"description": "missing or wrong token"},
+                         415: {"description": "the body is not application/json"}})
+    def shutdown(body: ShutdownRequest, request: Request):
+        # FastAPI parses a body sent without a Content-Type as JSON too; a browser can send
+        # that cross-origin without a preflight, so the type is required here.
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":
+            raise HTTPException(415, "send the token as a JSON body with Content-Type: application/json")
+        if not token_matches(body.token, state.token):
+            raise HTTPException(401, "missing or wrong token")
         state.request_stop("/shutdown")
         return {"status": "shutting down"}
 
@@ -106,9 +135,11 @@ class BatchFile:
 class CloudState:
     """What the control plane reports, and the stop switch."""
 
-    def __init__(self, *, system, config, pair, engine, link, grpc_port: int, http_port: int, stop: asyncio.Event):
+    def __init__(self, *, system, config, pair, engine, link, grpc_port: int, http_port: int, stop: asyncio.Event,
+                 token: str, tls: bool = False):
         self.system, self.config, self.pair, self.engine, self.link = system, config, pair, engine, link
         self.grpc_port, self.http_port, self.stop = grpc_port, http_port, stop
+        self.token, self.tls = token, tls
         self.started = time.monotonic()
         self.policy_task: asyncio.Task | None = None
         self.stop_reason: str | None = None
@@ -145,12 +176,13 @@ class CloudState:
             "transport": TRANSPORT_VERSION,
             "grpc_port": self.grpc_port,
             "http_port": self.http_port,
+            "tls": self.tls,
             "pid": os.getpid(),
             "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         }
 
 
-def _uvicorn_server(app, log_level: str):
+def _uvicorn_server(app, log_level: str, tls: tuple[Path, Path] | None = None):
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -160,28 +192,38 @@ def _uvicorn_server(app, log_level: str):
         def capture_signals(self):
             yield
 
-    return _Server(uvicorn.Config(app, log_level=log_level, lifespan="off", access_log=False))
+    ssl = dict(ssl_certfile=str(tls[0]), ssl_keyfile=str(tls[1])) if tls else {}
+    return _Server(uvicorn.Config(app, log_level=log_level, lifespan="off", access_log=False, **ssl))
 
 
 async def serve(engine, spec, cfg, *, pair: str, host: str, grpc_port: int, http_port: int,
-                ready_file: Path | None, log_level: str = "warning", batches: Path | None = None) -> int:
+                ready_file: Path | None, log_level: str = "warning", batches: Path | None = None,
+                token: str, token_generated: bool = False, tls: tuple[Path, Path] | None = None) -> int:
     """Serve until /shutdown, SIGTERM/SIGINT, or the cloud policy fails; the exit status.
 
     ``batches``: append each forward pass the policy reports (:class:`BatchFile`) to this file.
+    ``token``: the shared token every stream and ``/shutdown`` must present (written to the
+    ready file when ``token_generated``). ``tls``: (certificate, key) PEM files.
     """
     import grpc
 
     from harness.clock import LoopClock
-    from harness.transport.grpc_link import CHANNEL_OPTIONS, GrpcCloudLink
+    from harness.transport.grpc_link import SERVER_OPTIONS, GrpcCloudLink
+    from harness.transport.auth import write_private
     from harness.wall import WallCompute
     from systems.api import CloudContext
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    link = GrpcCloudLink(system=spec.name, model=engine.info.model, vocab_fingerprint=engine.info.vocab_fingerprint)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    link = GrpcCloudLink(system=spec.name, model=engine.info.model, vocab_fingerprint=engine.info.vocab_fingerprint,
+                         token=token)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     link.add_to_server(server)
-    bound_grpc = server.add_insecure_port(f"{host}:{grpc_port}")
+    if tls is not None:
+        creds = grpc.ssl_server_credentials([(tls[1].read_bytes(), tls[0].read_bytes())])
+        bound_grpc = server.add_secure_port(f"{host}:{grpc_port}", creds)
+    else:
+        bound_grpc = server.add_insecure_port(f"{host}:{grpc_port}")
     if not bound_grpc:
         log.error("cannot bind the gRPC port %s:%s", host, grpc_port)
         return 1
@@ -198,7 +240,7 @@ async def serve(engine, spec, cfg, *, pair: str, host: str, grpc_port: int, http
     bound_http = sock.getsockname()[1]
 
     state = CloudState(system=spec.name, config=cfg, pair=pair, engine=engine, link=link,
-                       grpc_port=bound_grpc, http_port=bound_http, stop=stop)
+                       grpc_port=bound_grpc, http_port=bound_http, stop=stop, token=token, tls=tls is not None)
     for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
         loop.add_signal_handler(sig, state.request_stop, name)
 
@@ -210,7 +252,7 @@ async def serve(engine, spec, cfg, *, pair: str, host: str, grpc_port: int, http
         return 1
     compute = WallCompute()
     await server.start()
-    http = _uvicorn_server(build_app(state), log_level)
+    http = _uvicorn_server(build_app(state), log_level, tls)
     http_task = loop.create_task(http.serve(sockets=[sock]))
     while not http.started and not http_task.done():
         await asyncio.sleep(0.01)
@@ -225,10 +267,11 @@ async def serve(engine, spec, cfg, *, pair: str, host: str, grpc_port: int, http
     state.policy_task = policy_task = loop.create_task(
         policy.serve(CloudContext(engine, LoopClock(), compute, link, recorder)))
     if ready_file is not None:
-        tmp = ready_file.with_name(ready_file.name + ".tmp")
-        tmp.write_text(json.dumps({"grpc_port": bound_grpc, "http_port": bound_http, "host": host,
-                                   "pid": os.getpid(), "system": spec.name}))
-        os.replace(tmp, ready_file)
+        ready = {"grpc_port": bound_grpc, "http_port": bound_http, "host": host, "pid": os.getpid(),
+                 "system": spec.name, "tls": tls is not None}
+        if token_generated:
+            ready["token"] = token
+        write_private(ready_file, json.dumps(ready))
     log.info("serving %s: gRPC %s:%d, HTTP %s:%d", spec.name, host, bound_grpc, host, bound_http)
 
     stop_task = loop.create_task(stop.wait())
@@ -274,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grpc-port", type=int, default=0, help="data-plane port (0: any free port)")
     ap.add_argument("--http-port", type=int, default=0, help="control-plane port (0: any free port)")
     ap.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON when serving")
+    ap.add_argument("--token-file", type=Path, default=None,
+                    help="the shared token every client must present (default: $SPECWAN_CLOUD_TOKEN; on "
+                         "loopback without one, a new token is written to the ready file)")
+    ap.add_argument("--tls-cert", type=Path, default=None, help="serve both planes over TLS: certificate (PEM)")
+    ap.add_argument("--tls-key", type=Path, default=None, help="the certificate's private key (PEM)")
     ap.add_argument("--batches", type=Path, default=None,
                     help="append each batched forward pass here, one JSON line each (default: not recorded)")
     ap.add_argument("--cpus", default=None, help="pin to these CPUs, e.g. '1' or '2,3' (skipped where impossible)")
@@ -287,7 +335,28 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     pin_to(parse_cpus(args.cpus))
     from harness.pairs import load_pair
+    from harness.transport.auth import AuthError, is_loopback, new_token, read_token
     from systems.api import get_system
+
+    try:
+        token = read_token(args.token_file)
+    except AuthError as e:
+        print(f"cloud_server: error: {e}", file=sys.stderr)
+        return 2
+    token_generated = token is None
+    if token is None and not is_loopback(args.host):
+        print(f"cloud_server: error: binding {args.host} (not loopback) needs a shared token: pass --token-file "
+              "FILE or set SPECWAN_CLOUD_TOKEN", file=sys.stderr)
+        return 2
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("cloud_server: error: TLS needs both --tls-cert and --tls-key", file=sys.stderr)
+        return 2
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert is not None else None
+    for p in tls or ():
+        if not p.is_file():
+            print(f"cloud_server: error: no such TLS file: {p}", file=sys.stderr)
+            return 2
+    token = token or new_token()
 
     try:
         spec = get_system(args.system)
@@ -313,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(engine, spec, cfg, pair=pair.name, host=args.host, grpc_port=args.grpc_port,
                                  http_port=args.http_port, ready_file=args.ready_file,
                                  log_level="warning" if args.log_level != "debug" else "info",
-                                 batches=args.batches))
+                                 batches=args.batches, token=token, token_generated=token_generated, tls=tls))
     finally:
         if hasattr(engine, "close"):
             engine.close()

@@ -11,7 +11,13 @@ breaks (the cloud stopped or died) or a request fails, that request is written w
 ::
 
     python -m harness.edge_client --pair toy --system vanilla --grpc 127.0.0.1:50051 \\
-        --requests requests.jsonl --out records.jsonl
+        --requests requests.jsonl --out records.jsonl [--token-file token.txt] [--tls-ca ca.pem]
+
+The cloud's shared token comes from ``--token-file`` or ``SPECWAN_CLOUD_TOKEN``
+(``harness/transport/auth.py``). Session names are ``<device>-<request id>``; the cloud keeps
+each stream's sessions apart, so another client cannot claim one. With ``--liveness-timeout S`` the edge
+pings the cloud every second and fails the request in flight, naming the cloud as stopped,
+when a ping goes S seconds unanswered.
 
 The requests file holds one JSON object per line with the fields of
 :class:`systems.api.GenerationRequest` (``sampling`` as a mapping).
@@ -58,6 +64,9 @@ async def run_edge(
     device: str = "edge",
     q_dtype: str = "float32",
     energy_mode: str = "auto",
+    token: str | None = None,
+    tls_ca: bytes | None = None,
+    liveness_timeout_s: float | None = None,
 ) -> tuple[int, str | None]:
     """Serve ``requests`` in order, writing each record to ``out``; ``(finished, error)``."""
     from harness.clock import LoopClock
@@ -88,7 +97,8 @@ async def run_edge(
             if not address:
                 return 0, f"system {spec.name!r} needs a cloud: give --grpc HOST:PORT"
             link = GrpcEdgeLink(address, system=spec.name, device=device,
-                                vocab_fingerprint=draft.info.vocab_fingerprint if draft is not None else "")
+                                vocab_fingerprint=draft.info.vocab_fingerprint if draft is not None else "",
+                                token=token, tls_ca=tls_ca, liveness_timeout_s=liveness_timeout_s)
             try:
                 await link.connect()
             except LinkClosedError as e:
@@ -157,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="edge", help="this edge device's name (prefixes its session names)")
     ap.add_argument("--q-dtype", default="float32", help="precision of uploaded draft distributions")
     ap.add_argument("--cpus", default=None, help="pin to these CPUs, e.g. '0' (skipped where impossible)")
+    ap.add_argument("--token-file", type=Path, default=None,
+                    help="the cloud's shared token (default: $SPECWAN_CLOUD_TOKEN)")
+    ap.add_argument("--tls-ca", type=Path, default=None,
+                    help="connect over TLS, trusting this CA certificate (PEM)")
+    ap.add_argument("--liveness-timeout", type=float, default=None,
+                    help="seconds an unanswered ping may take before the cloud counts as stopped (default: off)")
     args = ap.parse_args(argv)
 
     from harness.wall import (
@@ -171,9 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     pin_to(parse_cpus(args.cpus))
     from harness.pairs import load_pair
+    from harness.transport.auth import read_token
     from systems.api import get_system
 
     try:
+        token = read_token(args.token_file)
+        tls_ca = args.tls_ca.read_bytes() if args.tls_ca is not None else None
+        if args.liveness_timeout is not None and not args.liveness_timeout > 0:
+            raise ValueError(f"--liveness-timeout must be > 0 seconds, got {args.liveness_timeout}")
         spec = get_system(args.system)
         overrides = json.loads(args.config)
         if not isinstance(overrides, dict):
@@ -195,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(args.out, "a") as out:
             finished, error = asyncio.run(run_edge(spec, cfg, draft, requests, out, address=args.grpc,
-                                                   device=args.device, q_dtype=args.q_dtype))
+                                                   device=args.device, q_dtype=args.q_dtype, token=token,
+                                                   tls_ca=tls_ca, liveness_timeout_s=args.liveness_timeout))
     finally:
         if hasattr(draft, "close"):
             draft.close()

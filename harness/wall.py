@@ -19,6 +19,10 @@ packet-level backends), and the edges reach the cloud's data plane through the l
 harness keeps talking to the cloud's control plane from inside the cloud side. Without
 one, both sides share loopback, unshaped.
 
+Every run has its own shared token (``harness/transport/auth.py``), handed to the cloud and
+the edges in their environment: the cloud refuses streams without it, and only the harness
+(and the edges) can stop it.
+
 Time is the wall clock (``time.monotonic()``: one clock for every process on this host,
 whichever namespace it is in). The cloud records each forward pass its policy runs over
 sessions in ``<workdir>/batches.jsonl`` (a :class:`BatchRecord` per line, on that one clock);
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from harness.pairs import PairSpec, ensure_pair, load_pair, vocab_fingerprint
+from harness.transport.auth import TOKEN_ENV, new_token
 from netem.tempdirs import owned_tempdir
 from systems.api import GenerationRequest, get_system
 from systems.records import BatchRecord, RequestRecord, RoundRecord
@@ -306,6 +311,7 @@ class WallRun:
     batches: list[BatchRecord] = field(default_factory=list)  # the cloud's passes, once it stopped
     read_upto: dict[Path, int] = field(default_factory=dict)  # bytes of each edge's output already passed on
     on_record: Callable[[RequestRecord], None] | None = None
+    token: str = field(default_factory=new_token, repr=False)  # this run's shared token (auth.py)
 
     def pass_on_new_records(self) -> None:
         """Hand each request record an edge has finished writing since the last call to
@@ -337,17 +343,20 @@ class WallRun:
 
         host = self.link.cloud_bind if self.link is not None else "127.0.0.1"
         with self.link.entered("cloud") if self.link is not None else contextlib.nullcontext():
-            return _http(self.http_port, path, method, timeout, host=host)
+            return _http(self.http_port, path, method, timeout, host=host, token=self.token)
 
     @property
     def children(self) -> list[Child]:
         return ([self.cloud] if self.cloud else []) + self.edges
 
 
-def _spawn(name: str, module: str, args: list[str], workdir: Path, prefix: Sequence[str] = ()) -> Child:
+def _spawn(name: str, module: str, args: list[str], workdir: Path, prefix: Sequence[str] = (),
+           token: str | None = None) -> Child:
     log = workdir / f"{name}.log"
     env = dict(os.environ)
     env[PARENT_ENV] = str(os.getpid())
+    if token is not None:  # in the environment: a command line is readable by every local user
+        env[TOKEN_ENV] = token
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("PYTHONUNBUFFERED", "1")
     with open(log, "wb") as f:
@@ -389,9 +398,11 @@ def stop_children(children: Sequence[Child], grace_s: float = GRACE_S) -> None:
         raise WallRunError(f"could not stop: {', '.join(left)}")
 
 
-def _http(port: int, path: str, method: str = "GET", timeout: float = 2.0, host: str = "127.0.0.1") -> Any:
-    req = urllib.request.Request(f"http://{host}:{port}{path}", method=method,
-                                 data=b"" if method == "POST" else None)
+def _http(port: int, path: str, method: str = "GET", timeout: float = 2.0, host: str = "127.0.0.1",
+          token: str | None = None) -> Any:
+    body = json.dumps({"token": token or ""}).encode() if method == "POST" else None
+    req = urllib.request.Request(f"http://{host}:{port}{path}", method=method, data=body,
+                                 headers={"Content-Type": "application/json"} if body is not None else {})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read() or b"null")
 
@@ -483,7 +494,7 @@ def run_wall(
                 if edge_cpus[i]:
                     args += ["--cpus", ",".join(map(str, edge_cpus[i]))]
                 run.edges.append(_spawn(f"edge{i}", "harness.edge_client", args, work,
-                                        link.prefix("edge") if link is not None else ()))
+                                        link.prefix("edge") if link is not None else (), token=run.token))
                 run.outputs.append(out)
             if on_start is not None:
                 on_start(run)
@@ -557,7 +568,7 @@ def _start_cloud(run: WallRun, common: list[str], cpus, deadline: float, system:
     if cpus:
         args += ["--cpus", ",".join(map(str, cpus))]
     run.cloud = cloud = _spawn("cloud", "harness.cloud_server", args, run.workdir,
-                               run.link.prefix("cloud") if run.link is not None else ())
+                               run.link.prefix("cloud") if run.link is not None else (), token=run.token)
     info = None
     while info is None:
         if not cloud.alive():

@@ -54,7 +54,8 @@ class BatchRecord:
     """One forward pass of a cloud that serves several sessions at once (a verification
     batch, or a decode step of continuous batching), as the cloud policy saw it.
 
-    Per member, in the batch's order: ``sessions`` (``<edge>-<request id>``), ``rounds``
+    Per member, in the batch's order: ``sessions`` (``<edge>-<request id>``; in wall mode
+    ``<edge>-<request id>@<stream>``, the cloud keeping each edge stream's sessions apart), ``rounds``
     (the verification window; -1 for a decode step), ``new_tokens`` (tokens scored),
     ``context_tokens`` (tokens already cached before the pass) and ``arrived`` (when its
     work reached the cloud). ``predicted_s`` is the policy's estimate of the pass before it

@@ -321,7 +321,7 @@ def test_wall_mode_on_the_default_pair_matches_inprocess(tmp_path, default_pair_
 
 # ---- the cloud's batch records in wall mode -------------------------------------------------------
 def _session_request(session: str) -> str:
-    return session.split("-", 1)[1]  # sessions are "<edge device>-<request id>"; devices are c0, c1...
+    return session.split("-", 1)[1].rsplit("@", 1)[0]  # "<edge device>-<request id>@<stream>"; devices c0, c1...
 
 
 def _toy_greedy(requests) -> list[list[int]]:

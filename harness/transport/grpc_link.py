@@ -21,6 +21,7 @@ round-trip times measured on one side stay valid.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -40,6 +41,7 @@ from harness.transport.frames import (
     decode_frame,
     encode_frame,
 )
+from harness.transport.auth import MD_AUTH, bearer, bearer_matches
 from systems.api import Envelope
 from systems.messages import PROTOCOL_VERSION, CloseSession, Message, TokenOut, Verdict, decode, encode
 
@@ -54,6 +56,27 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# The cloud lets its edges ping as often as their liveness check needs (gRPC's server default
+# answers pings more often than every 5 minutes with GOAWAY "too_many_pings").
+SERVER_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 100),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+def keepalive_options(timeout_s: float, interval_s: float = 1.0) -> list[tuple[str, int]]:
+    """Channel options that ping the cloud every ``interval_s`` and end the stream when a ping
+    goes ``timeout_s`` unanswered: a cloud process that stopped (a stall, SIGSTOP, a dead host)
+    is then found out within ``interval_s + timeout_s``, however long its verifications take,
+    since gRPC's own threads answer pings while the policy computes."""
+    return [
+        ("grpc.keepalive_time_ms", max(1, int(interval_s * 1000))),
+        ("grpc.keepalive_timeout_ms", max(1, int(timeout_s * 1000))),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 class LinkClosedError(ConnectionError):
@@ -91,8 +114,11 @@ class GrpcEdgeLink:
     """
 
     def __init__(self, address: str, *, system: str, vocab_fingerprint: str = "", device: str = "edge",
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, token: str | None = None, tls_ca: bytes | None = None,
+                 liveness_timeout_s: float | None = None):
         self.address, self.system, self.device = address, system, device
+        self.token, self.tls_ca = token, tls_ca
+        self.liveness_timeout_s = liveness_timeout_s
         self.vocab_fingerprint = vocab_fingerprint
         self.connect_timeout = connect_timeout
         self.up, self.down = Counter(), Counter()
@@ -109,7 +135,14 @@ class GrpcEdgeLink:
 
     async def connect(self) -> dict[str, str]:
         """Open the stream; returns the cloud's metadata (system, protocol, model)."""
-        self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        options = list(CHANNEL_OPTIONS)
+        if self.liveness_timeout_s is not None:
+            options += keepalive_options(self.liveness_timeout_s)
+        if self.tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=self.tls_ca)
+            self._channel = grpc.aio.secure_channel(self.address, creds, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.address, options=options)
         try:
             await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout)
         except asyncio.TimeoutError:
@@ -122,6 +155,7 @@ class GrpcEdgeLink:
             (MD_SYSTEM, self.system),
             (MD_VOCAB, self.vocab_fingerprint),
             (MD_DEVICE, self.device),
+            *((bearer(self.token),) if self.token else ()),
         ))
         md = await self._call.initial_metadata()
         self.server_info = {k: v for k, v in (md or ()) if isinstance(v, str)}
@@ -269,8 +303,14 @@ class _Stream:
     device: str
     peer: str
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
-    sessions: set[str] = field(default_factory=set)  # open sessions that came on this stream
+    sessions: set[str] = field(default_factory=set)  # open sessions that came on this stream (cloud names)
+    names: dict[str, str] = field(default_factory=dict)  # cloud name -> the edge's name, for replies
     ended: bool = False
+
+    def cloud_name(self, name: str) -> str:
+        """The name the cloud policy knows the edge's session ``name`` by: the stream's own
+        namespace, so two streams' sessions never meet, whatever names their edges choose."""
+        return f"{name}@{self.id}"
 
 
 @dataclass
@@ -292,8 +332,10 @@ class CloudStats:
 class GrpcCloudLink:
     """The cloud's end: one inbox for all streams, replies routed by session."""
 
-    def __init__(self, *, system: str, model: str = "", vocab_fingerprint: str = ""):
+    def __init__(self, *, system: str, model: str = "", vocab_fingerprint: str = "", token: str | None = None):
+        """``token``: refuse every stream that does not present it (None: accept any)."""
         self.system, self.model, self.vocab_fingerprint = system, model, vocab_fingerprint
+        self.token = token
         self.stats = CloudStats()
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._routes: dict[str, _Stream] = {}
@@ -310,11 +352,11 @@ class GrpcCloudLink:
         return await self._inbox.get()
 
     async def send(self, msg: Message) -> int:
-        payload = encode(msg)
         stream = self._routes.get(msg.session)
         if stream is None or stream.ended:
             self.stats.dropped_down += 1
-            return len(payload)
+            return len(encode(msg))
+        payload = encode(dataclasses.replace(msg, session=stream.names[msg.session]))
         stream.outbox.put_nowait(encode_frame(payload, time.monotonic()))
         self.stats.down.add(len(payload))
         if isinstance(msg, Verdict):
@@ -361,6 +403,7 @@ class GrpcCloudLink:
 
     # ---- the RPC ---------------------------------------------------------------------------
     def _refusal(self, md: dict) -> str | None:
+        """Why a stream with call metadata ``md`` is refused (after the token), or None."""
         proto = md.get(MD_PROTOCOL)
         if proto != str(PROTOCOL_VERSION):
             return f"message protocol version {proto!r} at the edge, {PROTOCOL_VERSION} at the cloud"
@@ -375,6 +418,10 @@ class GrpcCloudLink:
 
     async def _connect(self, request_iterator, context):
         md = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        if self.token is not None and not bearer_matches(md.get(MD_AUTH), self.token):
+            self.stats.streams_refused += 1
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong token: pass the cloud's shared token (SPECWAN_CLOUD_TOKEN)")
         problem = self._refusal(md)
         if problem is not None:
             self.stats.streams_refused += 1
@@ -408,20 +455,21 @@ class GrpcCloudLink:
                     stream.outbox.put_nowait((grpc.StatusCode.INVALID_ARGUMENT,
                                               f"undecodable message: {type(e).__name__}: {e}"))
                     return
-                owner = self._routes.get(msg.session)
+                name = stream.cloud_name(msg.session)
+                stream.names.setdefault(name, msg.session)
+                msg.session = name
+                owner = self._routes.get(name)
                 if owner is None and not isinstance(msg, CloseSession):
-                    self._routes[msg.session] = stream
-                    stream.sessions.add(msg.session)
+                    self._routes[name] = stream
+                    stream.sessions.add(name)
                     self.stats.sessions_total += 1
-                elif owner is not None and owner is not stream:
-                    stream.outbox.put_nowait((grpc.StatusCode.INVALID_ARGUMENT,
-                                              f"session {msg.session!r} is open on another stream"))
-                    return
                 self.stats.up.add(len(payload))
                 self._inbox.put_nowait(Envelope(msg, len(payload), t_sent, t_recv))
-                if isinstance(msg, CloseSession) and owner is stream:
-                    stream.sessions.discard(msg.session)
-                    self._routes.pop(msg.session, None)
+                if isinstance(msg, CloseSession):
+                    if owner is stream:
+                        stream.sessions.discard(name)
+                        self._routes.pop(name, None)
+                    stream.names.pop(name, None)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the edge vanished; the stream is over
@@ -436,9 +484,10 @@ class GrpcCloudLink:
         stream.ended = True
         self._streams.pop(stream.id, None)
         now = time.monotonic()
-        for name in sorted(stream.sessions):
+        for name in sorted(stream.sessions):  # cloud names
             if self._routes.get(name) is stream:
                 del self._routes[name]
             self.stats.sessions_abandoned += 1
             self._inbox.put_nowait(Envelope(CloseSession(name), 0, now, now))
         stream.sessions.clear()
+        stream.names.clear()
