@@ -118,6 +118,12 @@ report: $(STAMP)
 overhead: $(STAMP)
 	$(PY) benchmarks/round_overhead.py
 
+# A 10-minute soak of one cloud process (toy pair, SLED) under honest and bad clients: its
+# memory and descriptors over time, in results/soak-toy-sled/ (benchmarks/soak.py --help).
+.PHONY: soak
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
 
