@@ -24,6 +24,16 @@ from tqdm import tqdm
 
 from harness.edges import EdgesError, EdgesPlan, edges_plan, slo_met
 from harness.energy.select import EnergyConfig, energy_config
+from harness.faults import (
+    LINK_FAULTS,
+    PROCESS_FAULTS,
+    FaultError,
+    WallOptions,
+    liveness_timeout,
+    parse_faults,
+    wall_options,
+    with_link_faults,
+)
 from harness.link import LinkProfile
 from harness.profiles import RoleProfile, require_target_costs, role_profile
 from netem.profile import NetworkProfile, ProfileError, parse_profile
@@ -59,6 +69,8 @@ class Plan:
     workload: object = None  # workloads.WorkloadSpec, checked here; its prompts load after the models
     network: NetworkProfile | None = None  # what the wall-mode link backends realise
     edges: EdgesPlan | None = None  # the edge devices (None: one, the run's device and network)
+    faults: list = field(default_factory=list)  # harness.faults.Fault: injected on purpose
+    wall: WallOptions = field(default_factory=WallOptions)
 
 
 def network_spec(node) -> NetworkProfile:
@@ -132,6 +144,16 @@ def make_plan(cfg: DictConfig) -> Plan:
     except WorkloadError as exc:
         raise ConfigError(str(exc)) from exc
     network = network_spec(cfg.network)
+    try:
+        faults = parse_faults(_plain(cfg.get("fault")))
+        wall = wall_options(_plain(cfg.get("wall")))
+        if cfg.mode == "virtual":
+            if any(f.kind in PROCESS_FAULTS for f in faults):
+                raise FaultError(f"fault={cfg.fault.name}: cloud_kill and cloud_stall act on the cloud process, "
+                                 "which only mode=wall has; use mode=wall, or a link fault (outage, bandwidth_collapse)")
+            network = with_link_faults(network, faults)  # wall mode applies them to the live link
+    except FaultError as exc:
+        raise ConfigError(str(exc)) from exc
     link = LinkProfile.from_network(network)
     edges_node = cfg.get("edges")
     try:
@@ -147,7 +169,12 @@ def make_plan(cfg: DictConfig) -> Plan:
         raise ConfigError("mode=wall runs edges.n edge processes on this machine's link, closed loop: leave "
                           "edges.devices, edges.networks and edges.arrivals at their defaults, or use mode=virtual")
     return Plan(system, system_config, pair, link, edge, cloud, cfg.mode,
-                SamplingParams(temperature=float(cfg.temperature)), energy, workload, network, edges)
+                SamplingParams(temperature=float(cfg.temperature)), energy, workload, network, edges, faults, wall)
+
+
+def _plain(node):
+    """A config node as plain containers (None stays None)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 #: per-request columns every run folder gets (see :func:`request_context`)
@@ -342,6 +369,8 @@ def _execute(cfg: DictConfig, plan: Plan, run_dir, wall) -> list:
             writer.update_manifest({"edges": plan.edges.describe()})
         if too_long:
             writer.update_manifest({"left_out_requests": too_long})
+        if plan.faults or plan.mode == "wall":
+            writer.update_manifest({"faults": fault_manifest(plan)})
         if link is not None:
             from netem.kernel import capabilities
             from netem.probe import side_by_side
@@ -542,6 +571,25 @@ def wall_processes(n_edges: int) -> dict:
                     "same cores take turns, so measured times include that sharing"}
 
 
+def fault_manifest(plan: Plan, run=None) -> dict:
+    """The manifest's ``faults`` entry: the faults configured, those that fired and when
+    (wall mode; seconds after every edge had connected), and how the edges guarded against a
+    lost cloud."""
+    from harness.faults import describe
+
+    out = {"configured": describe(plan.faults)}
+    if plan.mode == "virtual":
+        out["fired"] = [{**f.describe(), "how": "the link model's rate trace (virtual time)"}
+                        for f in plan.faults]
+        return out
+    seconds, how = liveness_timeout(plan.network)
+    out["fired"] = list(run.faults_fired) if run is not None else []
+    out["liveness_timeout_s"] = plan.wall.liveness_timeout_s or seconds
+    out["liveness_from"] = "wall.liveness_timeout_s" if plan.wall.liveness_timeout_s else how
+    out["on_cloud_lost"] = plan.wall.on_cloud_lost
+    return out
+
+
 def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context, link=None) -> list:
     """Serve the turns' requests across real processes; record what finished even on failure."""
     from harness.pairs import load_pair
@@ -549,6 +597,10 @@ def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context, link=None) ->
 
     if not turns:
         return []
+    if any(f.kind in LINK_FAULTS for f in plan.faults) and getattr(link, "backend", None) not in ("tun", "relay"):
+        raise ConfigError(f"fault={cfg.fault.name} changes the link while it runs, which only the tun and relay "
+                          f"backends can (this run's: {getattr(link, 'backend', 'none')}): set network.backend=tun "
+                          "or relay, on a shaped network")
     by_id = {t.request_id: t for t in turns}
     position = {t.request_id: i for i, t in enumerate(turns)}
     n_edges = plan.edges.n if plan.edges is not None else 1
@@ -582,17 +634,22 @@ def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context, link=None) ->
                     else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="specwan-pair-"))))
             pair_file = home / "pair.yaml"
             pair_file.write_text(OmegaConf.to_yaml(cfg.pair, resolve=True))
+            liveness = plan.wall.liveness_timeout_s or liveness_timeout(plan.network)[0]
             records = run_wall(plan.system.name, load_pair(pair_file), [t.request for t in turns], system_params(cfg),
                                clients=n_edges, on_start=started.append, on_record=record, link=link, on_batch=batch,
-                               workdir=home / "wall" if writer is not None else None)
+                               workdir=home / "wall" if writer is not None else None, timeout_s=plan.wall.timeout_s,
+                               liveness_timeout_s=liveness, on_cloud_lost=plan.wall.on_cloud_lost,
+                               retry_within_s=plan.wall.retry_within_s, faults=plan.faults)
     except WallRunError as exc:
         for rec in exc.records:
             record(rec)
+        if writer is not None and started:
+            writer.update_manifest({"faults": fault_manifest(plan, started[0])})
         raise
     for rec in records:
         record(rec)
     if writer is not None:
-        writer.update_manifest({"wall_processes": wall_processes(n_edges)})
+        writer.update_manifest({"wall_processes": wall_processes(n_edges), "faults": fault_manifest(plan, started[0])})
         if started and started[0].energy:
             writer.update_manifest({"energy": started[0].energy})
     return records

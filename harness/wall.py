@@ -32,6 +32,7 @@ The helpers below are shared with the two process entry points.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from harness.faults import LINK_FAULTS, PROCESS_FAULTS, Fault, process_faults, with_link_faults
 from harness.pairs import PairSpec, ensure_pair, load_pair, vocab_fingerprint
 from harness.transport.auth import TOKEN_ENV, new_token
 from netem.tempdirs import owned_tempdir
@@ -57,6 +59,7 @@ from systems.sampling import SamplingParams
 PARENT_ENV = "SPECWAN_PARENT_PID"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GRACE_S = 5.0
+STARTUP_S = 600.0  # the most the cloud may take to load its model and serve, when the run has no timeout
 BATCHES_FILE = "batches.jsonl"  # in the run's work folder, written by the cloud process
 
 
@@ -312,6 +315,9 @@ class WallRun:
     read_upto: dict[Path, int] = field(default_factory=dict)  # bytes of each edge's output already passed on
     on_record: Callable[[RequestRecord], None] | None = None
     token: str = field(default_factory=new_token, repr=False)  # this run's shared token (auth.py)
+    cloud_args: list[str] = field(default_factory=list)  # how the cloud was started (a restart reuses them)
+    faults_fired: list[dict] = field(default_factory=list)  # each injected fault, with when it acted
+    fault_origin: float | None = None  # time.monotonic() of fault time zero (every edge connected)
 
     def pass_on_new_records(self) -> None:
         """Hand each request record an edge has finished writing since the last call to
@@ -426,7 +432,7 @@ def run_wall(
     requests: Sequence[GenerationRequest],
     config: dict | None = None,
     clients: int = 1,
-    timeout_s: float = 600.0,
+    timeout_s: float | None = None,
     *,
     workdir: str | os.PathLike | None = None,
     pin: bool = True,
@@ -435,11 +441,22 @@ def run_wall(
     on_record: Callable[[RequestRecord], None] | None = None,
     link=None,
     on_batch: Callable[[BatchRecord], None] | None = None,
+    liveness_timeout_s: float | None = None,
+    on_cloud_lost: str = "fail",
+    retry_within_s: float = 30.0,
+    faults: Sequence[Fault] = (),
 ) -> list[RequestRecord]:
     """Serve ``requests`` with a system across real processes on this host; one record per request.
 
     ``pair`` is a pair name, a pair YAML file, or a :class:`PairSpec` read from one.
-    ``timeout_s`` bounds the whole run (start-up included). ``workdir`` keeps the request
+    ``timeout_s`` bounds the whole run (start-up included; None: no bound, start-up alone
+    bounded by :data:`STARTUP_S`). ``liveness_timeout_s``: the edges ping the cloud and count
+    it as stopped when a ping goes that long unanswered (None: no pings); ``on_cloud_lost`` and
+    ``retry_within_s``: what an edge then does (:func:`harness.edge_client.run_edge`).
+    ``faults`` (:mod:`harness.faults`) act at their ``at_s`` after every edge has connected:
+    the link faults go into ``link``'s trace then, the cloud-process faults are fired on
+    schedule (:class:`FaultInjector`). What fired, and when, is in
+    :attr:`WallRun.faults_fired`. ``workdir`` keeps the request
     files, the edges' JSON-lines outputs and every process's log (a temporary folder by
     default, removed after the run unless edges ran and it failed). ``on_start`` is
     called once every process is up. ``on_record`` gets each request's record as soon as its
@@ -456,6 +473,11 @@ def run_wall(
     """
     spec = get_system(system)
     spec.make_config(config)  # a bad config fails here, before any process starts
+    if any(f.kind in LINK_FAULTS for f in faults) and link is None:
+        raise ValueError("link faults (outage, bandwidth_collapse) need an emulated link: run with a shaped "
+                         "network (network.backend tun or relay)")
+    if any(f.kind in PROCESS_FAULTS for f in faults) and spec.cloud_cls is None:
+        raise ValueError(f"cloud faults need a cloud process; {spec.name} has none")
     if clients < 1:
         raise ValueError(f"clients must be >= 1, got {clients}")
     pair_spec = pair if isinstance(pair, PairSpec) else load_pair(pair)
@@ -473,7 +495,7 @@ def run_wall(
     cloud_cpus, edge_cpus = cpu_plan(clients) if pin else (None, [None] * clients)
     common = ["--pair", pair_arg, "--system", spec.name, "--config", json.dumps(config or {})]
     run = WallRun(work, None, [], link=link, on_record=on_record)
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + (timeout_s if timeout_s is not None else STARTUP_S)
     ok = delivered = False
     try:
         try:
@@ -487,7 +509,9 @@ def run_wall(
                 req_file.write_text("".join(json.dumps(request_to_json(r)) + "\n" for r in mine))
                 out.unlink(missing_ok=True)
                 args = [*common, "--requests", str(req_file), "--out", str(out), "--device", f"c{i}",
-                        "--q-dtype", q_dtype]
+                        "--q-dtype", q_dtype, "--on-cloud-lost", on_cloud_lost, "--retry-within", repr(retry_within_s)]
+                if liveness_timeout_s is not None:
+                    args += ["--liveness-timeout", repr(liveness_timeout_s)]
                 if run.grpc_port is not None:
                     host, port = link.endpoint(run.grpc_port) if link is not None else ("127.0.0.1", run.grpc_port)
                     args += ["--grpc", f"{host}:{port}"]
@@ -498,15 +522,24 @@ def run_wall(
                 run.outputs.append(out)
             if on_start is not None:
                 on_start(run)
-            problems = _wait_edges(run, deadline, timeout_s)
+            if timeout_s is None:
+                deadline = float("inf")
+            injector = FaultInjector(run, faults, clients, deadline_s=STARTUP_S)
+            try:
+                problems = _wait_edges(run, deadline, timeout_s, injector)
+            finally:
+                injector.stop()
             records = [r for out in run.outputs for r in read_records(out)]
             if cloud_meter is not None:
                 try:
                     reading = cloud_meter.end("run")
                     run.energy = {"cloud_run": reading.as_dict(), "cloud_meter": cloud_meter.describe()}
                 except (OSError, RuntimeError) as exc:  # the cloud died: nothing left to read
-                    run.energy = {"cloud_run": None, "reason": f"the cloud process could not be read ({exc!r})"}
-            if not problems:
+                    why = f"the cloud process could not be read ({exc!r})"
+                    if any(f.get("kind") == "cloud_kill" for f in run.faults_fired):
+                        why += "; a cloud_kill fault ended the process it metered"
+                    run.energy = {"cloud_run": None, "reason": why}
+            if not problems and not injector.killed_for_good:
                 problems = _stop_cloud(run)
             finished = sum(1 for r in records if not r.error)
             failed = [r for r in records if r.error]
@@ -559,15 +592,35 @@ def _begin_cloud_energy(run: WallRun):
 
 
 def _start_cloud(run: WallRun, common: list[str], cpus, deadline: float, system: str, draft_fp: str) -> None:
-    ready, batches = run.workdir / "cloud.ready.json", run.workdir / BATCHES_FILE
-    ready.unlink(missing_ok=True)
+    batches = run.workdir / BATCHES_FILE
     batches.unlink(missing_ok=True)  # the cloud appends: a reused folder must not mix runs
-    args = [*common, "--grpc-port", "0", "--http-port", "0", "--ready-file", str(ready), "--batches", str(batches)]
+    args = [*common, "--ready-file", str(run.workdir / "cloud.ready.json"), "--batches", str(batches)]
     if run.link is not None:
         args += ["--host", run.link.cloud_bind]
     if cpus:
         args += ["--cpus", ",".join(map(str, cpus))]
-    run.cloud = cloud = _spawn("cloud", "harness.cloud_server", args, run.workdir,
+    run.cloud_args = args
+    _launch_cloud(run, ["--grpc-port", "0", "--http-port", "0"], deadline)
+    about = run.http("/info")
+    if about.get("system") != system:
+        raise WallRunError(f"the cloud serves system {about.get('system')!r}, not {system!r}", workdir=run.workdir)
+    if about.get("vocab_fingerprint") != draft_fp:
+        raise WallRunError(
+            f"refusing to run: the cloud's target vocabulary ({about.get('model')}: "
+            f"{about.get('vocab_fingerprint')}) differs from the draft's ({draft_fp}); "
+            "speculative decoding needs one shared vocabulary", workdir=run.workdir)
+
+
+def restart_cloud(run: WallRun, deadline: float) -> None:
+    """Start the cloud again after it died, on the same ports (the edges reconnect to them)."""
+    _launch_cloud(run, ["--grpc-port", str(run.grpc_port), "--http-port", str(run.http_port)], deadline)
+
+
+def _launch_cloud(run: WallRun, ports: list[str], deadline: float) -> None:
+    """Start the cloud process with ``run.cloud_args`` and ``ports``; wait until it serves."""
+    ready = run.workdir / "cloud.ready.json"
+    ready.unlink(missing_ok=True)
+    run.cloud = cloud = _spawn("cloud", "harness.cloud_server", [*run.cloud_args, *ports], run.workdir,
                                run.link.prefix("cloud") if run.link is not None else (), token=run.token)
     info = None
     while info is None:
@@ -594,34 +647,142 @@ def _start_cloud(run: WallRun, common: list[str], cpus, deadline: float, system:
         if not cloud.alive() or time.monotonic() > deadline:
             raise WallRunError(f"the cloud's /healthz did not answer ok:\n{cloud.tail()}", workdir=run.workdir)
         time.sleep(0.05)
-    about = run.http("/info")
-    if about.get("system") != system:
-        raise WallRunError(f"the cloud serves system {about.get('system')!r}, not {system!r}", workdir=run.workdir)
-    if about.get("vocab_fingerprint") != draft_fp:
-        raise WallRunError(
-            f"refusing to run: the cloud's target vocabulary ({about.get('model')}: "
-            f"{about.get('vocab_fingerprint')}) differs from the draft's ({draft_fp}); "
-            "speculative decoding needs one shared vocabulary", workdir=run.workdir)
 
 
-def _wait_edges(run: WallRun, deadline: float, timeout_s: float) -> list[str]:
+class FaultInjector:
+    """Fires a wall run's faults on schedule (:mod:`harness.faults`), each recorded in
+    ``run.faults_fired`` with its times in seconds after every edge had connected to the cloud
+    (fault time zero, :attr:`started`: in virtual time, the start of serving).
+
+    Link faults are written into the live link's trace then. The cloud-process faults
+    act when :meth:`poll` finds them due (the run's wait loop calls it, on the main thread:
+    a process started from another thread would be killed when that thread ends, by the
+    parent-death signal): ``cloud_stall`` stops the cloud (SIGSTOP) and resumes it,
+    ``cloud_kill`` kills it (SIGKILL) and starts it again on the same ports. While the cloud
+    is down on purpose, :attr:`planned_down` is set, so the run does not take it for a crash.
+    """
+
+    def __init__(self, run: WallRun, faults: Sequence[Fault], n_edges: int, deadline_s: float):
+        self.run, self.n_edges, self.deadline_s = run, n_edges, deadline_s
+        self.started: float | None = None  # when every edge had its stream open: fault time zero
+        self.planned_down = False
+        self.killed_for_good = False
+        self.error: str | None = None
+        self._link_faults = [f for f in faults if f.kind in LINK_FAULTS]
+        # (due, order, action, fault, entry): what to do next, in time order
+        self._due = [(f.at_s, i, "fire", f, None) for i, f in enumerate(process_faults(list(faults)))]
+        self._stalled: Child | None = None
+        self._asked = 0.0
+        if not faults:
+            self.started = time.monotonic()
+
+    def _serving(self) -> bool:
+        """Whether every edge has connected (asked of the cloud's /stats every 0.1 s)."""
+        if self.run.cloud is None:
+            return True
+        now = time.monotonic()
+        if now - self._asked < 0.1:
+            return False
+        self._asked = now
+        try:
+            return int(self.run.http("/stats").get("streams_total", 0)) >= self.n_edges
+        except (OSError, ValueError):
+            return False
+
+    def _begin(self) -> None:
+        self.started = self.run.fault_origin = time.monotonic()
+        if self._link_faults:
+            offset = self.started - self.run.link.origin  # the trace counts from the link's start
+            shifted = [dataclasses.replace(f, at_s=f.at_s + offset) for f in self._link_faults]
+            self.run.link.apply_profile(with_link_faults(self.run.link.profile, shifted))
+            for f in self._link_faults:
+                self.run.faults_fired.append({**f.describe(), "fired_s": f.at_s, "ended_s": f.at_s + f.for_s,
+                                              "how": f"the {self.run.link.backend} link's trace"})
+
+    def _now(self) -> float:
+        return time.monotonic() - self.started
+
+    def poll(self) -> None:
+        """Do whatever is due by now."""
+        if self.started is None:
+            if not self._serving():
+                return
+            self._begin()
+        while self._due and self._due[0][0] <= self._now() and self.error is None:
+            _, order, action, fault, entry = self._due.pop(0)
+            try:
+                self._act(order, action, fault, entry)
+            except WallRunError as exc:
+                self.error = f"fault {fault.kind}: {exc}"
+                self.planned_down = False
+            self._due.sort(key=lambda d: (d[0], d[1]))
+
+    def _act(self, order: int, action: str, f: Fault, entry: dict | None) -> None:
+        cloud = self.run.cloud
+        now = round(self._now(), 4)
+        if action == "fire":
+            entry = {**f.describe(), "fired_s": now, "pid": cloud.pid}
+            self.run.faults_fired.append(entry)
+            self.planned_down = True
+            if f.kind == "cloud_stall":
+                _signal(cloud, signal.SIGSTOP)
+                self._stalled = cloud
+                self._due.append((f.at_s + f.for_s, order, "resume", f, entry))
+                return
+            _signal(cloud, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                cloud.proc.wait(timeout=GRACE_S)
+            entry["killed_s"] = round(self._now(), 4)
+            if f.restart_after_s is None:
+                self.killed_for_good = True
+            else:
+                self._due.append((entry["killed_s"] + f.restart_after_s, order, "restart", f, entry))
+        elif action == "resume":
+            _signal(cloud, signal.SIGCONT)
+            self._stalled = None
+            entry["ended_s"] = now
+            self.planned_down = False
+        elif action == "restart":
+            restart_cloud(self.run, time.monotonic() + self.deadline_s)
+            entry["restarted_s"] = round(self._now(), 4)
+            entry["new_pid"] = self.run.cloud.pid
+            self.planned_down = False
+
+    def stop(self) -> None:
+        """Fire nothing more; a stalled cloud is resumed."""
+        self._due.clear()
+        if self._stalled is not None:
+            _signal(self._stalled, signal.SIGCONT)
+            self._stalled = None
+
+
+def _wait_edges(run: WallRun, deadline: float, timeout_s: float | None,
+                injector: FaultInjector | None = None) -> list[str]:
     """Wait for every edge to exit; what went wrong, as sentences."""
     problems: list[str] = []
     cloud_gone_at = None
     while any(e.alive() for e in run.edges):
         now = time.monotonic()
         if now > deadline:
-            problems.append(f"timed out after {timeout_s:g} s")
+            problems.append(f"timed out after {timeout_s:g} s (wall.timeout_s)")
             break
-        if run.cloud is not None and not run.cloud.alive():
+        if injector is not None:
+            injector.poll()
+        planned = injector is not None and (injector.planned_down or injector.killed_for_good)
+        if run.cloud is not None and not run.cloud.alive() and not planned:
             if cloud_gone_at is None:
                 cloud_gone_at = now
             elif now - cloud_gone_at > GRACE_S:  # the edges should have noticed by now
                 break
+        else:
+            cloud_gone_at = None
         run.pass_on_new_records()
         time.sleep(0.02)
     run.pass_on_new_records()
-    if run.cloud is not None and not run.cloud.alive():
+    if injector is not None and injector.error:
+        problems.append(injector.error)
+    killed_on_purpose = injector is not None and injector.killed_for_good
+    if run.cloud is not None and not run.cloud.alive() and not killed_on_purpose:
         code = run.cloud.proc.returncode
         how = exit_reason(code)
         problems.insert(0, f"the cloud process (pid {run.cloud.pid}) {how} while requests were in flight")

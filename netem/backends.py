@@ -178,9 +178,30 @@ class Link:
         for name in self.namespaces.values():
             ns.delete(name)
 
+    @property
+    def _profile_file(self) -> Path:
+        return self.workdir / "profile.json"
+
+    def apply_profile(self, profile: NetworkProfile) -> None:
+        """Switch the live link to ``profile`` (its trace on this link's time origin): how
+        faults reach a link that is already carrying traffic. The user-space emulators take
+        it at once; the ``netem`` backend (kernel qdiscs following a trace from a thread) and
+        an unshaped link cannot, and say so."""
+        emulators = [proc for proc, _ in self._procs if proc.poll() is None]
+        if self.backend not in ("tun", "relay"):
+            raise LinkError(f"the {self.backend} link backend cannot change its profile while it runs: use "
+                            "network.backend=tun or relay for faults on a live link")
+        tmp = self._profile_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(profile.as_json()))
+        os.replace(tmp, self._profile_file)
+        self.profile = profile
+        for proc in emulators:
+            proc.send_signal(signal.SIGUSR2)
+
     def _start(self, module: str, args: list[str], what: str, ready_key: str) -> tuple[subprocess.Popen, dict]:
         n = len(self._procs)
         ready, stats, log = (self.workdir / f"{ready_key}{n}.{x}" for x in ("ready.json", "stats.json", "log"))
+        args = [*args, "--reload", str(self._profile_file)]
         proc = _spawn(module, [*args, "--ready", str(ready), "--stats", str(stats)], log)
         self._procs.append((proc, stats))
         info = _wait_file(ready, proc, log, what)
@@ -272,7 +293,7 @@ class NetemLink(_Namespaced):
                 if rate is not None and side in self.namespaces:
                     with contextlib.suppress(LinkError):
                         self._tc(self.namespaces[side], "qdisc", "change", "dev", dev, "parent", "1:",
-                                 "handle", "2:", *self._tbf(rate))
+                                 "handle", "2:", *self._tbf(max(rate, 8.0)))  # tbf has no rate 0
 
     def endpoint(self, port: int) -> tuple[str, int]:
         return self.cloud_bind, port

@@ -65,6 +65,11 @@ class Trace:
             nxt = next((b for b in bounds if b > t), math.inf)
             if rate is None:
                 return t
+            if rate == 0:  # an outage: nothing passes until the next step
+                if nxt == math.inf:
+                    raise ValueError("a trace cannot end in an outage (rate 0): nothing would ever arrive")
+                t = nxt
+                continue
             if t + left / rate <= nxt:
                 return t + left / rate
             left -= (nxt - t) * rate

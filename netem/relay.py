@@ -27,7 +27,7 @@ import sys
 import time
 
 from netem.profile import NetworkProfile
-from netem.shaper import Shaper, raise_priority
+from netem.shaper import Shaper, raise_priority, reload_profile
 from netem.tunwire import EARLY_S, _write_json
 
 CHUNK = 65536
@@ -46,7 +46,7 @@ class _Pipe:
 
 
 def serve(listener: socket.socket, target: tuple[str, int], profile: NetworkProfile, origin: float,
-          stats_path: str | None) -> None:
+          stats_path: str | None, reload_path: str | None = None) -> None:
     up, down = Shaper(profile, "up", origin, lossy=False), Shaper(profile, "down", origin, lossy=False)
     pipes: list[_Pipe] = []
     heap: list = []
@@ -59,6 +59,7 @@ def serve(listener: socket.socket, target: tuple[str, int], profile: NetworkProf
     signal.signal(signal.SIGTERM, lambda *_: flags.update(stop=True))
     signal.signal(signal.SIGINT, lambda *_: flags.update(stop=True))
     signal.signal(signal.SIGUSR1, lambda *_: flags.update(dump=True))
+    signal.signal(signal.SIGUSR2, lambda *_: flags.update(reload=True))
     connections = 0
     dumps = 0
     seg = profile.mss
@@ -104,6 +105,9 @@ def serve(listener: socket.socket, target: tuple[str, int], profile: NetworkProf
         if flags["dump"]:
             flags["dump"] = False
             dump()
+        if flags.get("reload"):
+            flags["reload"] = False
+            reload_profile(reload_path, (up, down))
         now = time.monotonic()
         readers, writers = [listener, wake_r], []
         for p in pipes:
@@ -174,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--origin", type=float, required=True, help="time.monotonic() at which the trace starts")
     ap.add_argument("--ready", required=True, help="write {port, pid} here once listening")
     ap.add_argument("--stats", default=None, help="write the counters here on SIGUSR1 and at exit")
+    ap.add_argument("--reload", default=None, help="on SIGUSR2, switch to the profile in this file (JSON)")
     args = ap.parse_args(argv)
     host, port = args.target.rsplit(":", 1)
     profile = NetworkProfile.from_json(json.loads(args.profile))
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     listener.listen(64)
     listener.setblocking(False)
     _write_json(args.ready, {"port": listener.getsockname()[1], "pid": os.getpid(), "priority": raise_priority()})
-    serve(listener, (host, int(port)), profile, args.origin, args.stats)
+    serve(listener, (host, int(port)), profile, args.origin, args.stats, args.reload)
     return 0
 
 

@@ -9,8 +9,10 @@ by half the RTT plus a jitter draw. Deliveries never overtake (FIFO), as on one 
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import sys
 
 from netem.profile import NetworkProfile, jitter_sample
 
@@ -69,3 +71,18 @@ def raise_priority() -> str:
         return f"nice {os.nice(-10)}"
     except (PermissionError, OSError):
         return "default (no permission to raise it)"
+
+
+def reload_profile(path: str | None, shapers) -> None:
+    """Switch the shapers to the profile in ``path`` (NetworkProfile JSON; its trace on the
+    same time origin): how faults reach a live link. A file that does not read leaves them."""
+    if not path:
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            profile = NetworkProfile.from_json(json.load(f))
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"netem: cannot reload the profile from {path}: {exc}", file=sys.stderr, flush=True)
+        return
+    for shaper in shapers:
+        shaper.profile = profile

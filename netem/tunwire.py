@@ -29,7 +29,7 @@ import time
 
 from netem.ns import entered
 from netem.profile import NetworkProfile
-from netem.shaper import Shaper, raise_priority
+from netem.shaper import Shaper, raise_priority, reload_profile
 
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
@@ -51,7 +51,8 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def serve(edge_fd: int, cloud_fd: int, profile: NetworkProfile, origin: float, stats_path: str | None) -> None:
+def serve(edge_fd: int, cloud_fd: int, profile: NetworkProfile, origin: float, stats_path: str | None,
+          reload_path: str | None = None) -> None:
     up, down = Shaper(profile, "up", origin), Shaper(profile, "down", origin)
     route = {edge_fd: (up, cloud_fd), cloud_fd: (down, edge_fd)}
     heap: list = []
@@ -64,6 +65,7 @@ def serve(edge_fd: int, cloud_fd: int, profile: NetworkProfile, origin: float, s
     signal.signal(signal.SIGTERM, lambda *_: flags.update(stop=True))
     signal.signal(signal.SIGINT, lambda *_: flags.update(stop=True))
     signal.signal(signal.SIGUSR1, lambda *_: flags.update(dump=True))
+    signal.signal(signal.SIGUSR2, lambda *_: flags.update(reload=True))
     write_errors = 0
     dumps = 0
 
@@ -80,6 +82,9 @@ def serve(edge_fd: int, cloud_fd: int, profile: NetworkProfile, origin: float, s
         if flags["dump"]:
             flags["dump"] = False
             dump()
+        if flags.get("reload"):
+            flags["reload"] = False
+            reload_profile(reload_path, (up, down))
         timeout = None if not heap else max(0.0, heap[0][0] - time.monotonic())
         ready, _, _ = select.select([edge_fd, cloud_fd, wake_r], [], [], timeout)
         now = time.monotonic()
@@ -121,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="write {pid, priority, origin} here once both devices are attached (origin: the "
                          "time.monotonic() at which the trace starts)")
     ap.add_argument("--stats", default=None, help="write the counters here on SIGUSR1 and at exit")
+    ap.add_argument("--reload", default=None, help="on SIGUSR2, switch to the profile in this file (JSON)")
     args = ap.parse_args(argv)
     profile = NetworkProfile.from_json(json.loads(args.profile))
     try:
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     origin = time.monotonic()  # the trace's time zero: the wire carries packets from now on
     if args.ready:
         _write_json(args.ready, {"pid": os.getpid(), "priority": priority, "origin": origin})
-    serve(fds[0], fds[1], profile, origin, args.stats)
+    serve(fds[0], fds[1], profile, origin, args.stats, args.reload)
     return 0
 
 

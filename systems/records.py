@@ -94,6 +94,10 @@ class RequestRecord:
     token_times: list[float]
     rounds: list[RoundRecord] = field(default_factory=list)
     error: str | None = None
+    # How the request lived through a lost cloud (None: it did not lose it): "retried N times:
+    # <why>" (served again from the start on a new stream) or "edge_only from token N: <why>"
+    # (the edge decoded the rest alone, with its draft model; not the system's output).
+    recovery: str | None = None
     bytes_up: int = 0  # everything the request put on the link, set-up and tear-down included
     bytes_down: int = 0
     # Energy, set by the harness: edge_j, cloud_j (joules), edge_kind, cloud_kind ("measured" |
@@ -158,4 +162,5 @@ class RequestRecord:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "error": self.error,
+            "recovery": self.recovery,
         }

@@ -76,6 +76,7 @@ def keepalive_options(timeout_s: float, interval_s: float = 1.0) -> list[tuple[s
         ("grpc.keepalive_timeout_ms", max(1, int(timeout_s * 1000))),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.ping_timeout_ms", max(1, int(timeout_s * 1000))),
     ]
 
 
@@ -110,7 +111,10 @@ class GrpcEdgeLink:
     :meth:`send` and :meth:`recv` on the link itself serve messages of sessions that have no
     :meth:`session` view (enough for one session at a time). When the stream breaks, every
     pending and later ``recv``/``send`` raises :class:`LinkClosedError`, and :attr:`broken`
-    (an event) is set with the reason in :attr:`error`.
+    (an event) is set with the reason in :attr:`error`. ``token`` is the cloud's shared
+    token; ``tls_ca`` (PEM bytes) connects over TLS trusting that CA; with
+    ``liveness_timeout_s`` the link pings the cloud every second and breaks, naming the
+    cloud as stopped, when a ping goes that long unanswered (:func:`keepalive_options`).
     """
 
     def __init__(self, address: str, *, system: str, vocab_fingerprint: str = "", device: str = "edge",
@@ -241,7 +245,12 @@ class GrpcEdgeLink:
             self._fail("the link was closed")
             raise
         except grpc.aio.AioRpcError as e:
-            self._fail(f"lost the stream to the cloud at {self.address}: {_describe(e)}")
+            said = (e.details() or "").lower()
+            if self.liveness_timeout_s is not None and ("ping timeout" in said or "keepalive" in said):
+                self._fail(f"the cloud at {self.address} stopped answering: no reply to a ping within "
+                           f"{self.liveness_timeout_s:g} s ({_describe(e)})")
+            else:
+                self._fail(f"lost the stream to the cloud at {self.address}: {_describe(e)}")
         except Exception as e:  # a frame that does not decode
             self._fail(f"bad frame from the cloud at {self.address}: {type(e).__name__}: {e}")
 
