@@ -5,6 +5,8 @@ A fault is an event at ``at_s`` seconds after the link starts:
 
 - ``outage``: the link carries nothing, either way, for ``for_s`` seconds;
 - ``bandwidth_collapse``: both rates fall to ``factor`` times their value for ``for_s`` seconds;
+- ``loss_burst``: packets are lost with probability ``loss`` for ``for_s`` seconds (on the
+  packet-level backends and in the link model; the stream-level relay loses nothing);
 - ``cloud_kill``: the cloud process is killed (SIGKILL) and, after ``restart_after_s``
   (null: never), started again on the same ports; what it held is gone;
 - ``cloud_stall``: the cloud process is stopped (SIGSTOP) for ``for_s`` seconds, then resumed.
@@ -23,7 +25,7 @@ from typing import Mapping
 
 from netem.profile import NetworkProfile, RateStep, Trace
 
-LINK_FAULTS = ("outage", "bandwidth_collapse")
+LINK_FAULTS = ("outage", "bandwidth_collapse", "loss_burst")
 PROCESS_FAULTS = ("cloud_kill", "cloud_stall")
 ON_CLOUD_LOST = ("fail", "retry", "edge_only")
 
@@ -41,6 +43,7 @@ class Fault:
     for_s: float | None = None
     factor: float | None = None
     restart_after_s: float | None = None
+    loss: float | None = None
 
     def describe(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -85,7 +88,7 @@ def parse_faults(node: Mapping | None) -> list[Fault]:
                              f"got {ev.get('kind') if isinstance(ev, Mapping) else ev!r}")
         kind = ev["kind"]
         allowed = {"kind", "at_s", "for_s"} | ({"factor"} if kind == "bandwidth_collapse" else set()) \
-            | ({"restart_after_s"} if kind == "cloud_kill" else set())
+            | ({"restart_after_s"} if kind == "cloud_kill" else set()) | ({"loss"} if kind == "loss_burst" else set())
         if kind == "cloud_kill":
             allowed.discard("for_s")
         extra = set(ev) - allowed
@@ -103,7 +106,13 @@ def parse_faults(node: Mapping | None) -> list[Fault]:
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
                 raise FaultError(f"{where}.factor must be a fraction of the rates in (0, 1), got {factor!r}")
             factor = float(factor)
-        faults.append(Fault(kind, at, for_s=dur, factor=factor))
+        loss = None
+        if kind == "loss_burst":
+            loss = ev.get("loss")
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not 0 < loss < 1:
+                raise FaultError(f"{where}.loss must be a probability in (0, 1), got {loss!r}")
+            loss = float(loss)
+        faults.append(Fault(kind, at, for_s=dur, factor=factor, loss=loss))
     return faults
 
 
@@ -117,18 +126,21 @@ def with_link_faults(profile: NetworkProfile, faults: list[Fault]) -> NetworkPro
                      *(f.at_s + f.for_s for f in link_faults)})
     steps = []
     for t in bounds:
-        up, down = base.rate("up", t), base.rate("down", t)
+        step = base.step_at(t)
+        up, down, loss = step.up_bps, step.down_bps, step.loss
         for f in link_faults:
             if f.at_s <= t < f.at_s + f.for_s:
                 if f.kind == "outage":
                     up, down = 0.0, 0.0
+                elif f.kind == "loss_burst":
+                    loss = f.loss
                 else:
                     if up is None or down is None:
                         raise FaultError("fault bandwidth_collapse needs a rate-limited link (network.up_mbps and "
                                          "network.down_mbps set): an unlimited rate has no fraction")
                     up, down = up * f.factor, down * f.factor
-        if not steps or (steps[-1].up_bps, steps[-1].down_bps) != (up, down):
-            steps.append(RateStep(t, up, down))
+        if not steps or (steps[-1].up_bps, steps[-1].down_bps, steps[-1].loss) != (up, down, loss):
+            steps.append(RateStep(t, up, down, loss))
     source = f"{base.source}, with faults: " + "; ".join(
         f"{f.kind} at {f.at_s:g} s for {f.for_s:g} s" for f in link_faults)
     return dataclasses.replace(profile, trace=Trace(tuple(steps), source))

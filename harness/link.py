@@ -49,6 +49,11 @@ class LinkProfile:
     jitter_distribution: str = "normal"
     trace: Trace | None = None  # rates over the loop's time; replaces up_bps/down_bps
 
+    def loss_at(self, t: float) -> float:
+        """The loss probability in force at ``t`` (a trace step's, else the profile's)."""
+        step_loss = self.trace.step_at(t).loss if self.trace is not None else None
+        return self.loss if step_loss is None else step_loss
+
     @classmethod
     def from_network(cls, net: NetworkProfile) -> "LinkProfile":
         """The virtual model of a network profile (the one the real backends realise)."""
@@ -98,9 +103,10 @@ class _Direction:
         if self.profile.jitter_s > 0:
             draw = jitter_sample(self._rng, self.profile.jitter_s, self.profile.jitter_distribution)
             arrive += max(-self.profile.rtt_s / 2.0, draw)
-        if self.profile.loss > 0:
+        loss = self.profile.loss_at(start)
+        if loss > 0:
             segments = max(1, -(-(len(data) + self.profile.overhead_bytes) // self.profile.mss))
-            lost = sum(self._rng.random() < self.profile.loss for _ in range(segments))
+            lost = sum(self._rng.random() < loss for _ in range(segments))
             self.retransmissions += lost
             arrive += lost * self.profile.rto_s
         arrive = max(arrive, self._last_arrival)  # one stream: no overtaking

@@ -32,11 +32,13 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class RateStep:
-    """From ``at_s`` seconds after the link starts, these rates hold (None = unlimited)."""
+    """From ``at_s`` seconds after the link starts, these rates hold (None = unlimited), and
+    this loss probability (None: the profile's own; a loss burst sets one)."""
 
     at_s: float
     up_bps: float | None
     down_bps: float | None
+    loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -47,14 +49,19 @@ class Trace:
     steps: tuple[RateStep, ...]
     source: str = "listed"  # "listed" or a description of the seeded generator
 
-    def rate(self, direction: str, t: float) -> float | None:
+    def step_at(self, t: float) -> RateStep:
+        """The step in force at ``t``."""
         current = self.steps[0]
         for step in self.steps:
             if step.at_s <= t:
                 current = step
             else:
                 break
-        return current.up_bps if direction == "up" else current.down_bps
+        return current
+
+    def rate(self, direction: str, t: float) -> float | None:
+        step = self.step_at(t)
+        return step.up_bps if direction == "up" else step.down_bps
 
     def finish(self, direction: str, start: float, bits: float) -> float:
         """When ``bits`` that begin serializing at ``start`` are out, rate changing on schedule."""
@@ -76,14 +83,15 @@ class Trace:
             t = nxt
 
     def as_list(self) -> list[dict]:
-        return [{"at_s": s.at_s, "up_mbps": _mbps(s.up_bps), "down_mbps": _mbps(s.down_bps)} for s in self.steps]
+        return [{"at_s": s.at_s, "up_mbps": _mbps(s.up_bps), "down_mbps": _mbps(s.down_bps),
+                 **({"loss": s.loss} if s.loss is not None else {})} for s in self.steps]
 
     def shifted(self, offset_s: float) -> "Trace":
         """The same schedule seen from ``offset_s`` seconds in (for a run that continues a
         link's time across separately clocked parts)."""
         current = max((i for i, st in enumerate(self.steps) if st.at_s <= offset_s), default=0)
-        steps = [RateStep(0.0, self.steps[current].up_bps, self.steps[current].down_bps)]
-        steps += [RateStep(st.at_s - offset_s, st.up_bps, st.down_bps) for st in self.steps[current + 1:]]
+        steps = [RateStep(0.0, self.steps[current].up_bps, self.steps[current].down_bps, self.steps[current].loss)]
+        steps += [RateStep(st.at_s - offset_s, st.up_bps, st.down_bps, st.loss) for st in self.steps[current + 1:]]
         return Trace(tuple(steps), self.source)
 
 
@@ -116,6 +124,11 @@ class NetworkProfile:
         if self.trace is not None:
             return self.trace.rate(direction, t)
         return self.up_bps if direction == "up" else self.down_bps
+
+    def loss_at(self, t: float = 0.0) -> float:
+        """The loss probability in force at ``t`` (a trace step's, else the profile's)."""
+        step_loss = self.trace.step_at(t).loss if self.trace is not None else None
+        return self.loss if step_loss is None else step_loss
 
     def wire_bytes(self, nbytes: int) -> int:
         """Bytes a message of ``nbytes`` puts on the wire: framing, then headers per segment."""

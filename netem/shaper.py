@@ -35,7 +35,8 @@ class Shaper:
     def admit(self, now: float, nbytes: int) -> float | None:
         """When a packet of ``nbytes`` (headers included) arriving at ``now`` is delivered; None if dropped."""
         p = self.profile
-        if self.lossy and p.loss and self.rng.random() < p.loss:
+        loss = p.loss_at(now - self.origin) if p.trace is not None else p.loss
+        if self.lossy and loss and self.rng.random() < loss:
             self.lost += 1
             return None
         start = max(now, self.tx_end)

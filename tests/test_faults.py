@@ -49,6 +49,7 @@ def _reference(role: str) -> dict[str, list[int]]:
     ([{"kind": "outage", "at_s": -1, "for_s": 1}], "fault.events[0].at_s must be seconds >= 0"),
     ([{"kind": "bandwidth_collapse", "at_s": 1, "for_s": 1, "factor": 2}], "factor must be a fraction"),
     ([{"kind": "cloud_kill", "at_s": 1, "for_s": 3}], "cloud_kill takes at_s, kind, restart_after_s, not for_s"),
+    ([{"kind": "loss_burst", "at_s": 1, "for_s": 3, "loss": 1.5}], "loss must be a probability in (0, 1)"),
 ])
 def test_a_bad_fault_is_one_line_naming_its_key(events, message):
     with pytest.raises(FaultError) as info:
@@ -74,9 +75,12 @@ def test_link_faults_become_trace_steps_that_hold_traffic_back():
     profile = parse_profile({"name": "t", "rtt_ms": 20, "up_mbps": 8, "down_mbps": 8})
     faulty = with_link_faults(profile, parse_faults({"events": [
         {"kind": "outage", "at_s": 3, "for_s": 2},
-        {"kind": "bandwidth_collapse", "at_s": 6, "for_s": 1, "factor": 0.5}]}))
-    steps = [(s.at_s, s.up_bps, s.down_bps) for s in faulty.trace.steps]
-    assert steps == [(0.0, 8e6, 8e6), (3.0, 0.0, 0.0), (5.0, 8e6, 8e6), (6.0, 4e6, 4e6), (7.0, 8e6, 8e6)]
+        {"kind": "bandwidth_collapse", "at_s": 6, "for_s": 1, "factor": 0.5},
+        {"kind": "loss_burst", "at_s": 8, "for_s": 1, "loss": 0.25}]}))
+    steps = [(s.at_s, s.up_bps, s.down_bps, s.loss) for s in faulty.trace.steps]
+    assert steps == [(0.0, 8e6, 8e6, None), (3.0, 0.0, 0.0, None), (5.0, 8e6, 8e6, None), (6.0, 4e6, 4e6, None),
+                     (7.0, 8e6, 8e6, None), (8.0, 8e6, 8e6, 0.25), (9.0, 8e6, 8e6, None)]
+    assert [faulty.loss_at(t) for t in (7.9, 8.0, 8.5, 9.0)] == [0.0, 0.25, 0.25, 0.0]
     trace = faulty.trace
     assert trace.finish("up", 1.0, 8e6) == pytest.approx(2.0)  # 1 s of bits at 8 Mbit/s
     assert trace.finish("up", 3.5, 8e6) == pytest.approx(6.0)  # nothing passes until 5 s
@@ -93,6 +97,41 @@ def test_the_liveness_timeout_is_derived_from_the_link():
     slow, how = liveness_timeout(parse_profile({"name": "s", "rtt_ms": 200, "up_mbps": 1, "down_mbps": 1}))
     assert slow > 2.0 + 0.8 and "uplink rate" in how  # a ping may queue behind a full send buffer
     assert math.isfinite(slow)
+
+
+def test_a_loss_burst_drops_packets_only_while_it_lasts():
+    """Inside the burst the link model (virtual time) and the tun wire's shaper lose at the
+    burst's probability; outside it, nothing."""
+    import asyncio
+
+    from harness.clock import run
+    from harness.link import LinkProfile, _Direction
+    from netem.shaper import Shaper
+    from systems.messages import OpenSession
+
+    net = with_link_faults(parse_profile({"name": "t", "rtt_ms": 10, "up_mbps": 100, "down_mbps": 100}),
+                           [Fault("loss_burst", 1.0, for_s=1.0, loss=0.5)])
+    link = LinkProfile.from_network(net)
+    assert (link.loss_at(0.5), link.loss_at(1.5), link.loss_at(2.5)) == (0.0, 0.5, 0.0)
+
+    async def retransmissions_per_window() -> list[int]:
+        loop, counts = asyncio.get_running_loop(), []
+        d = _Direction(link, "up")
+        for start in (0.0, 1.0, 2.0):
+            before = d.retransmissions
+            while loop.time() < start + 0.9:
+                d.send(OpenSession("s", [1] * 400), lambda env: None)  # about one segment each
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(start + 1.0 - loop.time())
+            counts.append(d.retransmissions - before)
+        return counts
+
+    outside, inside, after = run(retransmissions_per_window(), virtual=True)
+    assert outside == 0 and after == 0 and inside >= 20  # ~90 messages at 0.5
+
+    shaper = Shaper(net, "up", origin=0.0)
+    lost = [sum(shaper.admit(t + k * 1e-3, 1500) is None for k in range(200)) for t in (0.2, 1.2, 2.2)]
+    assert lost[0] == 0 and lost[2] == 0 and 60 <= lost[1] <= 140, lost
 
 
 def test_an_outage_in_virtual_time_delays_the_requests_by_its_length():
