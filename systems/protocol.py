@@ -15,6 +15,8 @@ window they were drafted on top of (``parent``), so the cloud drops them when it
 from __future__ import annotations
 
 import asyncio
+import math
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -33,7 +35,7 @@ from systems.api import (
     verify_batch,
 )
 from systems.engines.base import EngineError
-from systems.messages import Ack, CloseSession, Failure, OpenSession, TokenOut, Upload, Verdict
+from systems.messages import Ack, CloseSession, Failure, Generate, OpenSession, TokenOut, Upload, Verdict
 from systems.records import BatchRecord, RoundRecord
 from systems.sampling import SamplingParams, resample_sparse, softmax
 
@@ -484,6 +486,44 @@ class SpeculativeEdge:
         return extra
 
 
+def is_int(value) -> bool:
+    """True for an integer that is not a bool (what a count or a position on the wire must be)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_ids(tokens, vocab: int, what: str) -> None:
+    """Raise :class:`SessionError` unless ``tokens`` is a list of integer ids in [0, vocab)."""
+    if not isinstance(tokens, (list, tuple)) or any(not is_int(t) or not 0 <= t < vocab for t in tokens):
+        raise SessionError(f"{what}: token ids must be integers in [0, {vocab})")
+
+
+def check_prompt(prompt, engine) -> None:
+    """Raise :class:`SessionError` unless ``prompt`` is a non-empty list of ids of ``engine``'s
+    vocabulary that leaves room in its context for at least one more token."""
+    if isinstance(prompt, (list, tuple)) and not prompt:
+        raise SessionError("an empty prompt")
+    check_ids(prompt, engine.info.vocab_size, "prompt")
+    n_ctx = engine.info.n_ctx
+    if len(prompt) >= n_ctx:
+        raise SessionError(f"a prompt of {len(prompt)} tokens leaves no room in the context of {n_ctx}")
+
+
+def check_sampling(temperature, top_k, top_p, seed) -> SamplingParams:
+    """The sampling settings of an edge's first message, or :class:`SessionError` naming what is
+    wrong (numbers of the wrong type, a temperature that is not finite, a negative seed)."""
+    if not all(is_int(v) or isinstance(v, float) for v in (temperature, top_p)) or not is_int(top_k):
+        raise SessionError(f"sampling settings must be numbers (temperature {temperature!r}, top_k {top_k!r}, "
+                           f"top_p {top_p!r})")
+    if not math.isfinite(temperature):
+        raise SessionError(f"temperature must be finite, got {temperature}")
+    if not is_int(seed) or seed < 0:
+        raise SessionError(f"seed must be an integer >= 0, got {seed!r}")
+    try:
+        return SamplingParams(float(temperature), top_k, float(top_p))
+    except ValueError as exc:
+        raise SessionError(str(exc)) from None
+
+
 def check_message(msg, sessions: dict, engine) -> None:
     """Raise :class:`SessionError` (one line) for an edge's message a verifier cannot serve:
     before it touches a model, its session must be open (or, for an :class:`OpenSession`, not
@@ -491,18 +531,10 @@ def check_message(msg, sessions: dict, engine) -> None:
     context, and its draft data shaped as the tokens it travels with."""
     vocab, n_ctx = engine.info.vocab_size, engine.info.n_ctx
 
-    def ids(tokens, what: str) -> None:
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in tokens):
-            raise SessionError(f"{what}: token ids must be integers in [0, {vocab})")
-
     if isinstance(msg, OpenSession):
         if msg.session in sessions:
             raise SessionError(f"session {msg.session!r} is already open")
-        if not msg.prompt:
-            raise SessionError("an empty prompt")
-        ids(msg.prompt, "prompt")
-        if len(msg.prompt) >= n_ctx:
-            raise SessionError(f"a prompt of {len(msg.prompt)} tokens leaves no room in the context of {n_ctx}")
+        check_prompt(msg.prompt, engine)
         if not msg.sparse_k >= 1:
             raise SessionError(f"sparse_k must be >= 1, got {msg.sparse_k}")
     elif isinstance(msg, Upload) and not msg.probe:
@@ -512,7 +544,7 @@ def check_message(msg, sessions: dict, engine) -> None:
         if msg.start < 0 or not 0 <= msg.n_fixed <= len(msg.tokens):
             raise SessionError(f"upload positions out of range (start {msg.start}, n_fixed {msg.n_fixed}, "
                                f"{len(msg.tokens)} tokens)")
-        ids(msg.tokens, "upload")
+        check_ids(msg.tokens, vocab, "upload")
         if msg.start + len(msg.tokens) + 1 > n_ctx:
             raise SessionError(f"an upload reaching position {msg.start + len(msg.tokens)} is past the context "
                                f"of {n_ctx}")
@@ -526,6 +558,26 @@ def check_message(msg, sessions: dict, engine) -> None:
                 raise SessionError(f"q_rows of shape {tuple(shape)} for {rows} draft rows of {vocab} tokens")
     elif not isinstance(msg, (Upload, CloseSession)):
         raise SessionError(f"unexpected message {type(msg).__name__} at the verifier")
+
+
+def check_generation(msg, sessions: dict, engine, server: str = "a cloud that decodes alone") -> None:
+    """Raise :class:`SessionError` (one line) for an edge's message a cloud that decodes each
+    request alone (cloud-only, centralized) cannot serve: a :class:`Generate` for a session
+    not yet open here, with a prompt of the vocabulary's ids that leaves room in the context,
+    at least one new token, stop ids of the vocabulary and valid sampling settings; or a
+    :class:`CloseSession` (of any session: closing one that is gone is harmless). ``server``
+    names the cloud in the reason."""
+    if isinstance(msg, CloseSession):
+        return
+    if not isinstance(msg, Generate):
+        raise SessionError(f"unexpected message {type(msg).__name__} at {server}")
+    if msg.session in sessions:
+        raise SessionError(f"session {msg.session!r} is already open")
+    check_prompt(msg.prompt, engine)
+    if not is_int(msg.max_new_tokens) or msg.max_new_tokens < 1:
+        raise SessionError(f"max_new_tokens must be an integer >= 1, got {msg.max_new_tokens!r}")
+    check_ids(msg.stop_ids, engine.info.vocab_size, "stop ids")
+    check_sampling(msg.temperature, msg.top_k, msg.top_p, msg.seed)
 
 
 def _refused(env: Envelope) -> Envelope:
@@ -584,6 +636,57 @@ class SerialUploader:
 
 
 # ---- the cloud ---------------------------------------------------------------------------
+SESSION_FAULTS = (SessionError, ValueError, EngineError)
+"""What serving a message may raise that is its session's fault, not the server's."""
+
+
+class GuardedCloud(CloudPolicy):
+    """A cloud policy that keeps its sessions apart: each edge message is checked against its
+    session before it touches a model (:meth:`check`), and one the cloud cannot serve fails that
+    session alone (:meth:`fail`: its state dropped, a :class:`Failure` naming the reason sent to
+    its edge); the rest of what a failed session has on the link is ignored, and the server and
+    every other session are served on. A policy calls :meth:`begin` when it starts serving and
+    :meth:`receive` for each message; it implements :meth:`check`, :meth:`handle` and :meth:`drop`.
+    """
+
+    def begin(self, ctx: CloudContext) -> None:
+        """Start serving on ``ctx``, with no session failed yet."""
+        self.ctx = ctx
+        self.failed: dict[str, str] = {}  # sessions the cloud failed, with the reason
+
+    @abstractmethod
+    def check(self, msg) -> None:
+        """Raise :class:`SessionError` for a message this cloud cannot serve."""
+
+    @abstractmethod
+    async def handle(self, env: Envelope) -> None:
+        """Serve one message :meth:`check` passed."""
+
+    @abstractmethod
+    def drop(self, session: str) -> None:
+        """Release what the cloud holds for ``session`` and its queued work (it failed)."""
+
+    async def receive(self, env: Envelope) -> None:
+        """Check and serve one message; a fault of its session fails that session only."""
+        session = getattr(env.msg, "session", "")
+        if session in self.failed:
+            return  # the rest of what a failed session had on the link
+        try:
+            self.check(env.msg)
+            await self.handle(env)
+        except SESSION_FAULTS as exc:  # that session's fault, not the server's
+            await self.fail(session, f"{type(exc).__name__}: {exc}")
+
+    async def fail(self, session: str, reason: str) -> None:
+        """Close ``session`` and its queued work, and tell its edge why (:class:`Failure`)."""
+        self.failed[session] = reason
+        self.drop(session)
+        try:
+            await self.ctx.link.send(Failure(session, reason))
+        except Exception:  # noqa: BLE001 - no route back (a session never opened): nobody to tell
+            pass
+
+
 @dataclass
 class _Entry:
     token: int
@@ -618,7 +721,7 @@ class Job:
     deadline: float | None = None  # when the session's next token is due (its SLO), cloud clock
 
 
-class VerifyingCloud(CloudPolicy):
+class VerifyingCloud(GuardedCloud):
     """Generic verification server: buffers uploads, verifies windows in arrival order.
 
     Scheduling is in :meth:`next_batch` (by default :meth:`take_batch`: one job at a time,
@@ -631,12 +734,11 @@ class VerifyingCloud(CloudPolicy):
     batch_notes: dict  # set per pass by a scheduler (see serve)
 
     async def serve(self, ctx: CloudContext) -> None:
-        self.ctx = ctx
+        self.begin(ctx)
         self.sessions: dict[str, CloudSession] = {}
         self.jobs: list[Job] = []
         self.batch_notes = {}
         self._batches = 0
-        self.failed: dict[str, str] = {}  # sessions the cloud failed, with the reason
         self._wake = asyncio.Event()
         worker = asyncio.get_running_loop().create_task(self._work())
         try:
@@ -649,15 +751,7 @@ class VerifyingCloud(CloudPolicy):
                     recv.cancel()
                     worker.result()
                     raise ProtocolError("the verification worker stopped")
-                env = recv.result()
-                session = getattr(env.msg, "session", "")
-                if session in self.failed:
-                    continue  # the rest of what a failed session had on the link
-                try:
-                    check_message(env.msg, self.sessions, self.ctx.engine)
-                    await self.handle(env)
-                except (SessionError, ValueError, EngineError) as exc:  # that session's fault, not the server's
-                    await self.fail(session, f"{type(exc).__name__}: {exc}")
+                await self.receive(recv.result())
         finally:
             worker.cancel()
             # Sessions whose CloseSession is still on the link when serving stops.
@@ -710,18 +804,15 @@ class VerifyingCloud(CloudPolicy):
         else:
             raise ProtocolError(f"unexpected message {type(msg).__name__} at the verifier")
 
-    async def fail(self, session: str, reason: str) -> None:
-        """Close ``session`` and its queued work, and tell its edge why (:class:`Failure`)."""
-        self.failed[session] = reason
+    def check(self, msg) -> None:
+        check_message(msg, self.sessions, self.ctx.engine)
+
+    def drop(self, session: str) -> None:
         sess = self.sessions.pop(session, None)
         if sess is not None:
             sess.closed = True
             sess.verifier.close()
         self.jobs = [j for j in self.jobs if j.session != session]
-        try:
-            await self.ctx.link.send(Failure(session, reason))
-        except Exception:  # noqa: BLE001 - no route back (a session never opened): nobody to tell
-            pass
 
     def _enqueue(self, job: Job) -> None:
         self.jobs.append(job)

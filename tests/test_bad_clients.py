@@ -1,6 +1,8 @@
-"""A bad client never takes the verifier down: each message a cloud cannot serve fails that
+"""A bad client never takes the cloud down: each message a cloud cannot serve fails that
 client's session with a reason (a Failure message), and every other session keeps being served,
-losslessly (in one process, toy pair, virtual time)."""
+losslessly (in one process, toy pair, virtual time). The speculative verifiers, the clouds that
+decode alone (cloud-only, centralized) and split inference's second half each get the bad
+messages that make sense for them."""
 
 from __future__ import annotations
 
@@ -15,17 +17,20 @@ from harness.inprocess import RequestRecorder, serve_request
 from harness.link import CloudEnd, LinkProfile
 from systems.api import CloudContext, GenerationRequest, get_system
 from systems.engines import create_engine
-from systems.messages import CloseSession, Failure, Generate, OpenSession, Upload
+from systems.messages import CloseSession, Failure, Generate, HiddenStates, OpenSession, TokenOut, Upload
 from systems.protocol import CloudRefused, SpeculativeEdge
 from tests.support import greedy_decode
 
 VOCAB = 16
+N_CTX = 64  # small enough for a stream to reach its end before the toy target's EOS
 PROMPT = [1, 2, 3]
+REPLY_TIMEOUT_S = 5.0  # virtual seconds: a bad session's Failure comes at once, or never (a hang)
+HONEST_TIMEOUT_S = 600.0  # virtual seconds for an honest request (they take well under one)
 
 
 def _bad_messages(n_ctx: int) -> list[tuple[str, list]]:
-    """(what is wrong, the messages of one bad session): each reproduces a way one message
-    used to stop the cloud for everyone."""
+    """(what is wrong, the messages of one bad session) at a verifier: each reproduces a way one
+    message used to stop the cloud for everyone."""
     return [
         ("upload for a session never opened", [Upload("bad-a", round=0, start=3, tokens=[1], verify=True)]),
         ("negative start", [OpenSession("bad-b", PROMPT), Upload("bad-b", round=0, start=-4, tokens=[1])]),
@@ -43,13 +48,70 @@ def _bad_messages(n_ctx: int) -> list[tuple[str, list]]:
     ]
 
 
-@pytest.mark.parametrize("system", ["vanilla", "sled", "wisp", "pipesd"])
-def test_bad_messages_fail_their_session_and_everyone_else_is_served(system):
+def _bad_generations(n_ctx: int) -> list[tuple[str, list]]:
+    """The same for a cloud that decodes each request alone (cloud-only, centralized)."""
+    return [
+        ("ids outside the vocabulary", [Generate("bad-a", [10 ** 9, -7], 8)]),
+        ("a prompt past the context", [Generate("bad-b", [1] * (n_ctx + 10), 8)]),
+        ("max_new_tokens of 0", [Generate("bad-c", PROMPT, 0)]),
+        ("negative max_new_tokens", [Generate("bad-d", PROMPT, -3)]),
+        ("an upload at a cloud that decodes alone", [Upload("bad-e", round=0, start=3, tokens=[1], verify=True)]),
+        ("a session opened twice", [Generate("bad-f", PROMPT, 40), Generate("bad-f", PROMPT, 40)]),
+        ("an empty prompt", [Generate("bad-g", [], 8)]),
+        ("top_p of 0", [Generate("bad-h", PROMPT, 8, top_p=0.0)]),
+        ("a stop id outside the vocabulary", [Generate("bad-i", PROMPT, 8, stop_ids=[VOCAB + 3])]),
+        ("a verifier's session at a cloud that decodes alone", [OpenSession("bad-j", PROMPT)]),
+        ("a cloud's own message sent up", [TokenOut("bad-k", 0, 1)]),
+        ("more new tokens than the context holds", [Generate("bad-l", PROMPT, n_ctx + 10)]),
+    ]
+
+
+def _bad_hidden_states(n_ctx: int, width: int) -> list[tuple[str, list]]:
+    """The same for split inference's cloud half (hidden states of ``width`` per position)."""
+    def states(rows: int, value: float = -1.0, cols: int = width) -> np.ndarray:
+        h = np.full((rows, cols), value, dtype=np.float32)
+        if cols:
+            h[:, 0] = 1.0
+        return h
+
+    return [
+        ("a first message not at position 0", [HiddenStates("bad-a", 5, states(3))]),
+        ("hidden states of the wrong width", [HiddenStates("bad-b", 0, states(3, cols=width + 2))]),
+        ("hidden states of one dimension", [HiddenStates("bad-c", 0, np.ones(3, dtype=np.float32))]),
+        ("no positions", [HiddenStates("bad-d", 0, states(0))]),
+        ("a prompt past the context", [HiddenStates("bad-e", 0, states(n_ctx + 10))]),
+        ("not-a-number hidden states", [HiddenStates("bad-f", 0, states(3, value=np.nan))]),
+        ("hidden states the model cannot read", [HiddenStates("bad-g", 0, states(3, value=0.5))]),
+        ("a position the cloud does not hold", [HiddenStates("bad-h", 0, states(3)),
+                                                HiddenStates("bad-h", 9, states(1))]),
+        ("a session started twice", [HiddenStates("bad-i", 0, states(3)), HiddenStates("bad-i", 0, states(3))]),
+        ("top_p of 0", [HiddenStates("bad-j", 0, states(3), top_p=0.0)]),
+        ("a cloud-only request at split inference", [Generate("bad-k", PROMPT, 8)]),
+        ("an upload at split inference", [Upload("bad-l", round=0, start=3, tokens=[1], verify=True)]),
+    ]
+
+
+# messages that must fail nothing: the cloud answers none of them and serves on
+HARMLESS = [
+    ("a CloseSession for a session never opened", [CloseSession("nobody")]),
+    ("a CloseSession twice", [CloseSession("nobody-2"), CloseSession("nobody-2")]),
+]
+
+
+def _cases(system: str, target) -> list[tuple[str, list]]:
+    n_ctx = target.info.n_ctx
+    if system in ("cloud_only", "centralized"):
+        return _bad_generations(n_ctx)
+    if system == "split_inference":
+        return _bad_hidden_states(n_ctx, target.layer_split().hidden_size)
+    return _bad_messages(n_ctx)
+
+
+def _serve_with_bad_clients(system: str, cases, harmless, requests, draft, target):
+    """Serve ``requests`` honestly while bad clients send their cases' messages, all on one
+    cloud; (each case's reply, each harmless client's replies, the honest records, the cloud)."""
     spec = get_system(system)
-    kw = dict(vocab_size=VOCAB, seed=1)
-    draft, target = create_engine("toy", role="draft", agreement=0.7, **kw), create_engine("toy", role="target", **kw)
-    requests = [GenerationRequest(f"r{i}", [i + 1, 2, 5], 24, seed=i) for i in range(3)]
-    cases = _bad_messages(target.info.n_ctx)
+    edge_engine = target if spec.edge_model == "target" else draft
 
     async def main():
         clock, cloud_end = LoopClock(), CloudEnd()
@@ -57,34 +119,69 @@ def test_bad_messages_fail_their_session_and_everyone_else_is_served(system):
         server = asyncio.get_running_loop().create_task(
             cloud.serve(CloudContext(target, clock, InstantCompute(), cloud_end)))
 
-        async def honest(req):
+        def connect(session: str):
             link = cloud_end.new_link(LinkProfile())
-            session = f"honest-{req.request_id}"
             cloud_end.route(session, link)
-            return await serve_request(spec, spec.edge_cls(spec.make_config({})), req, session=session, clock=clock,
-                                       compute=InstantCompute(), link=link.edge_end(session), draft=draft,
-                                       recorder=RequestRecorder(clock))
+            return link
+
+        async def honest(req):
+            session = f"honest-{req.request_id}"
+            link = connect(session)
+            return await asyncio.wait_for(serve_request(
+                spec, spec.edge_cls(spec.make_config({})), req, session=session, clock=clock,
+                compute=InstantCompute(), link=link.edge_end(session), draft=edge_engine,
+                recorder=RequestRecorder(clock)), HONEST_TIMEOUT_S)
 
         async def bad(messages):
-            link = cloud_end.new_link(LinkProfile())
+            """Send the messages; the replies until the Failure (what came before it: tokens
+            of a stream the bad message then failed)."""
             session = messages[0].session
-            cloud_end.route(session, link)
-            end = link.edge_end(session)
+            end = connect(session).edge_end(session)
             for msg in messages:
                 await end.send(msg)
-            env = await asyncio.wait_for(end.recv(), timeout=5.0)
-            return env.msg
+            replies = []
+            while not replies or not isinstance(replies[-1], Failure):
+                replies.append((await asyncio.wait_for(end.recv(), REPLY_TIMEOUT_S)).msg)
+            return replies
 
-        replies = await asyncio.gather(*(bad(m) for _, m in cases), *(honest(r) for r in requests))
-        assert not server.done(), "the cloud stopped serving"
+        async def quiet(messages):
+            """Send the messages; whatever comes back within the reply timeout (nothing, if harmless)."""
+            session = messages[0].session
+            end = connect(session).edge_end(session)
+            for msg in messages:
+                await end.send(msg)
+            try:
+                return [(await asyncio.wait_for(end.recv(), REPLY_TIMEOUT_S)).msg]
+            except asyncio.TimeoutError:
+                return []
+
+        replies = await asyncio.gather(*(bad(m) for _, m in cases), *(quiet(m) for _, m in harmless),
+                                       *(honest(r) for r in requests))
+        assert not server.done(), f"the cloud stopped serving: {server.exception() if server.done() else ''}"
         server.cancel()
-        return replies[: len(cases)], replies[len(cases):], cloud.failed
+        n, k = len(cases), len(harmless)
+        return replies[:n], replies[n:n + k], replies[n + k:], cloud
 
-    failures, records, failed = run(main(), virtual=True)
-    for (what, messages), reply in zip(cases, failures):
-        assert isinstance(reply, Failure), f"{what}: got {reply!r}"
+    return run(main(), virtual=True)
+
+
+@pytest.mark.parametrize("system", ["vanilla", "sled", "wisp", "pipesd", "cloud_only", "centralized",
+                                    "split_inference"])
+def test_bad_messages_fail_their_session_and_everyone_else_is_served(system):
+    kw = dict(vocab_size=VOCAB, seed=1, n_ctx=N_CTX)
+    draft, target = create_engine("toy", role="draft", agreement=0.7, **kw), create_engine("toy", role="target", **kw)
+    requests = [GenerationRequest(f"r{i}", [i + 1, 2, 5], 24, seed=i) for i in range(3)]
+    cases = _cases(system, target)
+
+    failures, quiet, records, cloud = _serve_with_bad_clients(system, cases, HARMLESS, requests, draft, target)
+    for (what, messages), replies in zip(cases, failures):
+        reply = replies[-1]
+        assert isinstance(reply, Failure), f"{what}: got {replies!r}"
         assert reply.session == messages[0].session and reply.reason and "\n" not in reply.reason, what
-    assert set(failed) == {m[0].session for _, m in cases}
+        assert all(isinstance(r, TokenOut) for r in replies[:-1]), f"{what}: {replies!r}"
+    for (what, _), replies in zip(HARMLESS, quiet):
+        assert replies == [], f"{what}: the cloud answered {replies!r}"
+    assert set(cloud.failed) == {m[0].session for _, m in cases}
     for req, rec in zip(requests, records):
         assert rec.output_tokens == greedy_decode(target, req.prompt, req.max_new_tokens)[0]
 

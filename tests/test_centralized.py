@@ -15,8 +15,7 @@ from harness.link import LinkProfile
 from harness.profiles import RoleProfile
 from systems.api import CloudContext, Envelope, GenerationRequest, Op, get_system
 from systems.engines import create_engine
-from systems.messages import Upload
-from systems.protocol import ProtocolError
+from systems.messages import Failure, Upload
 from systems.sampling import SamplingParams
 from tests.support import greedy_decode
 
@@ -123,13 +122,18 @@ def test_max_batch_below_one_is_refused_in_one_line_naming_the_key():
 
 
 class _OneMessage:
+    """A link that delivers one message, then nothing more; it keeps what the cloud sends."""
+
     def __init__(self, msg):
-        self.msg = msg
+        self.msgs, self.sent = [msg], []
 
     async def recv(self) -> Envelope:
-        return Envelope(self.msg, 0, 0.0, 0.0)
+        if not self.msgs:
+            await asyncio.Event().wait()
+        return Envelope(self.msgs.pop(), 0, 0.0, 0.0)
 
     async def send(self, msg) -> int:
+        self.sent.append(msg)
         return 0
 
 
@@ -138,8 +142,23 @@ class _Still:
         return 0.0
 
 
-def test_a_message_it_does_not_serve_is_a_protocol_error():
+def test_a_message_it_does_not_serve_fails_its_session():
     spec = get_system("centralized")
-    ctx = CloudContext(_target(), _Still(), InstantCompute(), _OneMessage(Upload("s", round=0, start=3, tokens=[1])))
-    with pytest.raises(ProtocolError, match="unexpected message Upload at the centralized server"):
-        asyncio.run(spec.cloud_cls(spec.make_config()).serve(ctx))
+    link = _OneMessage(Upload("s", round=0, start=3, tokens=[1]))
+
+    async def main():
+        server = asyncio.get_running_loop().create_task(
+            spec.cloud_cls(spec.make_config()).serve(CloudContext(_target(), _Still(), InstantCompute(), link)))
+        await asyncio.wait_for(_first_reply(link), 5.0)
+        assert not server.done(), "the server stopped"
+        server.cancel()
+
+    asyncio.run(main())
+    [reply] = link.sent
+    assert isinstance(reply, Failure) and reply.session == "s"
+    assert "unexpected message Upload at the centralized server" in reply.reason
+
+
+async def _first_reply(link: _OneMessage) -> None:
+    while not link.sent:
+        await asyncio.sleep(0.01)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from systems.api import CloudContext, CloudPolicy, EdgeContext, EdgePolicy, GenerationRequest, Op
+from systems.api import CloudContext, EdgeContext, EdgePolicy, GenerationRequest, Op
 from systems.messages import CloseSession, Generate, TokenOut
-from systems.protocol import ProtocolError, receive_token
+from systems.protocol import GuardedCloud, SessionError, check_generation, check_sampling, receive_token
 from systems.sampling import SamplingParams, probabilities, sample
 
 
@@ -37,38 +37,79 @@ class CloudOnlyEdge(EdgePolicy):
         return output
 
 
-class CloudOnlyCloud(CloudPolicy):
-    """Decode each session's request token by token on the target; sessions interleave."""
+@dataclass
+class _Decode:
+    """One session's decode at the cloud-only server; ``closed``: stop before the next step."""
+
+    task: asyncio.Task | None = None
+    closed: bool = False
+
+
+class CloudOnlyCloud(GuardedCloud):
+    """Decode each session's request token by token on the target; sessions interleave.
+
+    Each message is checked before it touches the model (:func:`check_generation`); a bad
+    one, or a decode that fails (its context full, an engine error), fails that session
+    alone (:class:`GuardedCloud`)."""
 
     async def serve(self, ctx: CloudContext) -> None:
-        tasks: set[asyncio.Task] = set()
+        self.begin(ctx)
+        self.decodes: dict[str, _Decode] = {}
         try:
             while True:
-                env = await ctx.link.recv()
-                if isinstance(env.msg, Generate):
-                    task = asyncio.get_running_loop().create_task(self._decode(ctx, env.msg))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                elif not isinstance(env.msg, CloseSession):
-                    raise ProtocolError(f"unexpected message {type(env.msg).__name__} at the cloud-only server")
-                for t in [t for t in tasks if t.done()]:
-                    t.result()
+                await self.receive(await ctx.link.recv())
         finally:
-            for t in tasks:
-                t.cancel()
+            for d in self.decodes.values():
+                d.closed = True
+                if d.task is not None:
+                    d.task.cancel()
 
-    async def _decode(self, ctx: CloudContext, req: Generate) -> None:
-        params = SamplingParams(req.temperature, req.top_k, req.top_p)
+    def check(self, msg) -> None:
+        check_generation(msg, self.decodes, self.ctx.engine, "the cloud-only server")
+
+    async def handle(self, env) -> None:
+        msg = env.msg
+        if isinstance(msg, CloseSession):
+            self.drop(msg.session)
+            return
+        params = check_sampling(msg.temperature, msg.top_k, msg.top_p, msg.seed)
+        decode = self.decodes[msg.session] = _Decode()
+        decode.task = asyncio.get_running_loop().create_task(self._run(msg, params, decode))
+
+    def drop(self, session: str) -> None:
+        # The decode stops at its next step (never mid-step: the model may be computing it).
+        decode = self.decodes.pop(session, None)
+        if decode is not None:
+            decode.closed = True
+
+    async def _run(self, req: Generate, params: SamplingParams, decode: _Decode) -> None:
+        try:
+            await self._decode(self.ctx, req, params, decode)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a decode that fails fails its session, not the server
+            if not decode.closed:
+                await self.fail(req.session, f"decoding failed: {type(exc).__name__}: {exc}")
+        finally:
+            if self.decodes.get(req.session) is decode:
+                del self.decodes[req.session]
+
+    async def _decode(self, ctx: CloudContext, req: Generate, params: SamplingParams, decode: _Decode) -> None:
         rng = np.random.default_rng(req.seed + 1)
         stops = set(req.stop_ids) | set(ctx.engine.eos_token_ids)
+        n_ctx = ctx.engine.info.n_ctx
         session = ctx.engine.new_session()
         try:
             session.extend(req.prompt)
             for index in range(req.max_new_tokens):
+                if len(session) > n_ctx:
+                    raise SessionError(f"the context of {n_ctx} is full after {index} new tokens")
                 op = (Op("prefill", len(req.prompt), 0, sessions=(req.session,)) if index == 0
                       else Op("decode", 1, len(session), sessions=(req.session,)))
                 t0 = ctx.clock.now()
                 logits = await ctx.compute.run(op, session.next_logits)
+                if decode.closed:
+                    return
                 token = sample(probabilities(logits, params), rng)
                 session.extend([token])
                 last = token in stops or index + 1 == req.max_new_tokens

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from systems.api import CloudContext, CloudPolicy, EdgeContext, EdgePolicy, GenerationRequest, Op
+from systems.api import CloudContext, EdgeContext, EdgePolicy, GenerationRequest, Op
 from systems.engines.base import ModelPart
 from systems.messages import CloseSession, HiddenStates, TokenOut
-from systems.protocol import ProtocolError, receive_token
+from systems.protocol import GuardedCloud, SessionError, check_sampling, is_int, receive_token
 from systems.sampling import SamplingParams, probabilities, sample
 from systems.split_inference.config import SplitInferenceConfig, layers_of
 
@@ -68,68 +68,107 @@ class _Session:
     params: SamplingParams
     rng: np.random.Generator
     tokens: int = 0
+    expected: int = 0  # the position the next hidden states must start at
     busy: asyncio.Task | None = field(default=None, repr=False)
+    closed: bool = False
 
 
-class SplitCloud(CloudPolicy):
+def check_hidden_states(msg: HiddenStates, sess: _Session | None, width: int, n_ctx: int) -> None:
+    """Raise :class:`SessionError` (one line) unless ``msg`` carries finite float hidden states
+    of ``width`` for one or more positions, starting where the session's cloud half stands
+    (0 for a new session), with its last token sent, and inside the context."""
+    states = msg.states
+    if not isinstance(states, np.ndarray) or states.ndim != 2 or states.shape[1] != width or states.dtype.kind != "f":
+        shape = getattr(states, "shape", None)
+        raise SessionError(f"hidden states must be floats of shape (positions, {width}), got "
+                           f"{type(states).__name__} of shape {shape}")
+    if len(states) < 1:
+        raise SessionError("hidden states for no positions")
+    with np.errstate(over="ignore"):
+        if not np.isfinite(states.astype(np.float32)).all():
+            raise SessionError("hidden states that are not finite (in float32)")
+    expected = 0 if sess is None else sess.expected
+    if not is_int(msg.start) or msg.start != expected:
+        raise SessionError(f"hidden states for position {msg.start!r}, the cloud expects {expected}")
+    if sess is not None and sess.busy is not None and not sess.busy.done():
+        raise SessionError("hidden states arrived before the last token left")
+    if msg.start + len(states) > n_ctx:
+        raise SessionError(f"hidden states reaching position {msg.start + len(states)} are past the context "
+                           f"of {n_ctx}")
+
+
+class SplitCloud(GuardedCloud):
     """Run the target's remaining layers, its final norm and head on each session's hidden
-    states as they arrive, sample the next token (:mod:`systems.sampling`) and send it down."""
+    states as they arrive, sample the next token (:mod:`systems.sampling`) and send it down.
+
+    Each message is checked before it touches the model (:func:`check_hidden_states`); a bad
+    one, or a step that fails, fails that session alone (:class:`GuardedCloud`)."""
 
     config: SplitInferenceConfig
 
     async def serve(self, ctx: CloudContext) -> None:
-        split = layers_of(self.config, ctx.engine)
-        sessions: dict[str, _Session] = {}
-        steps: set[asyncio.Task] = set()
-        recv = None
+        self.begin(ctx)
+        self.split = layers_of(self.config, ctx.engine)
+        self.sessions: dict[str, _Session] = {}
         try:
             while True:
-                # Wait on the steps too: a failed step surfaces at once, not with the next
-                # message (its edge, waiting for the token, sends none).
-                recv = recv or asyncio.ensure_future(ctx.link.recv())
-                done, _ = await asyncio.wait({recv, *steps}, return_when=asyncio.FIRST_COMPLETED)
-                for task in done - {recv}:
-                    steps.discard(task)
-                    task.result()
-                if recv not in done:
-                    continue
-                msg, recv = recv.result().msg, None
-                if isinstance(msg, HiddenStates):
-                    sess = sessions.get(msg.session)
-                    if sess is None:
-                        # Seeded as cloud-only seeds its stream, so both sample the same tokens.
-                        sess = sessions[msg.session] = _Session(
-                            split.open_part(self.config.edge_layers, split.n_layers),
-                            SamplingParams(msg.temperature, msg.top_k, msg.top_p),
-                            np.random.default_rng(msg.seed + 1))
-                    if sess.busy is not None and not sess.busy.done():
-                        raise ProtocolError(f"session {msg.session}: hidden states arrived before the last token left")
-                    sess.busy = asyncio.get_running_loop().create_task(self._step(ctx, msg, sess, split.n_layers))
-                    steps.add(sess.busy)
-                elif isinstance(msg, CloseSession):
-                    sess = sessions.pop(msg.session, None)
-                    if sess is not None:
-                        sess.part.close()
-                else:
-                    raise ProtocolError(f"unexpected message {type(msg).__name__} at the split-inference cloud")
+                await self.receive(await ctx.link.recv())
         finally:
-            if recv is not None:
-                recv.cancel()
-            for task in steps:
-                task.cancel()
-            for sess in sessions.values():
+            for sess in self.sessions.values():
+                if sess.busy is not None:
+                    sess.busy.cancel()
                 sess.part.close()
 
-    async def _step(self, ctx: CloudContext, msg: HiddenStates, sess: _Session, n_layers: int) -> None:
-        part = sess.part
-        if msg.start != part.length:
-            raise ProtocolError(f"session {msg.session}: hidden states for position {msg.start}, "
-                                f"the cloud holds {part.length}")
+    def check(self, msg) -> None:
+        if isinstance(msg, CloseSession):
+            return
+        if not isinstance(msg, HiddenStates):
+            raise SessionError(f"unexpected message {type(msg).__name__} at the split-inference cloud")
+        check_hidden_states(msg, self.sessions.get(msg.session), self.split.hidden_size, self.ctx.engine.info.n_ctx)
+
+    async def handle(self, env) -> None:
+        msg = env.msg
+        if isinstance(msg, CloseSession):
+            self.drop(msg.session)
+            return
+        sess = self.sessions.get(msg.session)
+        if sess is None:
+            params = check_sampling(msg.temperature, msg.top_k, msg.top_p, msg.seed)
+            # Seeded as cloud-only seeds its stream, so both sample the same tokens.
+            sess = self.sessions[msg.session] = _Session(
+                self.split.open_part(self.config.edge_layers, self.split.n_layers), params,
+                np.random.default_rng(msg.seed + 1))
+        sess.expected = msg.start + len(msg.states)
+        sess.busy = asyncio.get_running_loop().create_task(self._step(msg, sess))
+
+    def drop(self, session: str) -> None:
+        sess = self.sessions.pop(session, None)
+        if sess is not None:
+            sess.closed = True
+            if sess.busy is None or sess.busy.done():
+                sess.part.close()  # else its step closes it when the model is done with it
+
+    async def _step(self, msg: HiddenStates, sess: _Session) -> None:
+        try:
+            await self._run(msg, sess)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a step that fails fails its session, not the server
+            if not sess.closed:
+                await self.fail(msg.session, f"the cloud's layers failed: {type(exc).__name__}: {exc}")
+        finally:
+            if sess.closed:
+                sess.part.close()
+
+    async def _run(self, msg: HiddenStates, sess: _Session) -> None:
+        ctx, part, n_layers = self.ctx, sess.part, self.split.n_layers
         states = np.asarray(msg.states, dtype=np.float32)
         layers = (self.config.edge_layers, n_layers, n_layers)
         op = _layers_op(msg.session, msg.start, len(states), layers)
         t0 = ctx.clock.now()
         logits = await ctx.compute.run(op, lambda: part.run(states))
+        if sess.closed:
+            return
         token = sample(probabilities(logits[-1], sess.params), sess.rng)
         index, sess.tokens = sess.tokens, sess.tokens + 1
         await ctx.link.send(TokenOut(msg.session, index, token, False, ctx.clock.now() - t0))
