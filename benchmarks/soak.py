@@ -6,7 +6,9 @@ devices (the system's edge policy on the pair's edge model, :func:`harness.inpro
 over :class:`harness.transport.grpc_link.GrpcEdgeLink`, as ``harness/edge_client.py`` does),
 each opening a stream, serving a few greedy requests on it and closing it again; and one bad
 client cycling through a session never opened, an undecodable frame, a wrong token, a session
-abandoned mid-request by closing its stream, and a ``/shutdown`` with a wrong token.
+abandoned mid-request by closing its stream, and a ``/shutdown`` with a wrong token (``--bad``;
+``ill_typed``, a message that decodes with a string for a number, is left out by default: it
+stops the cloud today).
 
 Every honest request must be lossless: greedy requests (temperature 0) from a small fixed pool
 of prompts, each output compared with the target's own greedy decode (computed here once per
@@ -25,7 +27,7 @@ Exit status 1 when a request was not lossless or failed, a bad client was not re
 expected, or the server died, stopped answering or did not stop cleanly.
 
     python benchmarks/soak.py [--pair toy] [--system sled] [--minutes 10 | --seconds S]
-        [--clients 4] [--interval 5] [--tokens 32] [--out DIR]
+        [--clients 4] [--interval 5] [--tokens 32] [--bad never_opened,...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -50,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import msgpack
 import numpy as np
 import psutil
 
@@ -63,7 +67,7 @@ from harness.transport.grpc_link import CHANNEL_OPTIONS, GrpcEdgeLink, LinkClose
 from harness.wall import PARENT_ENV, REPO_ROOT, WallCompute, open_role_engine
 from netem.tempdirs import owned_tempdir
 from systems.api import GenerationRequest, get_system
-from systems.messages import PROTOCOL_VERSION, Failure, OpenSession, Upload
+from systems.messages import PROTOCOL_VERSION, Failure, OpenSession, Upload, decode, encode
 
 DEFAULT_SYSTEM = "sled"
 POOL = 8  # distinct greedy requests the honest clients cycle through
@@ -285,20 +289,42 @@ def request_pool(target, n: int, tokens: int) -> list[tuple[list[int], int, list
 
 
 async def serve_one(t: Traffic, link: GrpcEdgeLink, policy, device: str, request_id: str, seed: int) -> None:
-    """One honest request over ``link``; a failure unless its output is the greedy reference."""
+    """One honest request over ``link``; a failure unless its output is the greedy reference.
+
+    Like ``harness/edge_client.py``, it watches the link too: an edge policy waiting for a
+    verdict on a link that broke can wait forever (its reader task died with the link)."""
     prompt, max_new, expected = t.pool[seed % len(t.pool)]
     req = GenerationRequest(request_id, prompt, max_new, seed=seed)
     session = f"{device}-{request_id}"
+    task = asyncio.create_task(serve_request(t.spec, policy, req, session=session, clock=t.clock,
+                                             compute=t.compute, link=link.session(session), draft=t.draft))
+    broken = asyncio.create_task(link.broken.wait())
     try:
-        rec = await asyncio.wait_for(serve_request(t.spec, policy, req, session=session, clock=t.clock,
-                                                   compute=t.compute, link=link.session(session), draft=t.draft),
-                                     t.request_timeout_s)
+        await asyncio.wait({task, broken}, timeout=t.request_timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        broken.cancel()
+        if not task.done():
+            await stop_task(task)
         link.release(session)
+    if not task.done() or task.cancelled():
+        raise LinkClosedError(link.error) if link.error else TimeoutError(
+            f"no answer within {t.request_timeout_s:g} s")
+    rec = task.result()  # the request's own error, if it failed
     if rec.output_tokens != expected:
         t.tally.add(t.tally.lossy, f"request {request_id} not lossless: {rec.output_tokens} != greedy {expected}")
     else:
         t.tally.served += 1
+
+
+async def stop_task(task: asyncio.Task, tries: int = 5, wait_s: float = 0.5) -> None:
+    """Cancel a policy's task; again if its clean-up awaits what will never come; then leave it."""
+    for _ in range(tries):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.wait({task}, timeout=wait_s)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: no "never retrieved" noise
 
 
 async def honest_client(t: Traffic, i: int, think_s: float) -> None:
@@ -333,17 +359,40 @@ async def bad_never_opened(t: Traffic, k: int) -> str | None:
     return None if isinstance(reply, Failure) and "not open" in reply.reason else f"got {reply!r}"
 
 
+@contextlib.asynccontextmanager
+async def raw_stream(t: Traffic, device: str):
+    """A stream to the cloud that sends whatever payload bytes it is given (with the token)."""
+    metadata = ((MD_PROTOCOL, str(PROTOCOL_VERSION)), (MD_SYSTEM, t.spec.name), (MD_VOCAB, t.fingerprint),
+                (MD_DEVICE, device), bearer(t.cloud.token))
+    async with grpc.aio.insecure_channel(t.cloud.address, options=CHANNEL_OPTIONS) as channel:
+        yield channel.stream_stream(METHOD_PATH, request_serializer=lambda b: b,
+                                    response_deserializer=decode_frame)(metadata=metadata)
+
+
 async def bad_undecodable(t: Traffic, k: int) -> str | None:
     """A frame whose payload is not a message: the stream ends with INVALID_ARGUMENT."""
-    metadata = ((MD_PROTOCOL, str(PROTOCOL_VERSION)), (MD_SYSTEM, t.spec.name), (MD_VOCAB, t.fingerprint),
-                (MD_DEVICE, f"bad{k}"), bearer(t.cloud.token))
-    async with grpc.aio.insecure_channel(t.cloud.address, options=CHANNEL_OPTIONS) as channel:
-        call = channel.stream_stream(METHOD_PATH, request_serializer=lambda b: b,
-                                     response_deserializer=decode_frame)(metadata=metadata)
+    async with raw_stream(t, f"bad{k}") as call:
         await call.write(encode_frame(b"\xc1 is never msgpack", time.monotonic()))
         await call.done_writing()
         code = await asyncio.wait_for(call.code(), 30)
     return None if code == grpc.StatusCode.INVALID_ARGUMENT else f"the stream ended with {code.name}"
+
+
+async def bad_ill_typed(t: Traffic, k: int) -> str | None:
+    """A message that decodes but holds a string where a number belongs (an OpenSession whose
+    ``sparse_k`` is "x"): its session fails, with a reason, and nothing else."""
+    prompt, _, _ = t.pool[k % len(t.pool)]
+    wire = msgpack.unpackb(encode(OpenSession(f"odd{k}", prompt)))  # [tag, field values...]
+    wire[1 + [f.name for f in dataclasses.fields(OpenSession)].index("sparse_k")] = "x"
+    async with raw_stream(t, f"bad{k}") as call:
+        await call.write(encode_frame(msgpack.packb(wire), time.monotonic()))
+        try:
+            frame = await asyncio.wait_for(call.read(), 30)
+        except grpc.aio.AioRpcError as e:
+            return f"the stream ended with {e.code().name}: {e.details()}"
+        call.cancel()
+    reply = decode(frame[0]) if isinstance(frame, tuple) else frame
+    return None if isinstance(reply, Failure) else f"got {reply!r}"
 
 
 async def bad_wrong_token(t: Traffic, k: int) -> str | None:
@@ -374,17 +423,20 @@ async def bad_shutdown(t: Traffic, k: int) -> str | None:
     return None if status == 401 else f"answered {status}"
 
 
-BAD_CLIENTS = (bad_never_opened, bad_undecodable, bad_wrong_token, bad_abandoned, bad_shutdown)
+BAD_CLIENTS = {f.__name__.removeprefix("bad_"): f for f in (
+    bad_never_opened, bad_undecodable, bad_wrong_token, bad_abandoned, bad_shutdown, bad_ill_typed)}
+# ill_typed stops the cloud today (systems/protocol.py treats only SessionError, ValueError and
+# EngineError as a session's fault; the TypeError ends the policy), so it is asked for by name.
+DEFAULT_BAD = ("never_opened", "undecodable", "wrong_token", "abandoned", "shutdown")
 
 
-async def bad_client(t: Traffic, every_s: float) -> None:
-    """The bad clients in turn, one every ``every_s`` seconds, until the deadline."""
+async def bad_client(t: Traffic, kinds: list[str], every_s: float) -> None:
+    """The bad clients ``kinds`` in turn, one every ``every_s`` seconds, until the deadline."""
     k = 0
     while t.running():
-        attempt = BAD_CLIENTS[k % len(BAD_CLIENTS)]
-        name = attempt.__name__.removeprefix("bad_")
+        name = kinds[k % len(kinds)]
         try:
-            problem = await attempt(t, k)
+            problem = await BAD_CLIENTS[name](t, k)
         except Exception as e:  # noqa: BLE001 - not the refusal the protocol promises
             problem = f"{type(e).__name__}: {e}"
         if problem is None:
@@ -414,8 +466,15 @@ async def sampler(t: Traffic, samples: SampleFile, t0: float, interval_s: float,
                   f"bad refused {sum(t.tally.bad.values())}, failures {len(t.tally.failures())}", flush=True)
 
 
+def quiet_link_errors(loop, context) -> None:
+    """An edge policy's reader task dies with a broken link; the request's failure says why."""
+    if not isinstance(context.get("exception"), LinkClosedError):
+        loop.default_exception_handler(context)
+
+
 async def drive(t: Traffic, samples: SampleFile, t0: float, args) -> None:
     """Warm up, sample idle, run the traffic to the deadline, let it settle, sample idle."""
+    asyncio.get_running_loop().set_exception_handler(quiet_link_errors)
     link = t.link("warmup")
     async with link:
         await serve_one(t, link, t.spec.edge_cls(t.cfg), "warmup", "w0", seed=0)
@@ -423,7 +482,7 @@ async def drive(t: Traffic, samples: SampleFile, t0: float, args) -> None:
     samples.add(await asyncio.to_thread(sample, t.cloud, t0, "idle_start"))
     t.deadline = time.monotonic() + args.seconds
     tasks = [asyncio.create_task(honest_client(t, i, args.think)) for i in range(args.clients)]
-    tasks += [asyncio.create_task(bad_client(t, args.bad_every)),
+    tasks += [asyncio.create_task(bad_client(t, args.bad, args.bad_every)),
               asyncio.create_task(sampler(t, samples, t0, args.interval, args.progress))]
     try:
         await asyncio.gather(*tasks)
@@ -497,7 +556,7 @@ def summarize(rows: list[dict], tally: Tally, args, exit_status: int | None) -> 
 def report(summary: dict) -> None:
     """Print the summary."""
     print(f"soak of {summary['system']} on the {summary['pair']} pair: {summary['seconds'] / 60:.1f} min, "
-          f"{summary['clients']} honest clients, {summary['samples']} samples")
+          f"honest clients: {summary['clients']}, samples: {summary['samples']}")
     print(f"  requests served (lossless): {summary['requests_served']} over {summary['streams']} streams; "
           f"bad clients refused: {summary['bad_refused']}")
     if "rss_mib" in summary:
@@ -526,6 +585,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--clients", type=int, default=4, help="concurrent honest edge clients (default 4)")
     ap.add_argument("--tokens", type=int, default=32, help="max new tokens of the longest requests (default 32)")
     ap.add_argument("--think", type=float, default=0.05, help="pause after each honest request, seconds")
+    ap.add_argument("--bad", default=",".join(DEFAULT_BAD),
+                    help=f"bad clients to cycle through, comma-separated, of {', '.join(BAD_CLIENTS)} "
+                         f"(default {','.join(DEFAULT_BAD)})")
     ap.add_argument("--bad-every", type=float, default=1.0, help="seconds between bad clients (default 1)")
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between samples (default 5)")
     ap.add_argument("--progress", type=float, default=60.0, help="seconds between progress lines (default 60)")
@@ -533,6 +595,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default results/soak-<pair>-<system>/)")
     args = ap.parse_args(argv)
     args.seconds = args.seconds if args.seconds is not None else args.minutes * 60
+    args.bad = [b.strip() for b in args.bad.split(",") if b.strip()]
+    if not args.bad or set(args.bad) - set(BAD_CLIENTS):
+        ap.error(f"--bad takes names of {', '.join(BAD_CLIENTS)}")
     if args.seconds <= 0 or args.clients < 1 or args.interval <= 0:
         ap.error("--minutes/--seconds, --clients and --interval must be positive")
     args.out = args.out or Path("results") / f"soak-{Path(args.pair).stem}-{args.system}"

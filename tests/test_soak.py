@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import json
 
-from benchmarks.soak import BAD_CLIENTS, FD_MARGIN, main
+import pytest
+
+from benchmarks.soak import DEFAULT_BAD, FD_MARGIN, main
 
 RSS_GROWTH_MIB = 16.0  # the most the idle cloud's RSS may grow over the short run
 # systems/protocol.py (VerifyingCloud), reported: a session whose stream closes while its prefill or
@@ -27,7 +29,7 @@ def test_a_short_soak_keeps_the_server_up_lossless_and_flat(tmp_path, capsys):
     assert summary["requests_served"] > 0 and summary["lossy"] == []
     assert [f for f in summary["honest_failed"] if KNOWN_BUG not in f] == []
     assert summary["bad_unexpected"] == []
-    assert set(summary["bad_refused"]) == {b.__name__.removeprefix("bad_") for b in BAD_CLIENTS}
+    assert set(summary["bad_refused"]) == set(DEFAULT_BAD)
     stats = summary["cloud_stats_end"]
     assert stats["streams_refused"] == summary["bad_refused"]["wrong_token"]  # and no honest stream
     assert stats["sessions_abandoned"] >= summary["bad_refused"]["abandoned"]
@@ -40,3 +42,15 @@ def test_a_short_soak_keeps_the_server_up_lossless_and_flat(tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "samples.csv")))
     assert [r["phase"] for r in rows[:1] + rows[-1:]] == ["idle_start", "idle_end"] and len(rows) >= 10
     assert json.loads((out / "summary.json").read_text())["requests_served"] == summary["requests_served"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "systems/protocol.py bug: an OpenSession that decodes with a string for a number (sparse_k 'x'; "
+    "temperature 'hot' too) raises TypeError in check_message/handle, which VerifyingCloud.serve does not "
+    "count as the session's fault (only SessionError, ValueError, EngineError): the cloud policy ends and "
+    "the server exits with status 1 for every client"))
+def test_an_ill_typed_message_fails_its_session_not_the_server(tmp_path):
+    summary = main(["--seconds", "5", "--interval", "1", "--clients", "1", "--bad", "ill_typed",
+                    "--bad-every", "0.5", "--out", str(tmp_path / "soak")])
+    assert summary["server"] == [] and summary["bad_unexpected"] == [], summary["failures"]
+    assert summary["bad_refused"]["ill_typed"] > 0 and summary["honest_failed"] == []
