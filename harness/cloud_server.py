@@ -77,7 +77,8 @@ def build_app(state: "CloudState"):
                     "specwan.v1.SpecLink (harness/transport/specwan.proto).",
     )
 
-    @app.get("/healthz", summary="Liveness: ok while the cloud policy serves")
+    @app.get("/healthz", summary="Liveness: ok while the cloud policy serves",
+             responses={503: {"description": "the cloud policy has stopped (with its error)"}})
     def healthz():
         if state.policy_done():
             return JSONResponse({"status": "stopped", "error": state.policy_error()}, status_code=503)
@@ -92,7 +93,8 @@ def build_app(state: "CloudState"):
         return {**state.link.snapshot(), "uptime_s": time.monotonic() - state.started}
 
     @app.post("/shutdown", summary="Stop serving and exit (needs the shared token, as JSON)",
-              responses={401: {"description": "missing or wrong token"},
+              responses={400: {"description": "the body does not parse as JSON"},
+                         401: {"description": "missing or wrong token"},
                          415: {"description": "the body is not application/json"}})
     def shutdown(body: ShutdownRequest, request: Request):
         # FastAPI parses a body sent without a Content-Type as JSON too; a browser can send

@@ -147,27 +147,15 @@ def _hypothesis_cases(op, mode, base: str, tally: Tally, tolerate) -> None:
     each()
 
 
-def shutdown_400_for_a_body_that_is_not_json(case, failure) -> str | None:
-    """The known bug: POST /shutdown answers a body that does not parse as JSON with 400,
-    which its OpenAPI document does not list (FastAPI's own answer; cloud_server.py's
-    ``responses=`` names 401 and 415, FastAPI adds 422). Once the document lists it,
-    :func:`test_shutdown_documents_every_status_it_sends` passes (strict xfail: it then
-    fails as XPASS); remove its mark and this tolerance together."""
-    if (case.operation.label == "POST /shutdown" and isinstance(failure, UndefinedStatusCode)
-            and failure.status_code == 400):
-        return "POST /shutdown: undocumented 400 for a body that is not JSON"
-    return None
-
-
-def test_schemathesis_finds_nothing_else_and_the_server_keeps_its_secret(tmp_path, capsys):
+def test_schemathesis_finds_nothing_and_the_server_keeps_its_secret(tmp_path, capsys):
     with cloud_server(tmp_path) as info:
         base = info["base"]
-        tally = fuzz(base, tolerate=shutdown_400_for_a_body_that_is_not_json)
+        tally = fuzz(base)
         n_cases = sum(tally.cases.values())
         with capsys.disabled():
             print(f"\nschemathesis on the control plane: {len(tally.operations)} operations, {n_cases} test cases "
                   f"({', '.join(f'{op} {mode}: {n}' for (op, mode), n in tally.cases.items())}), "
-                  f"{len(tally.failures)} failures; known bug, counted apart: {dict(tally.known)}")
+                  f"{len(tally.failures)} failures")
         assert sorted(tally.operations) == ["GET /healthz", "GET /info", "GET /stats", "POST /shutdown"]
         assert not tally.failures, "\n".join(tally.failures)
         # generated inputs met /shutdown's wrong-token (401) and bad-body (422) refusals, never a success
@@ -185,10 +173,6 @@ def test_schemathesis_finds_nothing_else_and_the_server_keeps_its_secret(tmp_pat
         assert info["proc"].wait(timeout=15) == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "harness/cloud_server.py bug: POST /shutdown with Content-Type application/json and a body that is not "
-    "JSON gets 400 {'detail': 'There was an error parsing the body'}, a status its OpenAPI document does not "
-    "list (responses= names 401 and 415; FastAPI adds 422): schemathesis' status_code_conformance fails"))
 def test_shutdown_documents_every_status_it_sends(tmp_path):
     with cloud_server(tmp_path) as info:
         tally = fuzz(info["base"], operations={"POST /shutdown"})
