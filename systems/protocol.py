@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import math
 from abc import abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
 import numpy as np
@@ -32,12 +32,11 @@ from systems.api import (
     Op,
     Verifier,
     prefix_digest,
-    verify_batch,
 )
 from systems.engines.base import EngineError
 from systems.messages import Ack, CloseSession, Failure, Generate, OpenSession, TokenOut, Upload, Verdict
 from systems.records import BatchRecord, RoundRecord
-from systems.sampling import SamplingParams, resample_sparse, softmax
+from systems.sampling import Outcome, SamplingParams, resample_sparse, softmax
 
 
 class ProtocolError(RuntimeError):
@@ -174,7 +173,12 @@ class SpeculativeEdge:
 
     async def _read(self) -> None:
         while True:
-            env = await self.ctx.link.recv()
+            try:
+                env = await self.ctx.link.recv()
+            except Exception as exc:  # noqa: BLE001 - the link is gone (the cloud died): as a Failure, so
+                # that whoever waits for a verdict or an ack is told, and close() waits for none
+                now = self.ctx.clock.now()
+                env = Envelope(Failure(self.ctx.session, f"the link failed: {type(exc).__name__}: {exc}"), 0, now, now)
             if isinstance(env.msg, Failure):  # whoever waits, for an ack or a verdict, learns of it
                 self.failure = env.msg.reason
                 await self._acks.put(env)
@@ -491,6 +495,36 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_WIRE_TYPES = {
+    "int": is_int,
+    "float": lambda v: is_int(v) or isinstance(v, float),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "None": lambda v: v is None,
+    "np.ndarray": lambda v: isinstance(v, np.ndarray),
+}
+
+
+def _conforms(value, annotation: str) -> bool:
+    for alt in (a.strip() for a in annotation.split("|")):
+        if alt.startswith("list[") and alt.endswith("]"):
+            if isinstance(value, (list, tuple)) and all(_conforms(v, alt[5:-1]) for v in value):
+                return True
+        elif _WIRE_TYPES.get(alt, lambda v: True)(value):  # a type not listed here is not checked
+            return True
+    return False
+
+
+def check_fields(msg) -> None:
+    """Raise :class:`SessionError` naming the first field of ``msg`` that does not hold a value
+    of its declared type (the wire carries any value in any field: a client may send a string
+    for a position, or None for a token list)."""
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        if isinstance(f.type, str) and not _conforms(value, f.type):
+            raise SessionError(f"{type(msg).__name__}.{f.name} must be {f.type}, got {type(value).__name__}")
+
+
 def check_ids(tokens, vocab: int, what: str) -> None:
     """Raise :class:`SessionError` unless ``tokens`` is a list of integer ids in [0, vocab)."""
     if not isinstance(tokens, (list, tuple)) or any(not is_int(t) or not 0 <= t < vocab for t in tokens):
@@ -636,16 +670,34 @@ class SerialUploader:
 
 
 # ---- the cloud ---------------------------------------------------------------------------
+def _verify_each(items: Sequence[tuple]) -> list:
+    """:func:`systems.api.verify_batch`'s one forward pass over every member, each member's
+    decision taken apart: one that raises (its own draft data or sampling settings: a q(x) of
+    0, a distribution with no mass) gets its exception as its outcome, the others their
+    :class:`Outcome`. So a bad member cannot fail the pass for the members batched with it."""
+    engine = items[0][0].engine
+    bases = [v.committed for v, *_ in items]
+    rows = engine.score_batch([(v.session, block) for v, block, *_ in items])
+    outcomes = []
+    for (v, block, q_token, q_rows), base, r in zip(items, bases, rows):
+        try:
+            outcomes.append(v.decide(base, block, r, q_token, q_rows))
+        except Exception as exc:  # noqa: BLE001 - handed to the worker, which fails that session
+            outcomes.append(exc)
+    return outcomes
+
+
 SESSION_FAULTS = (SessionError, ValueError, EngineError)
 """What serving a message may raise that is its session's fault, not the server's."""
 
 
 class GuardedCloud(CloudPolicy):
-    """A cloud policy that keeps its sessions apart: each edge message is checked against its
-    session before it touches a model (:meth:`check`), and one the cloud cannot serve fails that
-    session alone (:meth:`fail`: its state dropped, a :class:`Failure` naming the reason sent to
-    its edge); the rest of what a failed session has on the link is ignored, and the server and
-    every other session are served on. A policy calls :meth:`begin` when it starts serving and
+    """A cloud policy that keeps its sessions apart: each edge message is checked before it
+    touches a model (its fields' types, :func:`check_fields`; then against its session,
+    :meth:`check`), and one the cloud cannot serve fails that session alone (:meth:`fail`: its
+    state dropped, a :class:`Failure` naming the reason sent to its edge); the rest of what a
+    failed session has on the link is ignored up to its CloseSession, and the server and every
+    other session are served on. A policy calls :meth:`begin` when it starts serving and
     :meth:`receive` for each message; it implements :meth:`check`, :meth:`handle` and :meth:`drop`.
     """
 
@@ -670,8 +722,14 @@ class GuardedCloud(CloudPolicy):
         """Check and serve one message; a fault of its session fails that session only."""
         session = getattr(env.msg, "session", "")
         if session in self.failed:
-            return  # the rest of what a failed session had on the link
+            # The rest of what a failed session had on the link is dropped, up to its
+            # CloseSession: then its name is free again (its Failure may never have reached an
+            # edge that closed it first; a later session of that name must be served or failed).
+            if isinstance(env.msg, CloseSession):
+                del self.failed[session]
+            return
         try:
+            check_fields(env.msg)
             self.check(env.msg)
             await self.handle(env)
         except SESSION_FAULTS as exc:  # that session's fault, not the server's
@@ -739,6 +797,8 @@ class VerifyingCloud(GuardedCloud):
         self.jobs: list[Job] = []
         self.batch_notes = {}
         self._batches = 0
+        self._in_pass: set[str] = set()  # sessions of the pass running now
+        self._closing: list[CloudSession] = []  # closed while in that pass: their verifiers, released after it
         self._wake = asyncio.Event()
         worker = asyncio.get_running_loop().create_task(self._work())
         try:
@@ -797,10 +857,7 @@ class VerifyingCloud(GuardedCloud):
                 self._enqueue(Job("verify", msg.session, msg.round, msg.start + len(msg.tokens), env.t_recv,
                                   deadline))
         elif isinstance(msg, CloseSession):
-            sess = self.sessions.pop(msg.session, None)
-            if sess is not None:
-                sess.closed = True
-                sess.verifier.close()
+            self.drop(msg.session)
         else:
             raise ProtocolError(f"unexpected message {type(msg).__name__} at the verifier")
 
@@ -811,7 +868,10 @@ class VerifyingCloud(GuardedCloud):
         sess = self.sessions.pop(session, None)
         if sess is not None:
             sess.closed = True
-            sess.verifier.close()
+            if session in self._in_pass:
+                self._closing.append(sess)  # its verifier is in the running pass: released after it
+            else:
+                sess.verifier.close()
         self.jobs = [j for j in self.jobs if j.session != session]
 
     def _enqueue(self, job: Job) -> None:
@@ -851,6 +911,10 @@ class VerifyingCloud(GuardedCloud):
                 self._wake.clear()
                 await self._wake.wait()
             batch = await self.next_batch()
+            # A session closed or failed while its pass runs (the model may be computing it on
+            # another thread) keeps its verifier until the pass is over: closing it mid-pass
+            # would fail the pass, and with it every other session in the batch.
+            self._in_pass = {j.session for j in batch}
             try:
                 await self.run_batch(batch)
             except asyncio.CancelledError:
@@ -858,6 +922,11 @@ class VerifyingCloud(GuardedCloud):
             except Exception as exc:  # noqa: BLE001 - a pass that fails fails its sessions, not the server
                 for name in dict.fromkeys(j.session for j in batch):
                     await self.fail(name, f"verification failed: {type(exc).__name__}: {exc}")
+            finally:
+                self._in_pass = set()
+                closing, self._closing = self._closing, []
+                for sess in closing:
+                    sess.verifier.close()
 
     async def run_batch(self, batch: Sequence[Job]) -> None:
         for job in [j for j in batch if j.kind == "prefill"]:
@@ -886,7 +955,7 @@ class VerifyingCloud(GuardedCloud):
         predicted = self.predict([(len(t), base) for _, _, base, t in ready])
         op = Op("verify", max(len(t) for *_, t in ready), context, batch=len(items),
                 sessions=tuple(s.name for s, *_ in ready))
-        outcomes = await self.ctx.compute.run(op, lambda: verify_batch(items))
+        outcomes = await self.ctx.compute.run(op, lambda: _verify_each(items))
         t_verify = self.ctx.clock.now() - t0
         record = BatchRecord(
             index=self._batches, kind="verify", start=t0, end=t0 + t_verify,
@@ -897,8 +966,12 @@ class VerifyingCloud(GuardedCloud):
         if self.ctx.recorder is not None:
             self.ctx.recorder.batch(record)
         self._batches += 1
-        self.after_batch(record, outcomes)
+        # a member whose decision failed counts as accepting nothing (it is failed below)
+        self.after_batch(record, [Outcome(0, None) if isinstance(o, Exception) else o for o in outcomes])
         for (sess, job, base, tokens), out in zip(ready, outcomes):
+            if isinstance(out, Exception):  # that member's own data or settings: it fails alone
+                await self.fail(sess.name, f"verification failed: {type(out).__name__}: {out}")
+                continue
             self._commit(sess, job, base, tokens, out)
             await self._send(sess, job, Verdict(
                 sess.name, job.round, base, len(tokens), out.n_accepted, out.token,

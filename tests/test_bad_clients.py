@@ -17,7 +17,7 @@ from harness.inprocess import RequestRecorder, serve_request
 from harness.link import CloudEnd, LinkProfile
 from systems.api import CloudContext, GenerationRequest, get_system
 from systems.engines import create_engine
-from systems.messages import CloseSession, Failure, Generate, HiddenStates, OpenSession, TokenOut, Upload
+from systems.messages import CloseSession, Failure, Generate, HiddenStates, OpenSession, TokenOut, Upload, Verdict
 from systems.protocol import CloudRefused, SpeculativeEdge
 from tests.support import greedy_decode
 
@@ -45,6 +45,15 @@ def _bad_messages(n_ctx: int) -> list[tuple[str, list]]:
                                        Upload("bad-i", round=0, start=3, tokens=[1, 2], verify=True,
                                               q_rows=np.ones((1, 3)) / 3)]),
         ("a session opened twice", [OpenSession("bad-j", PROMPT), OpenSession("bad-j", PROMPT)]),
+        ("fields of the wrong type", [OpenSession("bad-k", PROMPT),
+                                      Upload("bad-k", round=0, start="3", tokens=True, verify=True)]),
+        ("sparse_k of the wrong type", [OpenSession("bad-l", PROMPT, sparse_k="ten")]),
+        ("a q(x) of 0 for a drafted token", [OpenSession("bad-m", PROMPT, temperature=1.0, rule="rejection"),
+                                             Upload("bad-m", round=0, start=3, tokens=[1, 2], verify=True,
+                                                    q_rows=np.zeros((2, VOCAB)))]),
+        ("a temperature too small to sample at", [OpenSession("bad-n", PROMPT, temperature=1e-320, rule="sparse"),
+                                                  Upload("bad-n", round=0, start=3, tokens=[1], verify=True,
+                                                         q_token=[0.5])]),
     ]
 
 
@@ -63,6 +72,8 @@ def _bad_generations(n_ctx: int) -> list[tuple[str, list]]:
         ("a verifier's session at a cloud that decodes alone", [OpenSession("bad-j", PROMPT)]),
         ("a cloud's own message sent up", [TokenOut("bad-k", 0, 1)]),
         ("more new tokens than the context holds", [Generate("bad-l", PROMPT, n_ctx + 10)]),
+        ("fields of the wrong type", [Generate("bad-m", PROMPT, "8", stop_ids=None)]),
+        ("a temperature too small to sample at", [Generate("bad-n", PROMPT, 8, temperature=1e-320)]),
     ]
 
 
@@ -88,6 +99,7 @@ def _bad_hidden_states(n_ctx: int, width: int) -> list[tuple[str, list]]:
         ("top_p of 0", [HiddenStates("bad-j", 0, states(3), top_p=0.0)]),
         ("a cloud-only request at split inference", [Generate("bad-k", PROMPT, 8)]),
         ("an upload at split inference", [Upload("bad-l", round=0, start=3, tokens=[1], verify=True)]),
+        ("fields of the wrong type", [HiddenStates("bad-m", "0", states(3), temperature="hot")]),
     ]
 
 
@@ -165,6 +177,7 @@ def _serve_with_bad_clients(system: str, cases, harmless, requests, draft, targe
     return run(main(), virtual=True)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow at a temperature of 1e-320
 @pytest.mark.parametrize("system", ["vanilla", "sled", "wisp", "pipesd", "cloud_only", "centralized",
                                     "split_inference"])
 def test_bad_messages_fail_their_session_and_everyone_else_is_served(system):
@@ -184,6 +197,82 @@ def test_bad_messages_fail_their_session_and_everyone_else_is_served(system):
     assert set(cloud.failed) == {m[0].session for _, m in cases}
     for req, rec in zip(requests, records):
         assert rec.output_tokens == greedy_decode(target, req.prompt, req.max_new_tokens)[0]
+
+
+@pytest.mark.parametrize("system", ["vanilla", "sled", "cloud_only", "centralized", "split_inference"])
+def test_a_failed_sessions_name_is_free_again_after_its_close_session(system):
+    """What a failed session still had on the link is dropped, up to its CloseSession; a later
+    session of that name is served (here: failed again, for a message no cloud serves) and not
+    ignored: its Failure may never have reached an edge that closed the session first."""
+    spec = get_system(system)
+    target = create_engine("toy", role="target", vocab_size=VOCAB, seed=1, n_ctx=N_CTX)
+
+    async def main():
+        clock, cloud_end = LoopClock(), CloudEnd()
+        server = asyncio.get_running_loop().create_task(
+            spec.cloud_cls(spec.make_config({})).serve(CloudContext(target, clock, InstantCompute(), cloud_end)))
+        link = cloud_end.new_link(LinkProfile())
+        cloud_end.route("x", link)
+        end = link.edge_end("x")
+        replies = []
+        for msg in [Verdict("x", 0, 0, 0, 0, None), Verdict("x", 1, 0, 0, 0, None), CloseSession("x"),
+                    Verdict("x", 2, 0, 0, 0, None)]:
+            await end.send(msg)
+        for _ in range(2):
+            replies.append((await asyncio.wait_for(end.recv(), REPLY_TIMEOUT_S)).msg)
+        assert not server.done()
+        server.cancel()
+        return replies
+
+    first, second = run(main(), virtual=True)
+    assert isinstance(first, Failure) and isinstance(second, Failure)
+    assert "unexpected message Verdict" in second.reason
+
+
+class _GatedCompute(InstantCompute):
+    """Runs work at once, except a verification pass: that waits until ``gate`` opens (as a
+    pass the model computes on another thread while the event loop serves arrivals)."""
+
+    def __init__(self):
+        self.started, self.gate = asyncio.Event(), asyncio.Event()
+
+    async def run(self, op, fn):
+        if op.kind == "verify":
+            self.started.set()
+            await self.gate.wait()
+        return await super().run(op, fn)
+
+
+def test_a_session_closed_while_its_pass_runs_leaves_the_others_in_it_served():
+    """Two sessions in one batched pass (SLED); one edge closes its session while the pass
+    runs: the other still gets its verdict (the closed one's verifier is released after the
+    pass, not under it)."""
+    spec = get_system("sled")
+    target = create_engine("toy", role="target", vocab_size=VOCAB, seed=1, n_ctx=N_CTX)
+
+    async def main():
+        clock, cloud_end, compute = LoopClock(), CloudEnd(), _GatedCompute()
+        cloud = spec.cloud_cls(spec.make_config({}))
+        server = asyncio.get_running_loop().create_task(cloud.serve(CloudContext(target, clock, compute, cloud_end)))
+        ends = {}
+        for name in ("stays", "leaves"):
+            link = cloud_end.new_link(LinkProfile())
+            cloud_end.route(name, link)
+            ends[name] = link.edge_end(name)
+            await ends[name].send(OpenSession(name, PROMPT))
+            await ends[name].send(Upload(name, round=0, start=3, tokens=[4, 5], verify=True))
+        await asyncio.wait_for(compute.started.wait(), REPLY_TIMEOUT_S)
+        await ends["leaves"].send(CloseSession("leaves"))
+        await asyncio.sleep(0.01)  # the close is served while the pass waits
+        compute.gate.set()
+        reply = (await asyncio.wait_for(ends["stays"].recv(), REPLY_TIMEOUT_S)).msg
+        assert not server.done()
+        server.cancel()
+        return reply, cloud.failed
+
+    reply, failed = run(main(), virtual=True)
+    assert isinstance(reply, Verdict) and not reply.stale and reply.batch_size == 2, reply
+    assert failed == {}
 
 
 def test_an_edge_whose_session_is_failed_raises_the_clouds_reason():

@@ -172,7 +172,11 @@ class CentralizedCloud(GuardedCloud):
         if s.closed:  # closed or failed while its pass ran: nothing more goes to its edge
             return
         req = s.request
-        token = sample(probabilities(logits, s.params), s.rng)
+        try:
+            token = sample(probabilities(logits, s.params), s.rng)
+        except ValueError as exc:  # its own sampling settings (no mass left): it fails alone
+            await self._fail_members([s], exc)
+            return
         index, s.token = s.emitted, token
         s.emitted += 1
         last = token in s.stops or s.emitted == req.max_new_tokens
