@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -72,3 +79,37 @@ def chi2_against(counts: dict, expected_probs: dict, n: int, min_expected: float
         obs.append(pool_o)
         exp.append(pool_e)
     return float(chisquare(obs, exp).pvalue)
+
+
+@contextmanager
+def cloud(tmp_path: Path, *args: str, token: str | None = None, system: str = "vanilla"):
+    """A toy-pair cloud server process (``python -m harness.cloud_server``) serving ``system``
+    on loopback, with ``args`` added to its command line; yields its ready-file contents with
+    ``proc`` (the process) and ``ready`` (the file). Its log goes to ``tmp_path/cloud.log`` (a
+    file, not a pipe: a busy server must never block on a full pipe). ``token`` is passed in
+    the environment; without one the server writes a generated token to the ready file."""
+    from harness.transport.auth import TOKEN_ENV
+    from harness.wall import REPO_ROOT
+
+    ready, log = tmp_path / "ready.json", tmp_path / "cloud.log"
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    if token is not None:
+        env[TOKEN_ENV] = token
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "harness.cloud_server", "--pair", "toy", "--system", system,
+                                 "--ready-file", str(ready), *args], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.is_file():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the cloud did not become ready"
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        info["proc"], info["ready"] = proc, ready
+        yield info
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=15)

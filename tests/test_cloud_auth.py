@@ -10,11 +10,8 @@ import os
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
@@ -22,32 +19,7 @@ from harness.transport.auth import TOKEN_ENV, is_loopback, new_token, token_matc
 from harness.transport.grpc_link import GrpcEdgeLink, LinkClosedError
 from harness.wall import REPO_ROOT
 from systems.messages import Failure, OpenSession, Upload, Verdict
-
-
-@contextmanager
-def cloud(tmp_path: Path, *args: str, token: str | None = None):
-    """A toy-pair vanilla cloud server; yields its ready-file contents."""
-    ready = tmp_path / "ready.json"
-    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    if token is not None:
-        env[TOKEN_ENV] = token
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cloud_server", "--pair", "toy", "--system", "vanilla",
-                             "--ready-file", str(ready), *args], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.is_file():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "the cloud did not become ready"
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
-        info["proc"], info["ready"] = proc, ready
-        yield info
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=15)
+from tests.support import cloud
 
 
 def _post(url: str, body: bytes | None, content_type: str | None, context=None) -> tuple[int, str]:
