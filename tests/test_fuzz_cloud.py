@@ -388,10 +388,6 @@ def test_an_edge_waiting_for_a_verdict_from_a_cloud_that_dies_is_told(engines, t
     assert "LinkClosedError" in reason
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "harness/transport/grpc_link.py bug: GrpcCloudLink._read takes a frame that is not a valid protobuf Frame "
-    "(FrameError from decode_frame, the request deserializer) for the edge going away, logs it at INFO and ends "
-    "the stream with status OK; an undecodable payload in a valid frame gets INVALID_ARGUMENT"))
 def test_a_frame_that_is_not_protobuf_ends_its_stream_with_an_error_status(tmp_path):
     with cloud(tmp_path) as info:
         address, token = f"127.0.0.1:{info['grpc_port']}", info["token"]

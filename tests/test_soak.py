@@ -11,10 +11,6 @@ import pytest
 from benchmarks.soak import DEFAULT_BAD, FD_MARGIN, main
 
 RSS_GROWTH_MIB = 16.0  # the most the idle cloud's RSS may grow over the short run
-# systems/protocol.py (VerifyingCloud), reported: a session whose stream closes while its prefill or
-# verification runs on the compute thread has its engine session closed under it; the pass fails
-# with this error, and every honest session batched with it is failed too. A race: rare in 20 s.
-KNOWN_BUG = "verification failed: EngineError: session is closed"
 
 
 def test_a_short_soak_keeps_the_server_up_lossless_and_flat(tmp_path, capsys):
@@ -27,7 +23,7 @@ def test_a_short_soak_keeps_the_server_up_lossless_and_flat(tmp_path, capsys):
     assert summary["server"] == []  # up and healthy throughout, idle at the end, stopped by /shutdown
     assert summary["cloud_exit_status"] == 0
     assert summary["requests_served"] > 0 and summary["lossy"] == []
-    assert [f for f in summary["honest_failed"] if KNOWN_BUG not in f] == []
+    assert summary["honest_failed"] == []
     assert summary["bad_unexpected"] == []
     assert set(summary["bad_refused"]) == set(DEFAULT_BAD)
     stats = summary["cloud_stats_end"]
@@ -44,11 +40,6 @@ def test_a_short_soak_keeps_the_server_up_lossless_and_flat(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["requests_served"] == summary["requests_served"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "systems/protocol.py bug: an OpenSession that decodes with a string for a number (sparse_k 'x'; "
-    "temperature 'hot' too) raises TypeError in check_message/handle, which VerifyingCloud.serve does not "
-    "count as the session's fault (only SessionError, ValueError, EngineError): the cloud policy ends and "
-    "the server exits with status 1 for every client"))
 def test_an_ill_typed_message_fails_its_session_not_the_server(tmp_path):
     summary = main(["--seconds", "5", "--interval", "1", "--clients", "1", "--bad", "ill_typed",
                     "--bad-every", "0.5", "--out", str(tmp_path / "soak")])

@@ -38,6 +38,7 @@ from harness.transport.frames import (
     MD_VOCAB,
     METHOD,
     METHOD_PATH,
+    FrameError,
     decode_frame,
     encode_frame,
 )
@@ -481,6 +482,9 @@ class GrpcCloudLink:
                     stream.names.pop(name, None)
         except asyncio.CancelledError:
             raise
+        except FrameError as e:  # bytes that are not a Frame at all: that stream's fault, said so
+            stream.outbox.put_nowait((grpc.StatusCode.INVALID_ARGUMENT, f"not a specwan.v1.Frame: {e}"))
+            return
         except Exception as e:  # the edge vanished; the stream is over
             log.info("stream %d (%s) from %s ended: %s", stream.id, stream.device, stream.peer, _describe(e))
         # The edge closed its side (or is gone): once its sessions are settled, end the stream.
