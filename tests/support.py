@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -113,3 +114,13 @@ def cloud(tmp_path: Path, *args: str, token: str | None = None, system: str = "v
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=15)
+
+
+@functools.lru_cache(maxsize=None)
+def toy_vocab_fingerprint() -> str:
+    """The toy pair's vocabulary fingerprint: what an edge presents to a toy-pair cloud."""
+    from harness.pairs import load_pair
+    from systems.engines import create_engine
+
+    target = load_pair("toy").target
+    return create_engine(target.engine, role="target", **target.options).info.vocab_fingerprint

@@ -19,7 +19,7 @@ from harness.transport.auth import TOKEN_ENV, is_loopback, new_token, token_matc
 from harness.transport.grpc_link import GrpcEdgeLink, LinkClosedError
 from harness.wall import REPO_ROOT
 from systems.messages import Failure, OpenSession, Upload, Verdict
-from tests.support import cloud
+from tests.support import cloud, toy_vocab_fingerprint
 
 
 def _post(url: str, body: bytes | None, content_type: str | None, context=None) -> tuple[int, str]:
@@ -39,7 +39,7 @@ def _get(url: str, context=None) -> dict:
 
 async def _verify_once(address: str, token: str | None, tls_ca: bytes | None = None):
     """Open a session, have one drafted token verified; the cloud's reply."""
-    link = GrpcEdgeLink(address, system="vanilla", token=token, tls_ca=tls_ca)
+    link = GrpcEdgeLink(address, system="vanilla", token=token, tls_ca=tls_ca, vocab_fingerprint=toy_vocab_fingerprint())
     await link.connect()
     try:
         session = link.session("e-1")
@@ -161,8 +161,8 @@ def test_a_session_cannot_be_claimed_from_another_stream(tmp_path):
         address, token = f"127.0.0.1:{info['grpc_port']}", info["token"]
 
         async def scenario():
-            honest = GrpcEdgeLink(address, system="vanilla", token=token)
-            thief = GrpcEdgeLink(address, system="vanilla", token=token)
+            honest = GrpcEdgeLink(address, system="vanilla", token=token, vocab_fingerprint=toy_vocab_fingerprint())
+            thief = GrpcEdgeLink(address, system="vanilla", token=token, vocab_fingerprint=toy_vocab_fingerprint())
             await honest.connect()
             await thief.connect()
             try:
@@ -183,3 +183,19 @@ def test_a_session_cannot_be_claimed_from_another_stream(tmp_path):
         assert isinstance(stolen, Failure) and "not open" in stolen.reason
         assert isinstance(verdict, Verdict) and verdict.session == "e-1"
         assert _get(f"http://127.0.0.1:{info['http_port']}/healthz")["status"] == "ok"
+
+
+def test_a_stream_without_a_vocabulary_fingerprint_is_refused(tmp_path):
+    """The vocabulary check is never skipped: an edge that leaves out its fingerprint is refused."""
+    with cloud(tmp_path) as info:
+        address, token = f"127.0.0.1:{info['grpc_port']}", info["token"]
+
+        async def connect():
+            link = GrpcEdgeLink(address, system="vanilla", token=token)  # no vocab_fingerprint
+            try:
+                await link.connect()
+            finally:
+                await link.close()
+
+        with pytest.raises(LinkClosedError, match="sent no vocabulary fingerprint"):
+            asyncio.run(connect())

@@ -38,7 +38,7 @@ from harness.compute import InstantCompute
 from harness.inprocess import RequestRecorder, serve_request
 from harness.pairs import load_pair, open_engines
 from harness.transport.auth import bearer
-from harness.transport.frames import MD_PROTOCOL, MD_SYSTEM, METHOD_PATH, encode_frame
+from harness.transport.frames import MD_PROTOCOL, MD_SYSTEM, MD_VOCAB, METHOD_PATH, encode_frame
 from harness.transport.grpc_link import GrpcEdgeLink, LinkClosedError
 from systems.api import GenerationRequest, get_system
 from systems.messages import (
@@ -55,7 +55,7 @@ from systems.messages import (
     encode,
 )
 from systems.sampling import RULES
-from tests.support import cloud, greedy_decode
+from tests.support import cloud, greedy_decode, toy_vocab_fingerprint
 
 # a speculative verifier and a batching server; SPECWAN_FUZZ_SYSTEMS=a,b,... fuzzes others
 SYSTEMS = tuple(os.environ.get("SPECWAN_FUZZ_SYSTEMS", "vanilla,centralized").split(","))
@@ -183,7 +183,7 @@ async def _bad_client(address: str, token: str, system: str, script: list) -> Ou
     """Send ``script`` on a stream of its own, then a poison for every session it used; wait
     (bounded) until each of them is failed or the server ends the stream."""
     out = Outcome()
-    link = GrpcEdgeLink(address, system=system, token=token)
+    link = GrpcEdgeLink(address, system=system, token=token, vocab_fingerprint=toy_vocab_fingerprint())
     await link.connect()
     try:
         names = list(dict.fromkeys(m.session for m in script))
@@ -212,7 +212,8 @@ async def _raw_client(address: str, token: str, system: str, frames: list[bytes]
     channel = grpc.aio.insecure_channel(address)
     try:
         call = channel.stream_stream(METHOD_PATH, request_serializer=bytes, response_deserializer=bytes)(
-            metadata=((MD_PROTOCOL, str(PROTOCOL_VERSION)), (MD_SYSTEM, system), bearer(token)))
+            metadata=((MD_PROTOCOL, str(PROTOCOL_VERSION)), (MD_SYSTEM, system), (MD_VOCAB, toy_vocab_fingerprint()),
+                      bearer(token)))
         for frame in frames:
             await call.write(frame)
             out.sent += 1
@@ -232,7 +233,7 @@ async def _honest(address: str, token: str, system: str, engines, requests: list
     """Serve ``requests`` at once over one stream, each with the system's own edge policy."""
     spec = get_system(system)
     draft = engines[1] if spec.edge_model == "target" else engines[0]
-    clock, link = LoopClock(), GrpcEdgeLink(address, system=system, token=token)
+    clock, link = LoopClock(), GrpcEdgeLink(address, system=system, token=token, vocab_fingerprint=toy_vocab_fingerprint())
     await link.connect()
     try:
         return await asyncio.gather(*(serve_request(
@@ -362,7 +363,7 @@ def test_an_edge_waiting_for_a_verdict_from_a_cloud_that_dies_is_told(engines, t
     from systems.protocol import CloudRefused, SpeculativeEdge
 
     async def scenario(address: str, token: str, proc) -> str:
-        link = GrpcEdgeLink(address, system="vanilla", token=token)
+        link = GrpcEdgeLink(address, system="vanilla", token=token, vocab_fingerprint=toy_vocab_fingerprint())
         await link.connect()
         clock, rng, req = LoopClock(), np.random.default_rng(0), GenerationRequest("e", [1, 2, 3], 8)
         ctx = EdgeContext("e", clock, InstantCompute(), link.session("e"), RequestRecorder(clock),

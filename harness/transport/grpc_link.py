@@ -421,6 +421,9 @@ class GrpcCloudLink:
         if system != self.system:
             return f"the edge runs system {system!r}, the cloud serves {self.system!r}"
         vocab = md.get(MD_VOCAB, "")
+        if self.vocab_fingerprint and not vocab:
+            return ("the edge sent no vocabulary fingerprint (specwan-vocab): speculative decoding needs one "
+                    "shared vocabulary, and the cloud checks it on every stream")
         if vocab and self.vocab_fingerprint and vocab != self.vocab_fingerprint:
             return (f"vocabulary fingerprints differ (edge draft {vocab}, cloud target "
                     f"{self.vocab_fingerprint}): speculative decoding needs one shared vocabulary")
