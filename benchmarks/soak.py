@@ -58,6 +58,7 @@ import numpy as np
 import psutil
 
 from harness.clock import LoopClock
+from harness.edge_client import cancel_task
 from harness.inprocess import serve_request
 from harness.pairs import ensure_pair, load_pair
 from harness.transport.auth import TOKEN_ENV, bearer, new_token
@@ -304,7 +305,7 @@ async def serve_one(t: Traffic, link: GrpcEdgeLink, policy, device: str, request
     finally:
         broken.cancel()
         if not task.done():
-            await stop_task(task)
+            await cancel_task(task)
         link.release(session)
     if not task.done() or task.cancelled():
         raise LinkClosedError(link.error) if link.error else TimeoutError(
@@ -314,17 +315,6 @@ async def serve_one(t: Traffic, link: GrpcEdgeLink, policy, device: str, request
         t.tally.add(t.tally.lossy, f"request {request_id} not lossless: {rec.output_tokens} != greedy {expected}")
     else:
         t.tally.served += 1
-
-
-async def stop_task(task: asyncio.Task, tries: int = 5, wait_s: float = 0.5) -> None:
-    """Cancel a policy's task; again if its clean-up awaits what will never come; then leave it."""
-    for _ in range(tries):
-        if task.done():
-            break
-        task.cancel()
-        await asyncio.wait({task}, timeout=wait_s)
-    if task.done() and not task.cancelled():
-        task.exception()  # retrieved: no "never retrieved" noise
 
 
 async def honest_client(t: Traffic, i: int, think_s: float) -> None:

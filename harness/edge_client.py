@@ -39,7 +39,7 @@ from systems.api import GenerationRequest, SystemSpec
 from systems.records import RequestRecord
 
 
-async def _cancel(task: asyncio.Task, tries: int = 5, wait_s: float = 0.5) -> None:
+async def cancel_task(task: asyncio.Task, tries: int = 5, wait_s: float = 0.5) -> None:
     """Cancel a policy task; again if its clean-up awaits something that will never come."""
     for _ in range(tries):
         if task.done():
@@ -213,7 +213,7 @@ class _Edge:
             error, link_lost = f"{type(e).__name__}: {e}", False
         else:
             error = link.error if link is not None and link.error else "the request was cancelled"
-        await _cancel(task)
+        await cancel_task(task)
         up1, down1 = traffic() if traffic else (0, 0)
         return RequestRecord(
             request_id=req.request_id, system=self.spec.name, prompt_tokens=len(req.prompt),

@@ -16,10 +16,6 @@ import time, so the cases are drawn and run inside each test with Hypothesis dir
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -32,38 +28,20 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.core.failures import FailureGroup
-from schemathesis.openapi.checks import UndefinedStatusCode
 
-from harness.transport.auth import TOKEN_ENV
-from harness.wall import REPO_ROOT
+from tests.support import cloud
 
 MAX_EXAMPLES = 40  # Hypothesis cases per operation and generation mode
 
 
 @contextmanager
 def cloud_server(tmp_path: Path):
-    """A toy-pair vanilla cloud process on loopback; yields its ready file's contents
-    (ports, pid, the generated token) with ``proc`` and ``base`` (the control plane's URL)."""
-    ready, log = tmp_path / "ready.json", tmp_path / "cloud.log"
-    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "harness.cloud_server", "--pair", "toy", "--system", "vanilla",
-                                 "--ready-file", str(ready)], cwd=REPO_ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.is_file():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the cloud did not become ready"
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
-        info.update(proc=proc, base=f"http://127.0.0.1:{info['http_port']}")
+    """A toy-pair vanilla cloud process on loopback (:func:`tests.support.cloud`); its ready
+    file's contents (ports, pid, the generated token) with ``proc`` and ``base`` (the control
+    plane's URL)."""
+    with cloud(tmp_path) as info:
+        info["base"] = f"http://127.0.0.1:{info['http_port']}"
         yield info
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=15)
 
 
 def _get(url: str) -> dict:
