@@ -46,7 +46,7 @@ def test_request_figures_by_hand():
         "ttft": pytest.approx(0.5), "tpot": pytest.approx(0.3), "e2e": pytest.approx(2.0),
         "tokens_per_s": pytest.approx(3.0), "rounds": 3, "drafted": 10, "accepted": 5,
         "acceptance_rate": pytest.approx(5 / 6), "accepted_length": pytest.approx(2.0),
-        "bytes_up": 123, "bytes_down": 45, "error": None,
+        "bytes_up": 123, "bytes_down": 45, "error": None, "recovery": None,
     }
 
 
