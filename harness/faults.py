@@ -165,7 +165,7 @@ def wall_options(node: Mapping | None) -> WallOptions:
         timeout_s=_seconds(node, "timeout_s", "wall", allow_null=True),
         liveness_timeout_s=_seconds(node, "liveness_timeout_s", "wall", allow_null=True),
         on_cloud_lost=lost,
-        retry_within_s=_seconds({"retry_within_s": node.get("retry_within_s", 30.0)}, "retry_within_s", "wall"),
+        retry_within_s=_seconds({**node, "retry_within_s": node.get("retry_within_s", 30.0)}, "retry_within_s", "wall"),
     )
 
 
@@ -193,8 +193,3 @@ def liveness_timeout(profile: NetworkProfile | None) -> tuple[float, str]:
     how = f"2 s + 4 x RTT ({rtt * 1e3:.0f} ms)" + (f" + {buffered >> 20} MiB at the uplink rate ({drain:.1f} s)"
                                                    if up else "")
     return round(seconds, 3), how
-
-
-def describe(faults: list[Fault]) -> list[dict]:
-    """The faults as the manifest lists them (before firing times are known)."""
-    return [f.describe() for f in faults]

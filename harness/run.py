@@ -571,21 +571,25 @@ def wall_processes(n_edges: int) -> dict:
                     "same cores take turns, so measured times include that sharing"}
 
 
+def wall_liveness(plan: Plan) -> tuple[float, str]:
+    """The edges' liveness timeout for a wall run and where it came from."""
+    if plan.wall.liveness_timeout_s:
+        return plan.wall.liveness_timeout_s, "wall.liveness_timeout_s"
+    return liveness_timeout(plan.network)
+
+
 def fault_manifest(plan: Plan, run=None) -> dict:
     """The manifest's ``faults`` entry: the faults configured, those that fired and when
     (wall mode; seconds after every edge had connected), and how the edges guarded against a
     lost cloud."""
-    from harness.faults import describe
-
-    out = {"configured": describe(plan.faults)}
+    out = {"configured": [f.describe() for f in plan.faults]}
     if plan.mode == "virtual":
         out["fired"] = [{**f.describe(), "how": "the link model's rate trace (virtual time)"}
                         for f in plan.faults]
         return out
-    seconds, how = liveness_timeout(plan.network)
+    seconds, how = wall_liveness(plan)
     out["fired"] = list(run.faults_fired) if run is not None else []
-    out["liveness_timeout_s"] = plan.wall.liveness_timeout_s or seconds
-    out["liveness_from"] = "wall.liveness_timeout_s" if plan.wall.liveness_timeout_s else how
+    out["liveness_timeout_s"], out["liveness_from"] = seconds, how
     out["on_cloud_lost"] = plan.wall.on_cloud_lost
     return out
 
@@ -634,7 +638,7 @@ def _run_wall(plan: Plan, cfg: DictConfig, turns, writer, context, link=None) ->
                     else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="specwan-pair-"))))
             pair_file = home / "pair.yaml"
             pair_file.write_text(OmegaConf.to_yaml(cfg.pair, resolve=True))
-            liveness = plan.wall.liveness_timeout_s or liveness_timeout(plan.network)[0]
+            liveness = wall_liveness(plan)[0]
             records = run_wall(plan.system.name, load_pair(pair_file), [t.request for t in turns], system_params(cfg),
                                clients=n_edges, on_start=started.append, on_record=record, link=link, on_batch=batch,
                                workdir=home / "wall" if writer is not None else None, timeout_s=plan.wall.timeout_s,
