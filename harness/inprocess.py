@@ -31,6 +31,7 @@ from systems.api import (
     get_system,
 )
 from systems.engines.base import Engine
+from systems.messages import declared_vocab_padding
 from systems.records import BatchRecord, RequestRecord, RoundRecord
 
 
@@ -185,13 +186,22 @@ async def serve_request(
     )
 
 
+def wire_padding(*engines: Engine | None):
+    """The link's padding for a pair that declares a wider vocabulary than it computes (a
+    fitted pair: ``info.extra["wire_vocab_size"]``), so uploads cost their declared bytes."""
+    for engine in engines:
+        if engine is not None and (declared := engine.info.extra.get("wire_vocab_size")) is not None:
+            return declared_vocab_padding(engine.info.vocab_size, int(declared))
+    return None
+
+
 def _compute(cost):
     return InstantCompute() if cost is None else ModelledCompute(cost)
 
 
 async def _serve(spec: SystemSpec, cfg, edge, target, requests, options: RunOptions) -> list[RequestRecord]:
     clock = LoopClock()
-    cloud_end = CloudEnd()
+    cloud_end = CloudEnd(wire_padding(edge, target))
     cloud_task = None
     cloud_compute = None
     if spec.cloud_cls is not None:

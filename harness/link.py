@@ -10,7 +10,8 @@ retransmission timeout (Linux's minimum RTO, 200 ms, or RTT + 4 x jitter if larg
 Jitter is Gaussian (or uniform) on the one-way delay, clipped at zero, seeded. A profile
 with no delay and no rate limit delivers at once.
 
-Bytes on the wire: the encoded message, plus ``overhead_bytes`` of framing per message,
+Bytes on the wire: the encoded message (padded to a pair's declared vocabulary width where
+it is a fitted pair's), plus ``overhead_bytes`` of framing per message,
 plus ``header_bytes`` per MSS-sized TCP segment (52 B for TCP/IPv4 with timestamps in the
 shipped profiles). A rate trace (:class:`netem.profile.Trace`) changes the rate over the
 loop's time, from time 0 of the loop; a message serializing across a step is serialized
@@ -25,6 +26,7 @@ import asyncio
 import random
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from netem.profile import NetworkProfile, Trace, jitter_sample
 from systems.api import Envelope
@@ -83,8 +85,8 @@ class LinkProfile:
 
 
 class _Direction:
-    def __init__(self, profile: LinkProfile, name: str):
-        self.profile, self.name = profile, name
+    def __init__(self, profile: LinkProfile, name: str, padding: Callable[[Message], int] | None = None):
+        self.profile, self.name, self.padding = profile, name, padding
         self._rng = random.Random(f"{profile.seed}-{name}")
         self._last_arrival = 0.0
         self._in_flight: deque = deque()
@@ -96,27 +98,28 @@ class _Direction:
     def send(self, msg: Message, deliver) -> int:
         loop = asyncio.get_running_loop()
         data = encode(msg)
+        size = len(data) + (self.padding(msg) if self.padding is not None else 0)
         now = loop.time()
         start = max(now, self._free_at)
-        self._free_at = self.profile.serialized_at(start, len(data), self.name)
+        self._free_at = self.profile.serialized_at(start, size, self.name)
         arrive = self._free_at + self.profile.rtt_s / 2.0
         if self.profile.jitter_s > 0:
             draw = jitter_sample(self._rng, self.profile.jitter_s, self.profile.jitter_distribution)
             arrive += max(-self.profile.rtt_s / 2.0, draw)
         loss = self.profile.loss_at(start)
         if loss > 0:
-            segments = max(1, -(-(len(data) + self.profile.overhead_bytes) // self.profile.mss))
+            segments = max(1, -(-(size + self.profile.overhead_bytes) // self.profile.mss))
             lost = sum(self._rng.random() < loss for _ in range(segments))
             self.retransmissions += lost
             arrive += lost * self.profile.rto_s
         arrive = max(arrive, self._last_arrival)  # one stream: no overtaking
         self._last_arrival = arrive
-        self.bytes += len(data)
+        self.bytes += size
         self.messages += 1
-        self._in_flight.append((arrive, data, now, deliver))
+        self._in_flight.append((arrive, data, size, now, deliver))
         if len(self._in_flight) == 1:
             self._schedule(loop)
-        return len(data)
+        return size
 
     def _schedule(self, loop) -> None:
         # Messages land strictly in order: only the head of the queue has a timer.
@@ -127,19 +130,22 @@ class _Direction:
             loop.call_at(arrive, self._land, loop)
 
     def _land(self, loop) -> None:
-        _, data, sent, deliver = self._in_flight.popleft()
-        deliver(Envelope(decode(data), len(data), sent, loop.time()))
+        _, data, size, sent, deliver = self._in_flight.popleft()
+        deliver(Envelope(decode(data), size, sent, loop.time()))
         if self._in_flight:
             self._schedule(loop)
 
 
 class InProcessLink:
-    """One edge device's link to the cloud; many edge sessions may share it."""
+    """One edge device's link to the cloud; many edge sessions may share it. ``padding``
+    (:func:`systems.messages.declared_vocab_padding`) adds the bytes a message would carry at
+    a pair's declared vocabulary width."""
 
-    def __init__(self, profile: LinkProfile, cloud_inbox: asyncio.Queue):
+    def __init__(self, profile: LinkProfile, cloud_inbox: asyncio.Queue,
+                 padding: Callable[[Message], int] | None = None):
         self.profile = profile
-        self.up = _Direction(profile, "up")
-        self.down = _Direction(profile, "down")
+        self.up = _Direction(profile, "up", padding)
+        self.down = _Direction(profile, "down", padding)
         self._cloud_inbox = cloud_inbox
         self._edge_inboxes: dict[str, asyncio.Queue] = {}
 
@@ -170,12 +176,13 @@ class EdgeEnd:
 class CloudEnd:
     """The cloud side: one inbox for every session, replies routed to the sender's link."""
 
-    def __init__(self):
+    def __init__(self, padding: Callable[[Message], int] | None = None):
         self.inbox: asyncio.Queue = asyncio.Queue()
         self._routes: dict[str, InProcessLink] = {}
+        self.padding = padding
 
     def new_link(self, profile: LinkProfile) -> InProcessLink:
-        return InProcessLink(profile, self.inbox)
+        return InProcessLink(profile, self.inbox, self.padding)
 
     def route(self, session: str, link: InProcessLink) -> None:
         self._routes[session] = link

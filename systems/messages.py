@@ -200,6 +200,27 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb([msg.TAG, *values], use_bin_type=True)
 
 
+def declared_vocab_padding(actual_vocab: int, declared_vocab: int | None):
+    """Extra bytes a message would carry if the vocabulary were ``declared_vocab`` wide, or
+    None when it is the actual one. A fitted pair (:mod:`systems.engines.fitted`) models a
+    151,936-token vocabulary over a few dozen ids; a full-distribution upload must still cost
+    what a row of the declared width costs, so the link adds ``rows x (declared - actual) x
+    itemsize`` bytes for each ``q_rows`` array it carries."""
+    if declared_vocab is None or declared_vocab == actual_vocab:
+        return None
+    if declared_vocab < actual_vocab:
+        raise ValueError(f"a declared vocabulary ({declared_vocab}) cannot be smaller than the actual one ({actual_vocab})")
+    extra_per_entry = declared_vocab - actual_vocab
+
+    def padding(msg: Message) -> int:
+        rows = getattr(msg, "q_rows", None)
+        if not isinstance(rows, np.ndarray) or rows.ndim != 2:
+            return 0
+        return rows.shape[0] * extra_per_entry * rows.dtype.itemsize
+
+    return padding
+
+
 def decode(data: bytes) -> Message:
     """The message encoded in ``data``; unknown tags are an error naming the tag."""
     tag, *values = msgpack.unpackb(data, raw=False)
