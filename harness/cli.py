@@ -234,6 +234,62 @@ def _train_controller(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from e
 
 
+# ---- fit-pair ---------------------------------------------------------------------------------
+
+
+def _fit_pair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="*", help="run folders of a real pair, greedy (temperature=0), to fit from")
+    p.add_argument("--name", help="the pair is written as conf/pair/fitted_<name>.yaml")
+    p.add_argument("--calibrate", metavar="PUBLISHED",
+                   help="calibrate to a paper's published statistics instead (paper_pipesd)")
+    p.add_argument("--trials", type=int, default=200, help="calibration: search trials (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="calibration: the search's seed")
+    p.add_argument("--like", default="paper_pipesd",
+                   help="fit: the pair whose target shape is kept (the edge's records cannot show it)")
+    p.add_argument("--wire-vocab", type=int, default=None,
+                   help="fit: the real vocabulary's size (default: read from the runs' target GGUF file)")
+    p.add_argument("--chars-per-token", type=float, default=None, help="fit: prompt characters per token (3.5)")
+    p.add_argument("--chain-states", type=int, default=6,
+                   help="fit: run lengths the agreement chain tells apart (default 6: 0..4 and 5 or more)")
+    p.add_argument("--out", default=None, help="write here instead of conf/pair/")
+
+
+def _fit_pair(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness.fit_pair import FitError, fit_runs, print_fit, write_pair
+    from harness.pairs import pair_dir
+
+    if args.calibrate:
+        if args.runs:
+            raise UsageError("give run folders to fit from, or --calibrate, not both")
+        from harness.pair_calibration import calibrate, print_residuals
+
+        mapping = calibrate(args.calibrate, trials=args.trials, seed=args.seed,
+                            progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+        path = write_pair(mapping, Path(args.out) if args.out else pair_dir() / f"{mapping['name']}.yaml")
+        print(f"{mapping['name']}: {mapping['description']}\n  residuals (simulated - published):")
+        print_residuals(mapping)
+        print(f"written: {path}")
+        return 0
+    if not args.runs or not args.name:
+        raise UsageError("give run folders and --name (specwan fit-pair RUN... --name NAME), or --calibrate NAME")
+    like = load_pair(args.like).target.options["categories"]
+    like = like.get("default") or next(iter(like.values()))
+    try:
+        if args.chain_states < 1:
+            raise FitError(f"--chain-states must be at least 1, got {args.chain_states}")
+        mapping = fit_runs(args.runs, args.name, like, states=args.chain_states,
+                           chars_per_token=args.chars_per_token, wire_vocab=args.wire_vocab)
+    except FitError as exc:
+        raise UsageError(str(exc)) from None
+    path = write_pair(mapping, Path(args.out) if args.out else pair_dir() / f"{mapping['name']}.yaml")
+    print(f"{mapping['name']}: {mapping['description']}")
+    print_fit(mapping)
+    print(f"written: {path}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "fetch": Command("fetch and verify a pair's model files, and check their vocabularies", _fetch_args, _fetch),
     "pairs": Command("list the draft/target pairs", _pairs_args, _pairs),
@@ -249,6 +305,8 @@ COMMANDS: dict[str, Command] = {
                       _doctor_args, _doctor),
     "link-check": Command("bring up a network profile's link, probe it, and print configured vs measured "
                           "(specwan link-check network=wan_50ms_10mbit)", _link_check_args, _link_check),
+    "fit-pair": Command("fit a statistical pair to real runs, or calibrate one to a paper's published figures "
+                        "(specwan fit-pair RUN... --name N | --calibrate paper_pipesd)", _fit_pair_args, _fit_pair),
     "train-controller": Command("train WISP's edge speculation controller (a rejection predictor) from runs of "
                                 "system=sled or system=wisp (specwan train-controller RUN_DIR ... --out FILE)",
                                 _train_controller_args, _train_controller),

@@ -110,8 +110,10 @@ def sample(seconds: float = DEFAULT_SAMPLE_S, exclude: Iterable[int] = (),
 
 def planned_threads(pair) -> dict[str, int | None]:
     """The threads each model of a :class:`harness.pairs.PairSpec` will use (engines' defaults: every core)."""
+    from harness.pairs import FILELESS_ENGINES
+
     cores = os.cpu_count() or 1
-    return {role: (None if spec.engine == "toy" else int(spec.options.get("n_threads") or cores))
+    return {role: (None if spec.engine in FILELESS_ENGINES else int(spec.options.get("n_threads") or cores))
             for role, spec in pair.roles().items()}
 
 

@@ -15,7 +15,7 @@ A pair file is a plain mapping (it doubles as the Hydra config group ``pair``)::
       chat_template: model       # use the model file's own chat template
       options: {n_ctx: 4096}     # engine constructor options
 
-A toy-engine model has no file: only ``engine: toy`` and ``options``.
+A toy-engine or fitted model has no file: only ``engine: toy`` (or ``fitted``) and ``options``.
 
 The conf directory is ``<package>/../conf``, or ``$SPECWAN_CONF`` when set.
 """
@@ -34,7 +34,9 @@ from systems.engines.gguf_vocab import gguf_vocab_fingerprint
 
 CONF_ENV = "SPECWAN_CONF"
 DEFAULT_PAIR = "qwen25coder"
-ENGINES = ("llamacpp", "transformers", "toy")
+ENGINES = ("llamacpp", "transformers", "toy", "fitted")
+#: engines with no model file: the toy engine and fitted pairs (systems/engines/fitted.py)
+FILELESS_ENGINES = ("toy", "fitted")
 ROLES = ("draft", "target")
 _FILE_ENGINES = ("llamacpp", "transformers")
 
@@ -122,7 +124,7 @@ def pair_from_mapping(data: Any, origin: str | os.PathLike | None = None) -> Pai
     """Build and validate a :class:`PairSpec` from a plain mapping (YAML or a Hydra node)."""
     where = f"pair file {origin}" if origin is not None else "pair config"
     v = _Validator(where)
-    top = v.mapping(data, "", required={"name", "draft", "target"}, optional={"description"})
+    top = v.mapping(data, "", required={"name", "draft", "target"}, optional={"description", "fit"})
     name = v.typed(top, "name", str)
     description = v.typed(top, "description", str, default="")
     # a relative local path is relative to the pair file's directory (else the working directory)
@@ -309,7 +311,7 @@ def open_engines(pair: PairSpec, paths: Mapping[str, Path | None]):
     engines = []
     for role, spec in pair.roles().items():
         options = dict(spec.options)
-        if spec.engine == "toy":
+        if spec.engine in FILELESS_ENGINES:
             options["role"] = role
         else:
             path = paths.get(role)

@@ -189,6 +189,8 @@ _ROUND_FIELDS: list[pa.Field] = [
     pa.field("edge_digest", pa.string(), nullable=False),
     pa.field("cloud_digest", pa.string(), nullable=False),
     pa.field("extra", pa.string(), nullable=False),  # RoundRecord.extra as a JSON object
+    pa.field("draft_conf", pa.list_(pa.float32())),  # per verified draft token
+    pa.field("draft_entropy", pa.list_(pa.float32())),
     pa.field("energy_draft_j", pa.float64()),
     pa.field("energy_wasted_j", pa.float64()),
     pa.field("energy_verify_j", pa.float64()),

@@ -127,6 +127,9 @@ def make_plan(cfg: DictConfig) -> Plan:
         raise ConfigError(f"device: missing the {exc.args[0]!r} profile") from exc
     except ValueError as exc:
         raise ConfigError(f"device: {exc}") from exc
+    if cfg.mode == "wall" and any(spec.engine == "fitted" for spec in pair.roles().values()):
+        raise ConfigError(f"pair={pair.name} is a fitted pair, a statistical model for virtual time (its rows are "
+                          "a few hundred ids wide, not the real vocabulary): use mode=virtual, or a real pair")
     if cfg.mode == "virtual" and system.edge_model == "target":
         try:
             require_target_costs(edge, system.name)
@@ -546,11 +549,12 @@ def system_report(spec, records) -> dict | None:
 
 def _tokenizer_engine(pair, paths):
     """The draft engine alone: enough to tokenize prompts (the vocabulary is shared)."""
+    from harness.pairs import FILELESS_ENGINES
     from systems.engines import create_engine
 
     spec = pair.roles()["draft"]
     options = dict(spec.options)
-    if spec.engine == "toy":
+    if spec.engine in FILELESS_ENGINES:
         options["role"] = "draft"
     else:
         options["model_path"] = str(paths["draft"])

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from harness.faults import LINK_FAULTS, PROCESS_FAULTS, Fault, process_faults, with_link_faults
-from harness.pairs import PairSpec, ensure_pair, load_pair, vocab_fingerprint
+from harness.pairs import FILELESS_ENGINES, PairSpec, ensure_pair, load_pair, vocab_fingerprint
 from harness.transport.auth import TOKEN_ENV, new_token
 from netem.tempdirs import owned_tempdir
 from systems.api import GenerationRequest, get_system
@@ -118,7 +118,7 @@ def open_role_engine(pair: PairSpec, role: str, path: Path | None):
 
     spec = pair.roles()[role]
     options = dict(spec.options)
-    if spec.engine == "toy":
+    if spec.engine in FILELESS_ENGINES:
         options["role"] = role
     else:
         if path is None:

@@ -34,6 +34,7 @@ from systems.sampling import (
     Outcome,
     SamplingParams,
     confidence,
+    entropy,
     probabilities,
     sample,
     verify_greedy,
@@ -186,7 +187,7 @@ class DraftToken:
     uploaded only when the acceptance rule needs it); under greedy decoding it is one-hot
     and left as None to spare a vocabulary-sized vector per token. ``q_token`` = q(token);
     ``logits`` the raw row; :attr:`confidence` the largest softmax probability at
-    temperature 1, computed on first use.
+    temperature 1 and :attr:`entropy` the softmax's entropy (nats), computed on first use.
     """
 
     token: int
@@ -194,12 +195,19 @@ class DraftToken:
     q: np.ndarray | None
     logits: np.ndarray
     _confidence: float | None = field(default=None, repr=False)
+    _entropy: float | None = field(default=None, repr=False)
 
     @property
     def confidence(self) -> float:
         if self._confidence is None:
             self._confidence = confidence(self.logits)
         return self._confidence
+
+    @property
+    def entropy(self) -> float:
+        if self._entropy is None:
+            self._entropy = entropy(self.logits)
+        return self._entropy
 
 
 def prefix_digest(tokens: Sequence[int]) -> str:

@@ -406,6 +406,8 @@ class SpeculativeEdge:
             token = resample_sparse(v.topk_ids, v.topk_probs, q_row, self.ctx.rng)
             resampled = True
         accepted = [d.token for d in self.drafter.pending[: v.n_accepted]]
+        judged = self.drafter.pending[: v.n_verified]
+        stats = ([round(d.confidence, 6) for d in judged], [round(d.entropy, 5) for d in judged])
         # A correction the edge resampled is unknown to the cloud, which has dropped what was
         # drafted beyond it; so must the edge. The correction goes up as a fixed token.
         survive = self.drafter.apply(v.base, v.n_accepted, token, keep_speculation=not resampled)
@@ -428,7 +430,7 @@ class SpeculativeEdge:
                 self.done = True
         self.ctx.recorder.emit(emitted)
         edge_digest = prefix_digest(self.drafter.committed_tokens()[: v.committed])
-        self._record(v, env, emitted, edge_digest=edge_digest)
+        self._record(v, env, emitted, edge_digest=edge_digest, stats=stats)
         if v.digest and edge_digest != v.digest:
             raise ProtocolError(
                 f"edge and cloud disagree on the committed prefix after window {v.round} "
@@ -446,8 +448,10 @@ class SpeculativeEdge:
         self._in_window, self._lead_sent = 0, False
 
     def _record(self, v: Verdict | None, env: Envelope | None, emitted: Sequence[int], edge_digest: str = "",
-                discarded: bool = False, round_id: int | None = None) -> None:
-        """Record a window's round; ``v`` None: a window discarded before it was sent."""
+                discarded: bool = False, round_id: int | None = None,
+                stats: tuple[list[float], list[float]] = ([], [])) -> None:
+        """Record a window's round; ``v`` None: a window discarded before it was sent.
+        ``stats``: the draft's confidence and entropy at each verified token."""
         round_id = v.round if v is not None else round_id
         w = self._windows.pop(round_id)
         now = self.ctx.clock.now()
@@ -478,6 +482,8 @@ class SpeculativeEdge:
             edge_digest=edge_digest,
             cloud_digest="" if discarded else v.digest,  # an unused answer: nothing to agree on
             extra=self._extra(w, discarded),
+            draft_conf=stats[0],
+            draft_entropy=stats[1],
         ))
 
     @staticmethod

@@ -37,6 +37,10 @@ class RoundRecord:
     edge_digest: str = ""
     cloud_digest: str = ""
     extra: dict = field(default_factory=dict)
+    # Per verified draft token, in order: the draft's top-token probability and its entropy
+    # (nats), both at temperature 1; what a fitted pair is fitted from (systems/engines/fitted.py)
+    draft_conf: list[float] = field(default_factory=list)
+    draft_entropy: list[float] = field(default_factory=list)
     # Energy attributed to this round by the harness (joules; None when not attributed):
     energy_draft_j: float | None = None  # edge, drafting this window's tokens (discarded ones included)
     energy_wasted_j: float | None = None  # the part of energy_draft_j spent on tokens not accepted

@@ -93,6 +93,15 @@ def confidence(logits: np.ndarray) -> float:
     return float(1.0 / np.exp(z - z.max()).sum())
 
 
+def entropy(logits: np.ndarray) -> float:
+    """The entropy (nats) of the softmax at temperature 1."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max()
+    e = np.exp(z)
+    total = e.sum()
+    return float(np.log(total) - (e * z).sum() / total)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """The verifier's decision for one block of n draft tokens.

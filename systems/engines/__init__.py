@@ -13,6 +13,7 @@ _BACKENDS = {
     "llamacpp": ("systems.engines.llamacpp", "LlamaCppEngine"),
     "transformers": ("systems.engines.hf", "TransformersEngine"),
     "toy": ("systems.engines.toy", "ToyEngine"),
+    "fitted": ("systems.engines.fitted", "FittedEngine"),
 }
 
 

@@ -18,7 +18,7 @@ from collections import Counter
 
 import pytest
 
-from harness.inprocess import EdgeSpec, RunOptions, run_system
+from harness.inprocess import EdgeSpec, RunOptions, check_engines, run_system
 from harness.link import LinkProfile
 from systems.api import GenerationRequest, get_system, system_names
 from systems.edgellm.policy import R1_UPDATES
@@ -142,6 +142,71 @@ def test_sampling_preserves_distribution(system, overrides, params):
     expected = exact_sequence_probs(_reference(spec, draft, target), prompt, length, params)
     pvalue = chi2_against(counts, expected, n)
     assert pvalue > 1e-3, f"{system} {overrides}: output distribution differs from the reference (p={pvalue:.2e})"
+
+
+# ---- a fitted pair (systems/engines/fitted.py): the fleet simulator's models ----------------------
+FITTED_LEVELS = [i / 10 for i in range(11)]
+FITTED_CATEGORY = {
+    "agree": [0.3, 0.7, 0.9], "conf_agree": [round(0.5 + 0.5 * x, 3) for x in FITTED_LEVELS],
+    "conf_disagree": [round(0.1 + 0.6 * x, 3) for x in FITTED_LEVELS],
+    "entropy_agree": [round(0.05 + 1.2 * x, 3) for x in FITTED_LEVELS],
+    "entropy_disagree": [round(0.8 + 2 * x, 3) for x in FITTED_LEVELS],
+    "target_conf": [round(0.3 + 0.6 * x, 3) for x in FITTED_LEVELS], "target_tail": 2, "eos_rate": 0.02}
+
+
+def _fitted_pair(vocab: int, seed: int = 0):
+    opts = dict(categories={"default": FITTED_CATEGORY}, vocab_size=vocab, wire_vocab_size=4 * vocab, seed=seed)
+    return create_engine("fitted", role="draft", **opts), create_engine("fitted", role="target", **opts)
+
+
+def _refuses_fitted(spec, overrides, draft, target) -> bool:
+    """True when the system cannot run on a fitted pair (split inference needs model layers)
+    and says so in one line at config time."""
+    try:
+        check_engines(spec, spec.make_config(overrides), draft, target)
+    except ValueError as exc:
+        assert "\n" not in str(exc) and spec.name in str(exc), str(exc)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("system,overrides", CASES)
+def test_greedy_is_lossless_on_a_fitted_pair(system, overrides):
+    """The fleet simulator's pairs: every system and variant decodes the fitted target's own
+    greedy output, on a slow and a lossy link, with two edges sharing the cloud."""
+    spec = get_system(system)
+    for seed in range(3):
+        draft, target = _fitted_pair(vocab=64, seed=seed)
+        if _refuses_fitted(spec, overrides, draft, target):
+            assert spec.edge_model == "target", f"{system} refuses a fitted pair"
+            return
+        ref = _reference(spec, draft, target)
+        for link, edge_cost, cloud_cost in LINKS[1:]:
+            reqs = [GenerationRequest(f"f{seed}-p{i}", p, 30, SamplingParams(), seed=seed)
+                    for i, p in enumerate(PROMPTS)]
+            records = run_system(spec, draft, target, reqs, overrides,
+                                 RunOptions(link=link, edge_cost=edge_cost, cloud_cost=cloud_cost, clients=2))
+            for req, rec in zip(reqs, records):
+                expected, _ = greedy_decode(ref, req.prompt, req.max_new_tokens)
+                assert rec.output_tokens == expected, f"{system} {overrides} seed={seed} link={link.name}"
+                _check_rounds(rec, spec)
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize("system,overrides", [c for c in CASES if not c.values[1]])
+def test_sampling_preserves_distribution_on_a_fitted_pair(system, overrides):
+    spec = get_system(system)
+    draft, target = _fitted_pair(vocab=4, seed=5)
+    if _refuses_fitted(spec, overrides, draft, target):
+        assert spec.edge_model == "target", f"{system} refuses a fitted pair"
+        return
+    prompt, length, n = [1, 2], 3, 6_000
+    reqs = [GenerationRequest(f"r{i}", prompt, length, T1, seed=i) for i in range(n)]
+    records = run_system(spec, draft, target, reqs, overrides)
+    counts = Counter(tuple(r.output_tokens) for r in records)
+    expected = exact_sequence_probs(_reference(spec, draft, target), prompt, length, T1)
+    pvalue = chi2_against(counts, expected, n)
+    assert pvalue > 1e-3, f"{system}: output distribution differs from the fitted reference (p={pvalue:.2e})"
 
 
 def test_unknown_system_lists_valid_ones():

@@ -1,0 +1,209 @@
+"""Fitted pairs: the engine draws what its statistics say, uploads cost their declared bytes,
+a fit recovers the statistics of runs it did not see, and mistakes get one line."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from harness.fit_pair import fit_chain, fit_runs, records_stats, window_stats, _Request
+from harness.inprocess import RunOptions, run_system
+from harness.link import LinkProfile
+from systems.api import GenerationRequest
+from systems.engines import EngineError, create_engine
+from systems.engines.fitted import FittedEngine, quantile
+from systems.sampling import SamplingParams, confidence, entropy
+from tests.support import greedy_decode
+
+LEVELS = [i / 10 for i in range(11)]
+
+
+def category(agree=(0.5, 0.8, 0.9), **over) -> dict:
+    base = {
+        "agree": list(agree),
+        "conf_agree": [round(0.5 + 0.5 * x, 4) for x in LEVELS],
+        "conf_disagree": [round(0.1 + 0.6 * x, 4) for x in LEVELS],
+        "entropy_agree": [round(0.05 + 1.2 * x, 4) for x in LEVELS],  # feasible with conf_agree
+        "entropy_disagree": [round(0.8 + 2 * x, 4) for x in LEVELS],
+        "target_conf": [round(0.4 + 0.6 * x, 4) for x in LEVELS],
+        "target_tail": 6,
+        "eos_rate": 0.0,
+    }
+    return {**base, **over}
+
+
+def pair(vocab=64, wire=None, **cat):
+    opts = dict(categories={"default": category(**cat)}, vocab_size=vocab, wire_vocab_size=wire, seed=1)
+    return FittedEngine("draft", **opts), FittedEngine("target", **opts)
+
+
+def chain_walk(draft, n=4000, seed=0):
+    """The draft's agreement along one long greedy committed sequence of the target."""
+    rng = np.random.default_rng(seed)
+    ctx = [int(t) for t in rng.integers(1, draft.info.vocab_size, 5)]
+    out = []
+    target = FittedEngine("target", categories={"default": category()}, vocab_size=draft.info.vocab_size, seed=1)
+    session_d, session_t = draft.new_session(), target.new_session()
+    ld, lt = session_d.prefill(ctx), session_t.prefill(ctx)
+    for _ in range(n):
+        out.append(int(np.argmax(ld)) == int(np.argmax(lt)))
+        t = int(np.argmax(lt)) or 1  # never stop
+        ld, lt = session_d.score([t])[-1], session_t.score([t])[-1]
+    return out
+
+
+def test_agreement_follows_the_declared_run_length_chain():
+    draft, _ = pair(agree=(0.3, 0.7, 0.95))
+    seq = chain_walk(draft)
+    runs, counts = 0, {0: [0, 0], 1: [0, 0], 2: [0, 0]}
+    for a in seq:
+        state = min(runs, 2)
+        counts[state][0] += 1
+        counts[state][1] += a
+        runs = runs + 1 if a else 0
+    for state, expected in zip(range(3), (0.3, 0.7, 0.95)):
+        n, k = counts[state]
+        assert n > 150
+        assert abs(k / n - expected) < 4 * math.sqrt(expected * (1 - expected) / n) + 0.01, (state, k / n)
+
+
+def test_rows_carry_the_declared_confidence_and_entropy():
+    draft, target = pair(vocab=256)
+    rng = np.random.default_rng(3)
+    conf_a, conf_d, ent_a = [], [], []
+    for _ in range(1500):
+        ctx = [int(t) for t in rng.integers(1, 256, 6)]
+        row, trow = draft.logits_for(ctx), target.logits_for(ctx)
+        agrees = int(np.argmax(row)) == int(np.argmax(trow))
+        assert agrees == draft.agrees_after(ctx)
+        (conf_a if agrees else conf_d).append(confidence(row))
+        if agrees:
+            ent_a.append(entropy(row))
+    assert abs(np.median(conf_a) - quantile(category()["conf_agree"], 0.5)) < 0.03
+    assert abs(np.median(conf_d) - quantile(category()["conf_disagree"], 0.5)) < 0.05
+    # the entropy follows its knots to within the even tail's rounding
+    assert abs(np.median(ent_a) - quantile(category()["entropy_agree"], 0.5)) < 0.12
+    assert np.corrcoef(conf_a, ent_a)[0, 1] < -0.5  # a confident draft has a flat tail
+
+
+def test_rows_are_a_function_of_the_context_alone():
+    a, _ = pair()
+    b, _ = pair()
+    s = a.new_session()
+    s.prefill([5, 6, 7])
+    rows = s.score([9, 10, 11])
+    s.rollback(4)
+    again = s.score([10, 11])
+    np.testing.assert_array_equal(rows[2:], again[1:])
+    np.testing.assert_array_equal(b.logits_for([5, 6, 7, 9, 10]), rows[2])
+
+
+def test_full_distribution_uploads_cost_the_declared_vocabulary():
+    def bytes_up(wire):
+        draft, target = pair(vocab=64, wire=wire)
+        req = GenerationRequest("r", [3, 4, 5], 24, SamplingParams(), seed=0)
+        (rec,) = run_system("vanilla", draft, target, [req], {"gamma": 4, "uplink_q": "full", "q_dtype": "float16"},
+                            RunOptions(link=LinkProfile("w", rtt_s=0.01, up_bps=1e6, down_bps=1e7)))
+        return rec, sum(r.uploaded for r in rec.rounds)
+
+    small, rows = bytes_up(None)
+    wide, rows_wide = bytes_up(32_000)
+    assert rows == rows_wide and small.output_tokens == wide.output_tokens
+    assert wide.bytes_up - small.bytes_up == rows * (32_000 - 64) * 2  # float16 rows
+    assert wide.e2e > small.e2e  # and they take the declared time on the link
+
+
+@pytest.mark.parametrize("system", ["vanilla", "hsl", "edgellm", "pipesd", "picospec", "sled", "wisp"])
+def test_a_fitted_pair_is_lossless_for_every_speculative_system(system):
+    draft, target = pair(vocab=128, agree=(0.4, 0.8))
+    reqs = [GenerationRequest(f"r{i}", [1 + i, 2, 3, 4], 40, SamplingParams(), seed=i) for i in range(4)]
+    records = run_system(system, draft, target, reqs, {},
+                         RunOptions(link=LinkProfile("w", rtt_s=0.03, up_bps=5e6, down_bps=2e7),
+                                    edge_cost=lambda op: 0.02 * op.tokens, cloud_cost=lambda op: 0.03, clients=2))
+    for req, rec in zip(reqs, records):
+        assert rec.output_tokens == greedy_decode(target, req.prompt, req.max_new_tokens)[0]
+
+
+def test_the_chain_fit_recovers_agreement_through_unobserved_bonus_positions():
+    draft, target = pair(vocab=128, agree=(0.35, 0.75, 0.9, 0.95))
+    reqs = [GenerationRequest(f"r{i}", [1 + i % 100, 2, 3 + i // 100], 200, SamplingParams(), seed=i) for i in range(24)]
+    records = run_system("vanilla", draft, target, reqs, {"gamma": 5}, RunOptions())
+    requests = []
+    for rec in records:
+        r = _Request()
+        for rd in rec.rounds:
+            if rd.verified:
+                r.agree += [True] * rd.accepted + ([False] if rd.accepted < rd.verified else [None])
+        requests.append(r)
+    agree, evidence = fit_chain(requests, states=4)
+    for got, want, n in zip(agree, (0.35, 0.75, 0.9, 0.95), evidence):
+        assert abs(got - want) < 4 * math.sqrt(want * (1 - want) / n) + 0.01, (agree, evidence)
+    # the naive estimate that treats a bonus position as unseen *and* forgets the run is biased
+    stats = records_stats(records)
+    assert stats.per_position[0] < stats.per_position[-1]
+
+
+def test_window_stats_by_hand():
+    s = window_stats([(4, 4), (4, 1), (2, 0), (0, 0)], positions=4)
+    assert s.rounds == 3 and s.draft_length == pytest.approx(10 / 3)
+    assert s.acceptance == pytest.approx(5 / 10) and s.rollback == pytest.approx(2 / 3)
+    # position 0 reached 3 times, kept twice; position 1 reached twice, kept once; 2, 3 once each
+    assert s.per_position == pytest.approx([2 / 3, 1 / 2, 1.0, 1.0])
+
+
+def _run_folder(tmp_path, pair_name, name, system="vanilla", extra=()):
+    """A virtual-time run of a pair written under ``tmp_path/conf/pair``."""
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "harness.cli", "run", f"pair={pair_name}", f"system={system}", "workload=smoke",
+           "max_new_tokens=160", "network=lan", f"hydra.run.dir={out}",
+           f"hydra.searchpath=[file://{tmp_path / 'conf'}]", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+@pytest.mark.slow
+def test_fit_pair_from_runs_writes_a_pair_that_runs(tmp_path):
+    source = {"name": "src", "draft": {"engine": "fitted", "options": {"categories": {"default": category(
+        agree=(0.4, 0.85), eos_rate=0.002)}, "vocab_size": 128, "seed": 2}}}
+    source["target"] = source["draft"]
+    (tmp_path / "conf" / "pair").mkdir(parents=True)
+    (tmp_path / "conf" / "pair" / "src.yaml").write_text(yaml.safe_dump(source))
+    runs = [_run_folder(tmp_path, "src", "a"), _run_folder(tmp_path, "src", "b", system="hsl")]
+    out = tmp_path / "conf" / "pair" / "fitted_x.yaml"
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "fit-pair", *map(str, runs), "--name", "x",
+                           "--out", str(out), "--wire-vocab", "1000", "--chain-states", "2",
+                           "--like", str(tmp_path / "conf" / "pair" / "src.yaml")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    fitted = yaml.safe_load(out.read_text())
+    cat = fitted["draft"]["options"]["categories"]["default"]
+    assert fitted["fit"]["runs"][0]["system"] == "vanilla" and fitted["draft"]["options"]["wire_vocab_size"] == 1000
+    assert abs(cat["agree"][0] - 0.4) < 0.1 and abs(cat["agree"][-1] - 0.85) < 0.06, cat["agree"]
+    assert abs(quantile(cat["conf_agree"], 0.5) - quantile(category()["conf_agree"], 0.5)) < 0.05
+    _run_folder(tmp_path, "fitted_x", "c")  # the fitted pair runs
+
+
+def test_fit_pair_mistakes_get_one_line(tmp_path):
+    for args, needle in (([], "give run folders"), ([str(tmp_path)], "give run folders and --name"),
+                         ([str(tmp_path), "--name", "x"], "not a run folder")):
+        done = subprocess.run([sys.executable, "-m", "harness.cli", "fit-pair", *args], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and needle in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_bad_statistics_are_named():
+    with pytest.raises(EngineError, match="conf_agree must be non-decreasing"):
+        pair(conf_agree=[0.9, 0.5])
+    with pytest.raises(EngineError, match="missing eos_rate"):
+        FittedEngine("draft", categories={"default": {k: v for k, v in category().items() if k != "eos_rate"}})
+    with pytest.raises(EngineError, match="wire_vocab_size must be"):
+        pair(vocab=64, wire=10)
+    with pytest.raises(EngineError, match="no statistics for category"):
+        FittedEngine("draft", categories={"code": category()}, category="math")
+    assert create_engine("fitted", role="draft", categories={"default": category()}).info.extra["kind"] == "modelled"
