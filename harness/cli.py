@@ -242,7 +242,7 @@ def _fit_pair_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="the pair is written as conf/pair/fitted_<name>.yaml")
     p.add_argument("--calibrate", metavar="PUBLISHED",
                    help="calibrate to a paper's published statistics instead (paper_pipesd)")
-    p.add_argument("--trials", type=int, default=200, help="calibration: search trials (default 200)")
+    p.add_argument("--trials", type=int, default=300, help="calibration: search trials (default 300)")
     p.add_argument("--seed", type=int, default=0, help="calibration: the search's seed")
     p.add_argument("--like", default="paper_pipesd",
                    help="fit: the pair whose target shape is kept (the edge's records cannot show it)")

@@ -221,7 +221,8 @@ def fit_runs(run_dirs: Sequence[str | Path], name: str, like: Mapping[str, Any],
 
     if not run_dirs:
         raise FitError("give at least one run folder to fit from")
-    frames, requests_frames, sources = [], [], []
+    frames, requests_frames, sources, measured_cpt = [], [], [], []
+    given_cpt = chars_per_token
     for run_dir in run_dirs:
         try:
             manifest, requests_df, rounds_df = load_run(run_dir)
@@ -244,6 +245,8 @@ def fit_runs(run_dirs: Sequence[str | Path], name: str, like: Mapping[str, Any],
                         "workload": str(config.get("workload", {}).get("name")),
                         "requests": int(len(requests_df)), "rounds": int(len(rounds_df))})
         wire_vocab = wire_vocab or _vocab_size(manifest)
+        if chars_per_token is None and (cpt := prompt_chars_per_token(manifest, requests_df)) is not None:
+            measured_cpt.append(cpt)
     rounds = pd.concat(frames, ignore_index=True)
     reqs = pd.concat(requests_frames, ignore_index=True)
     categories = {}
@@ -262,6 +265,8 @@ def fit_runs(run_dirs: Sequence[str | Path], name: str, like: Mapping[str, Any],
         categories[cat] = model
     if not categories:
         raise FitError("these runs verified no draft token: nothing to fit")
+    if chars_per_token is None and measured_cpt:
+        chars_per_token = round(sum(measured_cpt) / len(measured_cpt), 4)
     options = {"name": f"fitted_{name}", "vocab_size": 256, "wire_vocab_size": wire_vocab,
                "chars_per_token": chars_per_token or 3.5, "seed": 0,
                "category": "${oc.select:workload.name,default}", "categories": categories}
@@ -269,9 +274,39 @@ def fit_runs(run_dirs: Sequence[str | Path], name: str, like: Mapping[str, Any],
             "description": f"fitted to {len(sources)} run(s) of {', '.join(sorted({s['pair'] for s in sources}))} "
                            "(modelled: systems/engines/fitted.py)",
             "fit": {"kind": "fitted to runs", "runs": sources, "chain_states": states,
-                    "chars_per_token": "given" if chars_per_token else "assumed (3.5)"},
+                    "chars_per_token": "given" if given_cpt else (
+                        "measured: the runs' workloads rendered here against their real prompt lengths"
+                        if measured_cpt else "assumed (3.5): the runs' workloads could not be loaded")},
             "draft": {"engine": "fitted", "options": options},
             "target": {"engine": "fitted", "options": options}}
+
+
+def prompt_chars_per_token(manifest: Mapping[str, Any], requests_df) -> float | None:
+    """Characters per prompt token that give the run's prompts their real lengths: the run's
+    workload rendered with a fitted engine's plain chat template (at one character a token)
+    against the ``prompt_tokens`` the real tokenizer gave. None when the workload cannot be
+    loaded here."""
+    from systems.engines.fitted import FittedEngine
+    from workloads import load_workload, workload_spec
+
+    config = manifest.get("config", {})
+    try:
+        workload = load_workload(workload_spec(config["workload"]), int(config.get("max_new_tokens", 1)),
+                                 seed=int(config.get("seed", 0)), progress=False)
+        ruler = FittedEngine("target", categories={"default": _RULER}, chars_per_token=1.0, vocab_size=256)
+        chars = {t.request_id: len(t.request.prompt) for t in workload.first_turns(ruler)}
+    except Exception:  # noqa: BLE001 - any failure leaves the value assumed, and says so
+        return None
+    pairs = [(chars[rid.split("@")[0]], int(n)) for rid, n in zip(requests_df["request_id"], requests_df["prompt_tokens"])
+             if rid.split("@")[0] in chars]
+    if not pairs:
+        return None
+    return sum(c for c, _ in pairs) / sum(n for _, n in pairs)
+
+
+#: statistics for an engine used only to measure rendered prompts
+_RULER = {"agree": [1.0], "conf_agree": [1.0, 1.0], "conf_disagree": [0.5, 0.5], "entropy_agree": [0.0, 0.0],
+          "entropy_disagree": [1.0, 1.0], "target_conf": [1.0, 1.0], "target_tail": 1, "eos_rate": 0.0}
 
 
 def _vocab_size(manifest: Mapping[str, Any]) -> int | None:

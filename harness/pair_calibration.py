@@ -4,16 +4,18 @@ A paper's models often cannot be had, but its tables say how its draft behaved: 
 the target accepted, how long each method's windows grew. A calibration searches the fitted
 pair's statistics (:mod:`systems.engines.fitted`) whose simulated runs of the paper's own
 methods, through the registered plug-ins on the paper's scenario, reproduce those figures.
-The search is Optuna's seeded TPE over seven numbers:
+The ``default`` category is searched (Optuna's seeded TPE) over seven numbers:
 
 - the agreement chain P(agree | run length r) = p_inf - (p_inf - p0) * rho^r;
 - the draft's doubt when agreeing, log10(1 - confidence) ~ Normal(mu_a, sd_a);
 - its confidence when not, logit(confidence) ~ Normal(mu_d, sd_d);
 
 with the entropy following the confidence (a tail of 16 tokens agreeing, 64 not) and the
-target's shape and stop rate declared. The residuals (simulated minus published) are written
-with the pair and printed; the figures the search did not use (PipeSD's own) are shown beside
-them as a check.
+target's shape and stop rate declared. A category with fewer published figures (PipeSD's
+GSM8K has none per method, only Table 1's times) is derived from ``default`` by two numbers
+(:data:`DERIVED_SPACE`), searched against the speedups that are published. The residuals
+(simulated minus published, on prompts the search did not see) are written with the pair
+and printed; figures left out of the search are shown beside them as a check.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ class Target:
     method: str
     system: str
     params: Mapping[str, Any]
-    stat: str  # a WindowStats field: draft_length, acceptance, rollback
+    stat: str  # a WindowStats field (draft_length, acceptance, rollback), or "speedup" over ``baseline``
     value: float
     fitted: bool = True  # False: shown as a check, not searched for
+    category: str = "default"
+    baseline: tuple[str, str, Mapping[str, Any]] | None = None  # (method, system, params) for "speedup"
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Published:
     device: str  # conf/device option
     network: str  # conf/network option
     wire_vocab: int
+    wire_note: str
     targets: tuple[Target, ...]
     eos_rate: float = 0.0
     start: Mapping[str, float] | None = None  # a first trial worked out by hand from the figures
@@ -58,13 +63,19 @@ class Published:
 
 _PIPESD_SOURCE = ("PipeSD (arXiv 2605.13319v1) Table 7 and the authors' diagnostic on 5 HumanEval samples "
                   "(draft length, accepted prefix, rollback rate, acceptance per method), scenario 1")
+_VANILLA_MATH = ("vanilla (N=4)", "vanilla", {"gamma": 4, "uplink_q": "full", "q_dtype": "float16"})
 PUBLISHED: dict[str, Published] = {
     "paper_pipesd": Published(
         name="paper_pipesd",
         source=_PIPESD_SOURCE,
         device="laptop_gpu_cloud",
         network="pipesd_s1",
-        wire_vocab=32256,  # DeepSeek-Coder's vocabulary (the paper's HumanEval pair)
+        # What one fp16 row costs on the paper's link: its DP settings put the per-token transfer
+        # at beta = 48-72 ms (Table A.2); 60 ms at scenario 1's 20 Mbit/s is 150 kB, the width of
+        # 75,000 fp16 entries. DeepSeek-Coder's own vocabulary (32,256) would cost 26 ms.
+        wire_vocab=75000,
+        wire_note=("75,000: a fp16 row then costs 60 ms at 20 Mbit/s, the middle of the per-token transfer "
+                   "beta = 48-72 ms of PipeSD's Table A.2 (the vocabulary alone, 32,256, would cost 26 ms)"),
         targets=(
             Target("vanilla (N=8)", "vanilla", {"gamma": 8, "uplink_q": "full", "q_dtype": "float16"}, "acceptance", 0.7704),
             Target("vanilla (N=8)", "vanilla", {"gamma": 8, "uplink_q": "full", "q_dtype": "float16"}, "rollback", 0.3696),
@@ -77,6 +88,16 @@ PUBLISHED: dict[str, Published] = {
             Target("PipeSD", "pipesd", {}, "draft_length", 4.96, fitted=False),
             Target("PipeSD", "pipesd", {}, "acceptance", 0.9616, fitted=False),
             Target("PipeSD", "pipesd", {}, "rollback", 0.1667, fitted=False),
+            # GSM8K: no per-method statistics are published. Its category is HumanEval's with
+            # two numbers moved (how much more often the draft disagrees, and how much less sure
+            # it is), searched so the baselines' scenario-1 speedups over vanilla (N=4) are
+            # Table 1's; PipeSD's speedups and scenarios 2-4 are left out of the search.
+            Target("HSL (R2=0.7)", "hsl", {"r2": 0.7}, "speedup", 193 / 174, category="mtbench_math",
+                   baseline=_VANILLA_MATH),
+            Target("EdgeLLM (R1=0.5)", "edgellm", {"r1": 0.5}, "speedup", 193 / 169, category="mtbench_math",
+                   baseline=_VANILLA_MATH),
+            Target("PipeSD", "pipesd", {}, "speedup", 193 / 145, fitted=False, category="mtbench_math",
+                   baseline=_VANILLA_MATH),
         ),
         eos_rate=0.0,  # Table 1 stops every method at the same number of accepted tokens
         # By hand: vanilla's windows of 8 fully accepted 63% of the time give i.i.d. agreement
@@ -86,6 +107,9 @@ PUBLISHED: dict[str, Published] = {
     ),
 }
 
+#: a derived category: HumanEval's with the disagreement scaled (1 - p -> k (1 - p)) and the
+#: draft's confidence shifted by ``shift`` (in log10 doubt when agreeing, in logit when not)
+DERIVED_SPACE = {"k": (0.5, 4.0), "shift": (-2.0, 2.0)}
 SPACE = {"p0": (0.05, 0.95), "p_inf": (0.5, 0.999), "rho": (0.0, 0.95),
          "mu_a": (-5.0, -0.3), "sd_a": (0.1, 2.5), "mu_d": (-3.0, 4.0), "sd_d": (0.1, 3.0)}
 
@@ -117,11 +141,17 @@ def category_from(x: Mapping[str, float], published: Published, chain_states: in
             "eos_rate": published.eos_rate}
 
 
-def pair_mapping(published: Published, category: dict, fit: dict | None = None) -> dict:
+def derived_x(base: Mapping[str, float], k: float, shift: float) -> dict:
+    """The seven numbers of a category derived from ``base`` (see :data:`DERIVED_SPACE`)."""
+    return {**base, "p0": 1 - k * (1 - base["p0"]), "p_inf": 1 - k * (1 - base["p_inf"]),
+            "mu_a": base["mu_a"] + shift, "mu_d": base["mu_d"] - shift}
+
+
+def pair_mapping(published: Published, categories: Mapping[str, dict], fit: dict | None = None) -> dict:
     """The ``conf/pair`` mapping of a calibrated pair."""
     options = {"name": published.name, "vocab_size": 256, "wire_vocab_size": published.wire_vocab,
                "chars_per_token": 3.5, "seed": 0, "category": "${oc.select:workload.name,default}",
-               "categories": {"default": category}}
+               "categories": dict(categories)}
     out = {"name": published.name,
            "description": f"calibrated to {published.source} (modelled: systems/engines/fitted.py)"}
     if fit is not None:
@@ -131,8 +161,16 @@ def pair_mapping(published: Published, category: dict, fit: dict | None = None) 
     return out
 
 
+@dataclass
+class Outcome:
+    """A method's simulated run: its window figures and its time per output token (s)."""
+
+    stats: WindowStats
+    tpt: float
+
+
 class Simulator:
-    """Runs a method on a candidate pair in the published scenario and returns its window figures."""
+    """Runs a method on a candidate category in the published scenario."""
 
     def __init__(self, published: Published, prompts: int = 8, tokens: int = 160, prompt_tokens: int = 120,
                  seed: int = 0):
@@ -149,32 +187,41 @@ class Simulator:
         self.prompts = [[int(t) for t in rng.integers(1, 256, prompt_tokens)] for _ in range(prompts)]
         self.tokens = tokens
 
-    def stats(self, category: dict, system: str, params: Mapping[str, Any]) -> WindowStats:
+    def run(self, category: dict, system: str, params: Mapping[str, Any]) -> Outcome:
         from harness.inprocess import RunOptions, run_system
         from systems.api import GenerationRequest
         from systems.engines.fitted import FittedEngine
         from systems.sampling import SamplingParams
 
-        options = pair_mapping(self.published, category)["draft"]["options"]
-        options = {**options, "category": "default"}
+        options = {**pair_mapping(self.published, {"default": category})["draft"]["options"], "category": "default"}
         draft, target = FittedEngine("draft", **options), FittedEngine("target", **options)
         requests = [GenerationRequest(f"c{i}", p, self.tokens, SamplingParams(), seed=i)
                     for i, p in enumerate(self.prompts)]
         records = run_system(system, draft, target, requests, dict(params),
                              RunOptions(link=self.link, edge_cost=self.edge.cost, cloud_cost=self.cloud.cost))
-        return records_stats(records)
+        return Outcome(records_stats(records), sum(r.e2e for r in records) / sum(r.n_tokens for r in records))
 
 
 def residuals(sim: Simulator, category: dict, targets: Sequence[Target]) -> list[dict]:
     """Each target's simulated value beside the published one."""
-    cache: dict[str, WindowStats] = {}
+    cache: dict[tuple, Outcome] = {}
+
+    def outcome(system: str, params: Mapping[str, Any]) -> Outcome:
+        key = (system, repr(sorted(params.items())))
+        if key not in cache:
+            cache[key] = sim.run(category, system, params)
+        return cache[key]
+
     out = []
     for t in targets:
-        if t.method not in cache:
-            cache[t.method] = sim.stats(category, t.system, t.params)
-        value = getattr(cache[t.method], t.stat)
-        out.append({"method": t.method, "stat": t.stat, "published": t.value, "simulated": round(float(value), 4),
-                    "residual": round(float(value) - t.value, 4), "searched": t.fitted})
+        if t.stat == "speedup":
+            value = outcome(t.baseline[1], t.baseline[2]).tpt / outcome(t.system, t.params).tpt
+        else:
+            value = getattr(outcome(t.system, t.params).stats, t.stat)
+        out.append({"category": t.category, "method": t.method, "stat": t.stat if t.baseline is None else
+                    f"speedup over {t.baseline[0]}", "published": round(t.value, 4),
+                    "simulated": round(float(value), 4), "residual": round(float(value) - t.value, 4),
+                    "searched": t.fitted})
     return out
 
 
@@ -182,48 +229,70 @@ def _loss(rows: Sequence[dict]) -> float:
     return float(sum(((r["simulated"] - r["published"]) / r["published"]) ** 2 for r in rows if r["searched"]))
 
 
-def calibrate(name: str, trials: int = 150, seed: int = 0, progress: Callable[[str], None] | None = None) -> dict:
-    """The calibrated pair mapping for ``PUBLISHED[name]``, its residuals in ``fit``."""
+def _search(objective, space: Mapping[str, tuple[float, float]], trials: int, seed: int,
+            start: Mapping[str, float] | None, label: str, progress: Callable[[str], None] | None):
     import optuna
-
-    if name not in PUBLISHED:
-        raise ValueError(f"no published statistics named {name!r}; valid: {', '.join(sorted(PUBLISHED))}")
-    published = PUBLISHED[name]
-    sim = Simulator(published)
-    searched = [t for t in published.targets if t.fitted]
-
-    def objective(trial) -> float:
-        x = {k: trial.suggest_float(k, lo, hi) for k, (lo, hi) in SPACE.items()}
-        return _loss(residuals(sim, category_from(x, published), searched))
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
-    if published.start:
-        study.enqueue_trial(dict(published.start))
+    if start:
+        study.enqueue_trial(dict(start))
     best = [math.inf]
 
     def report(study_, trial) -> None:
         if progress is not None and trial.value is not None and trial.value < best[0]:
             best[0] = trial.value
-            progress(f"trial {trial.number + 1}/{trials}: loss {trial.value:.4f}")
+            progress(f"{label}: trial {trial.number + 1}/{trials}: loss {trial.value:.4f}")
 
-    study.optimize(objective, n_trials=trials, callbacks=[report])
-    x = study.best_params
-    category = category_from(x, published)
+    study.optimize(lambda trial: objective({k: trial.suggest_float(k, lo, hi) for k, (lo, hi) in space.items()}),
+                   n_trials=trials, callbacks=[report])
+    return study
+
+
+def calibrate(name: str, trials: int = 300, seed: int = 0, progress: Callable[[str], None] | None = None,
+              derived_trials: int | None = None) -> dict:
+    """The calibrated pair mapping for ``PUBLISHED[name]``, its residuals in ``fit``: the
+    ``default`` category searched over :data:`SPACE`, then each other category derived from
+    it over :data:`DERIVED_SPACE`."""
+    if name not in PUBLISHED:
+        raise ValueError(f"no published statistics named {name!r}; valid: {', '.join(sorted(PUBLISHED))}")
+    published = PUBLISHED[name]
+    sim = Simulator(published)
     check = Simulator(published, prompts=24, tokens=200, seed=seed + 1)  # fresh prompts for the reported residuals
-    rows = residuals(check, category, published.targets)
+    by_category: dict[str, list[Target]] = {}
+    for t in published.targets:
+        by_category.setdefault(t.category, []).append(t)
+
+    base_targets = [t for t in by_category["default"] if t.fitted]
+    study = _search(lambda x: _loss(residuals(sim, category_from(x, published), base_targets)), SPACE, trials, seed,
+                    published.start, "default", progress)
+    base_x = dict(study.best_params)
+    categories = {"default": category_from(base_x, published)}
+    rows = residuals(check, categories["default"], by_category["default"])
+    searches = {"default": {"space": "7 numbers (SPACE)", "loss": round(study.best_value, 5),
+                            "params": {k: round(v, 5) for k, v in base_x.items()}}}
+    for cat, targets in by_category.items():
+        if cat == "default":
+            continue
+        searched = [t for t in targets if t.fitted]
+        study = _search(lambda x: _loss(residuals(sim, category_from(derived_x(base_x, **x), published), searched)),
+                        DERIVED_SPACE, derived_trials or max(20, trials // 5), seed, {"k": 1.0, "shift": 0.0}, cat, progress)
+        categories[cat] = category_from(derived_x(base_x, **study.best_params), published)
+        rows += residuals(check, categories[cat], targets)
+        searches[cat] = {"space": "derived from default (DERIVED_SPACE)", "loss": round(study.best_value, 5),
+                         "params": {k: round(v, 5) for k, v in study.best_params.items()}}
     fit = {"kind": "calibrated to published statistics", "source": published.source,
            "scenario": {"device": published.device, "network": published.network},
-           "search": {"method": "optuna TPE", "trials": trials, "seed": seed, "loss": round(study.best_value, 5),
-                      "params": {k: round(v, 5) for k, v in x.items()}},
+           "wire_vocab_size": published.wire_note,
+           "search": {"method": "optuna TPE", "trials": trials, "seed": seed, "categories": searches},
            "residuals": rows,
            "assumed": ["target_conf", "target_tail", "eos_rate", "entropy (from the confidence)", "chars_per_token"]}
-    return pair_mapping(published, category, fit)
+    return pair_mapping(published, categories, fit)
 
 
 def print_residuals(mapping: Mapping[str, Any], out=sys.stdout) -> None:
     """The calibration's residuals, one line per published figure."""
     for r in mapping.get("fit", {}).get("residuals", []):
         mark = "" if r["searched"] else "  (check, not searched)"
-        print(f"  {r['method']:<18} {r['stat']:<13} published {r['published']:.4f}  simulated {r['simulated']:.4f}"
-              f"  residual {r['residual']:+.4f}{mark}", file=out)
+        print(f"  {r['category']:<13} {r['method']:<18} {r['stat']:<28} published {r['published']:.4f}  "
+              f"simulated {r['simulated']:.4f}  residual {r['residual']:+.4f}{mark}", file=out)

@@ -185,6 +185,9 @@ def test_fit_pair_from_runs_writes_a_pair_that_runs(tmp_path):
     assert fitted["fit"]["runs"][0]["system"] == "vanilla" and fitted["draft"]["options"]["wire_vocab_size"] == 1000
     assert abs(cat["agree"][0] - 0.4) < 0.1 and abs(cat["agree"][-1] - 0.85) < 0.06, cat["agree"]
     assert abs(quantile(cat["conf_agree"], 0.5) - quantile(category()["conf_agree"], 0.5)) < 0.05
+    # the source tokenized at 3.5 characters a token: the fit measures it from the rendered prompts
+    assert fitted["fit"]["chars_per_token"].startswith("measured")
+    assert fitted["draft"]["options"]["chars_per_token"] == pytest.approx(3.5, abs=0.1)
     _run_folder(tmp_path, "fitted_x", "c")  # the fitted pair runs
 
 
@@ -207,3 +210,19 @@ def test_bad_statistics_are_named():
     with pytest.raises(EngineError, match="no statistics for category"):
         FittedEngine("draft", categories={"code": category()}, category="math")
     assert create_engine("fitted", role="draft", categories={"default": category()}).info.extra["kind"] == "modelled"
+
+
+@pytest.mark.slow
+def test_a_calibration_reports_a_residual_for_every_published_figure():
+    from harness.pair_calibration import PUBLISHED, calibrate
+
+    mapping = calibrate("paper_pipesd", trials=2, derived_trials=2)
+    rows = mapping["fit"]["residuals"]
+    assert len(rows) == len(PUBLISHED["paper_pipesd"].targets)
+    for row in rows:
+        assert row["residual"] == pytest.approx(row["simulated"] - row["published"], abs=1e-3)
+    options = mapping["draft"]["options"]
+    for cat in ("default", "mtbench_math"):
+        engine = FittedEngine("draft", **{**options, "category": cat})
+        assert engine.info.extra["category"] == cat
+    assert options["wire_vocab_size"] == 75000 and "Table A.2" in mapping["fit"]["wire_vocab_size"]
