@@ -186,6 +186,27 @@ async def serve_request(
     )
 
 
+async def serve_clients(spec: SystemSpec, clients: asyncio.Future, clouds: Sequence[asyncio.Task]) -> None:
+    """Wait for the edge clients (one gathered future) while the cloud policies serve; a cloud
+    that stops first is an error (its own, or that it stopped with requests in flight). The
+    clouds are cancelled at the end."""
+    try:
+        if not clouds:
+            await clients
+        else:
+            done, _ = await asyncio.wait({clients, *clouds}, return_when=asyncio.FIRST_COMPLETED)
+            for task in clouds:
+                if task in done:
+                    clients.cancel()
+                    task.result()
+                    raise RuntimeError(f"{spec.name}: the cloud policy stopped while requests were in flight")
+            clients.result()
+    finally:
+        for task in clouds:
+            task.cancel()
+        await asyncio.gather(*clouds, return_exceptions=True)
+
+
 def wire_padding(*engines: Engine | None):
     """The link's padding for a pair that declares a wider vocabulary than it computes (a
     fitted pair: ``info.extra["wire_vocab_size"]``), so uploads cost their declared bytes."""
@@ -263,26 +284,14 @@ async def _serve(spec: SystemSpec, cfg, edge, target, requests, options: RunOpti
                 link=link.edge_end(session), draft=edge, recorder=recorder, q_dtype=options.q_dtype,
                 traffic=lambda link=link: (link.up.bytes, link.down.bytes), device=spec_e.device,
             )
+            link.forget(session)
             edge_busy[i] = list(getattr(compute, "intervals", ())[n0:])
             if options.on_request is not None:
                 energy_so_far(i)
                 options.on_request(records[i])
 
-    clients = asyncio.gather(*(client(i) for i in sorted(set(assign))))
-    try:
-        if cloud_task is None:
-            await clients
-        else:
-            done, _ = await asyncio.wait({clients, cloud_task}, return_when=asyncio.FIRST_COMPLETED)
-            if cloud_task in done:
-                clients.cancel()
-                cloud_task.result()
-                raise RuntimeError(f"{spec.name}: the cloud policy stopped while requests were in flight")
-            clients.result()
-    finally:
-        if cloud_task is not None:
-            cloud_task.cancel()
-            await asyncio.gather(cloud_task, return_exceptions=True)
+    await serve_clients(spec, asyncio.gather(*(client(i) for i in sorted(set(assign)))),
+                        [] if cloud_task is None else [cloud_task])
     out = [records[i] for i in range(len(requests))]
     attribute_run(out, energy, edge_busy=[edge_busy[i] for i in range(len(requests))],
                   cloud_busy=None if cloud_compute is None else getattr(cloud_compute, "intervals", []),

@@ -30,7 +30,7 @@ from typing import Callable
 
 from netem.profile import NetworkProfile, Trace, jitter_sample
 from systems.api import Envelope
-from systems.messages import Message, decode, encode
+from systems.messages import CloseSession, Message, decode, encode
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,11 @@ class InProcessLink:
         if inbox is not None:
             inbox.put_nowait(env)
 
+    def forget(self, session: str) -> None:
+        """The edge is done with ``session``: what still reaches it is dropped, unread, as it
+        would have been (its reader has stopped)."""
+        self._edge_inboxes.pop(session, None)
+
 
 class EdgeEnd:
     """The edge side of a session on an in-process link."""
@@ -174,12 +179,17 @@ class EdgeEnd:
 
 
 class CloudEnd:
-    """The cloud side: one inbox for every session, replies routed to the sender's link."""
+    """The cloud side: one inbox for every session, replies routed to the sender's link.
+
+    A session's route goes when the cloud receives its CloseSession (the last thing its edge
+    sends); a reply for a session without a route (closed at both ends: nobody would read
+    it) is dropped and counted in ``dropped``."""
 
     def __init__(self, padding: Callable[[Message], int] | None = None):
         self.inbox: asyncio.Queue = asyncio.Queue()
         self._routes: dict[str, InProcessLink] = {}
         self.padding = padding
+        self.dropped = 0
 
     def new_link(self, profile: LinkProfile) -> InProcessLink:
         return InProcessLink(profile, self.inbox, self.padding)
@@ -188,8 +198,14 @@ class CloudEnd:
         self._routes[session] = link
 
     async def send(self, msg: Message) -> int:
-        link = self._routes[msg.session]
+        link = self._routes.get(msg.session)
+        if link is None:
+            self.dropped += 1
+            return 0
         return link.down.send(msg, link.deliver_down)
 
     async def recv(self) -> Envelope:
-        return await self.inbox.get()
+        env = await self.inbox.get()
+        if isinstance(env.msg, CloseSession):
+            self._routes.pop(env.msg.session, None)
+        return env

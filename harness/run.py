@@ -71,6 +71,7 @@ class Plan:
     edges: EdgesPlan | None = None  # the edge devices (None: one, the run's device and network)
     faults: list = field(default_factory=list)  # harness.faults.Fault: injected on purpose
     wall: WallOptions = field(default_factory=WallOptions)
+    fleet: object = None  # harness.fleet_plan.FleetPlan: the fleet simulator's devices (None: not a fleet run)
 
 
 def network_spec(node) -> NetworkProfile:
@@ -171,8 +172,34 @@ def make_plan(cfg: DictConfig) -> Plan:
                                                           for e in edges.edges)):
         raise ConfigError("mode=wall runs edges.n edge processes on this machine's link, closed loop: leave "
                           "edges.devices, edges.networks and edges.arrivals at their defaults, or use mode=virtual")
+    fleet = fleet_plan_of(cfg, edges, edge, network, link, workload)
     return Plan(system, system_config, pair, link, edge, cloud, cfg.mode,
-                SamplingParams(temperature=float(cfg.temperature)), energy, workload, network, edges, faults, wall)
+                SamplingParams(temperature=float(cfg.temperature)), energy, workload, network, edges, faults, wall,
+                fleet)
+
+
+def fleet_plan_of(cfg: DictConfig, edges: EdgesPlan, edge: RoleProfile, network: NetworkProfile, link: LinkProfile,
+                  workload):
+    """The run's :class:`harness.fleet_plan.FleetPlan` when the config selects the fleet
+    (``fleet=default``, or an experiment that sets ``fleet.*``), else None."""
+    node = cfg.get("fleet")
+    if node is None:
+        return None
+    from harness.fleet_plan import FleetError, fleet_plan
+
+    if cfg.mode != "virtual":
+        raise ConfigError("the fleet simulator runs in virtual time: set mode=virtual (or leave fleet unset)")
+    if edges.shared_time:
+        raise ConfigError("fleet.* replaces the edges group: leave edges at edges=one (the fleet draws its own "
+                          "devices, networks and arrivals), or drop fleet")
+    if (workload.turns or 1) > 1:
+        raise ConfigError("the fleet serves first turns only: set workload.turns=1")
+    try:
+        return fleet_plan(_plain(node) or {}, run_device=edge, run_network=network.name, run_link=link,
+                          run_slo=(workload.slo_ttft_s, workload.slo_tpot_s), run_seed=int(cfg.seed),
+                          option=conf_option)
+    except FleetError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _plain(node):
@@ -264,23 +291,24 @@ def with_sequences(pair, n_edges: int):
     return dataclasses.replace(pair, **roles)
 
 
-def shared_engines(pair, paths) -> tuple:
+def shared_engines(pair, paths, memo: bool = True) -> tuple:
     """The pair's ``(draft, target)`` engines, opened once per process and kept for the next run.
 
     The jobs of a sweep that one process serves (Hydra's basic launcher runs them all; a joblib
     or Ray worker runs several) share the loaded models. Each is wrapped in
     :class:`harness.memo.MemoEngine`: a forward pass a later job repeats (the same prefix, on
     another network or device profile) is replayed from memory, so in virtual time every
-    network after the first costs little. Only one pair is kept at a time.
+    network after the first costs little. Only one pair is kept at a time. ``memo=False``: the
+    engines as they are (the fleet: a memory of every pass would grow with simulated tokens).
     """
     from harness.memo import MemoEngine
     from harness.pairs import open_engines
 
-    key = repr((pair.roles(), sorted((role, str(path)) for role, path in paths.items())))
+    key = repr((pair.roles(), sorted((role, str(path)) for role, path in paths.items()), memo))
     if key not in _SHARED_ENGINES:
         _SHARED_ENGINES.clear()
         draft, target = open_engines(pair, paths)
-        _SHARED_ENGINES[key] = (MemoEngine(draft), MemoEngine(target))
+        _SHARED_ENGINES[key] = (MemoEngine(draft), MemoEngine(target)) if memo else (draft, target)
     return _SHARED_ENGINES[key]
 
 
@@ -297,6 +325,10 @@ def execute(cfg: DictConfig, run_dir: str | Path | None = None) -> list:
         print(f"specwan: {plan.system.name} on {plan.link.name}: already complete in {run_dir}, skipped "
               "(a new folder measures it again)", file=sys.stderr, flush=True)
         return []
+    if plan.fleet is not None:
+        from harness.fleet_run import execute_fleet
+
+        return execute_fleet(cfg, plan, run_dir)
     with contextlib.ExitStack() as stack:
         link = wall_link(plan, stack) if plan.mode == "wall" else None
         return _execute(cfg, plan, run_dir, link)

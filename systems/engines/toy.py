@@ -20,6 +20,7 @@ logits. A part after the first sees only hidden states and positions, never toke
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -27,6 +28,10 @@ import numpy as np
 from systems.engines.base import Engine, EngineError, EngineInfo, LayerSplit, ModelPart, fingerprint_vocabulary
 
 EOS = 0
+#: the logits rows an engine keeps (least recently used dropped first): at most this many,
+#: and at most :data:`CACHE_BYTES` of them, so memory stays flat however many tokens it scores
+CACHE_ROWS = 4096
+CACHE_BYTES = 64 << 20
 
 
 class ToyEngine(Engine):
@@ -56,7 +61,9 @@ class ToyEngine(Engine):
         self.role, self.seed, self.agreement = role, seed, agreement
         self.n_layers = n_layers
         self.sharpness, self.eos_logit, self.order = sharpness, eos_logit, order
-        self._cache: dict[tuple, np.ndarray] = {}
+        # rows are a pure function of their key, so dropping one changes no result, only time
+        self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._cache_rows = max(16, min(CACHE_ROWS, CACHE_BYTES // (4 * vocab_size)))
         pieces = [f"<t{i}>" for i in range(vocab_size)]
         self.info = EngineInfo(
             backend="toy",
@@ -81,8 +88,10 @@ class ToyEngine(Engine):
     def _logits_at(self, length: int, window: tuple) -> np.ndarray:
         """The logits after a context of ``length`` tokens ending with ``window`` (its last ``order``)."""
         key = (length, *window)
-        hit = self._cache.get(key)
+        cache = self._cache
+        hit = cache.get(key)
         if hit is not None:
+            cache.move_to_end(key)
             return hit
         target = self._noise(0, key)
         target[EOS] += self.eos_logit
@@ -93,7 +102,9 @@ class ToyEngine(Engine):
             noise[EOS] += self.eos_logit
             out = self.agreement * target + (1.0 - self.agreement) * noise
         out = out.astype(np.float32)
-        self._cache[key] = out
+        cache[key] = out
+        if len(cache) > self._cache_rows:
+            cache.popitem(last=False)
         return out
 
     # ---- tokenizer: "<t3><t1>" <-> [3, 1]; other text maps byte-wise ----------------

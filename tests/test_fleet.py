@@ -1,0 +1,240 @@
+"""The fleet simulator (harness/fleet.py): many edges and verifiers in one virtual time, on the
+plug-ins' own code (toy pair), with records streamed and nothing kept per finished request."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from harness.energy.virtual import VirtualEnergy
+from harness.fleet import FleetOptions, run_fleet
+from harness.fleet_plan import FleetEdge, FleetPlan
+from harness.inprocess import EdgeSpec, RunOptions, run_system
+from harness.link import LinkProfile
+from harness.profiles import RoleProfile
+from harness.results import load_batches, load_run
+from harness.run import CONF_DIR, ConfigError, conf_option, execute, make_plan
+from systems.api import GenerationRequest, get_system
+from systems.engines import create_engine
+from workloads.arrivals import Poisson
+
+TOY = ("pair=toy", "workload.chat_template=false", "max_new_tokens=16", "workload.size=4", "fleet=default")
+CLOUD = RoleProfile("cloud", "declared", "test", step_s=0.015, prefill_s_per_token=0.0005, verify_s_per_token=0.002,
+                    batch_s_per_session=0.003, active_w=300.0, idle_w=50.0)
+DEVICE = RoleProfile("laptop", "declared", "test", step_s=0.036, prefill_s_per_token=0.005, active_w=45.0, idle_w=5.0)
+LINK = LinkProfile("wan", rtt_s=0.05, up_bps=1e7, down_bps=1e7, jitter_s=0.002, seed=1)
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _pair(vocab: int = 64):
+    kw = dict(vocab_size=vocab, seed=0)
+    return create_engine("toy", role="draft", agreement=0.8, **kw), create_engine("toy", role="target", **kw)
+
+
+def _templates(n: int = 5, max_new: int = 24):
+    rng = np.random.default_rng(0)
+    return [GenerationRequest(f"p{i}", [int(x) for x in rng.integers(1, 64, size=12)], max_new, seed=i)
+            for i in range(n)]
+
+
+def _plan(n: int, *, arrival=None, per_edge=None, duration=1e9, verifiers=1, slo=(2.0, 0.2)):
+    arrival = arrival or {"kind": "poisson", "rate": 0.5}
+    edges = tuple(FleetEdge(f"e{i}", DEVICE, "", "wan", LINK, arrival, slo, i % verifiers) for i in range(n))
+    return FleetPlan(edges, verifiers, "round_robin", duration, per_edge, 0, True, {})
+
+
+def _fleet(system: str, plan: FleetPlan, templates, draft=None, target=None, **kw):
+    if draft is None:
+        draft, target = _pair()
+    spec = get_system(system)
+    got, batches = [], []
+    totals = run_fleet(spec, spec.make_config({}), draft, target, plan, templates,
+                       FleetOptions(cloud_cost=CLOUD.cost, energy=VirtualEnergy.from_profiles(DEVICE, CLOUD),
+                                    on_request=lambda r, item: got.append((r, item)),
+                                    on_batch=lambda b, v: batches.append((b, v)), **kw))
+    return got, batches, totals
+
+
+@pytest.mark.parametrize("system", ["sled", "wisp", "centralized"])
+def test_the_fleet_equals_the_shared_time_runner_on_the_same_edges_and_arrivals(system):
+    """Same plug-in code, same link and devices: the same tokens, times, bytes and (streamed) energy."""
+    n, k = 4, 3
+    templates = _templates()
+    got, _, _ = _fleet(system, _plan(n, per_edge=k), templates)
+    requests = []
+    for i in range(n * k):
+        e, j = i % n, i // n
+        t = templates[i % len(templates)]
+        requests.append(dataclasses.replace(t, request_id=f"{t.request_id}@e{e}.{j}", slo_ttft_s=2.0, slo_tpot_s=0.2,
+                                            arrival=float(Poisson(0.5, seed=e).times(k)[j])))
+    draft, target = _pair()
+    ref = run_system(system, draft, target, requests, {},
+                     RunOptions(cloud_cost=CLOUD.cost, edges=[EdgeSpec(f"e{i}", LINK, DEVICE.cost, DEVICE.name)
+                                                              for i in range(n)],
+                                energy=VirtualEnergy.from_profiles(DEVICE, CLOUD)))
+    mine = {r.request_id: r for r, _ in got}
+    assert set(mine) == {r.request_id for r in ref}
+    for r in ref:
+        m = mine[r.request_id]
+        assert m.output_tokens == r.output_tokens and m.token_times == r.token_times
+        assert (m.start, m.end, m.bytes_up, m.bytes_down) == (r.start, r.end, r.bytes_up, r.bytes_down)
+        timeline = ("round", "start", "end", "drafted", "accepted", "emitted", "bytes_up", "bytes_down", "t_queue")
+        assert [[getattr(x, f) for f in timeline] for x in m.rounds] == \
+               [[getattr(x, f) for f in timeline] for x in r.rounds]
+        for key in ("edge_j", "cloud_j", "wasted_j"):
+            assert m.energy[key] == pytest.approx(r.energy[key], rel=1e-9, abs=1e-9)
+
+
+def test_verifiers_split_the_load_each_with_its_own_batches():
+    got, batches, totals = _fleet("sled", _plan(6, verifiers=3, duration=6.0), _templates())
+    served = {}
+    for rec, item in got:
+        served.setdefault(item.edge.verifier, set()).add(item.session)
+    assert sorted(served) == [0, 1, 2] and all(len(totals.batches) == 3 and b > 0 for b in totals.batches)
+    for b, v in batches:  # a verifier's passes hold its own edges' sessions only
+        assert set(b.sessions) <= served[v]
+    per_verifier = [sorted(b.index for b, v in batches if v == k) for k in range(3)]
+    assert all(idx == list(range(len(idx))) for idx in per_verifier)  # each numbers its own passes
+
+
+def test_mixes_are_drawn_as_declared_and_seeded():
+    cfg = _compose(*TOY, "fleet.n=1000", "fleet.verifiers=4", "fleet.assign=blocks",
+                   "fleet.devices=[{laptop_gpu_cloud: 3}, phone_gpu_cloud]",
+                   "fleet.arrivals=[{weight: 1, kind: poisson, rate: 0.2}, {weight: 1, kind: closed}]")
+    fleet = make_plan(cfg).fleet
+    devices = [e.device_option for e in fleet.edges]
+    assert set(devices) == {"laptop_gpu_cloud", "phone_gpu_cloud"}
+    assert devices.count("laptop_gpu_cloud") / 1000 == pytest.approx(0.75, abs=0.05)
+    assert sum(e.arrival["kind"] == "closed" for e in fleet.edges) / 1000 == pytest.approx(0.5, abs=0.05)
+    networks = {e.network for e in fleet.edges}
+    assert networks == {"wan_50ms_10mbit", "4g", "lan"}  # the default's three, equal weights
+    assert [e.verifier for e in fleet.edges[:3]] == [0, 0, 0] and fleet.edges[-1].verifier == 3
+    assert make_plan(cfg).fleet == fleet  # seeded: the same draws again
+    other = make_plan(_compose(*TOY, "fleet.n=1000", "seed=1")).fleet
+    assert [e.network for e in other.edges] != [e.network for e in fleet.edges]
+    drawn = fleet.describe()["drawn"]
+    assert sum(drawn["devices"].values()) == 1000 and drawn["verifiers"] == {f"v{k}": 250 for k in range(4)}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("fleet.n=0",), "fleet.n must be a positive integer"),
+    (("fleet.verifiers=3", "fleet.n=2"), "fleet.verifiers (3) must not exceed fleet.n (2)"),
+    (("fleet.assign=nearest",), "fleet.assign must be one of round_robin, blocks, random"),
+    (("fleet.devices=[nosuch]",), "unknown device 'nosuch'"),
+    (("fleet.devices=[{laptop_gpu_cloud: -1}]",), "fleet.devices.laptop_gpu_cloud must be a number >= 0"),
+    (("fleet.arrivals=[{kind: burst}]",), "fleet.arrivals[0].kind must be one of closed, poisson, gamma"),
+    (("fleet.arrivals=[{kind: poisson}]",), "fleet.arrivals[0] (poisson): needs a rate"),
+    (("fleet.slos=[{ttft: 2}]",), "fleet.slos[0]: unknown key(s) ttft"),
+    (("fleet.duration_s=0",), "fleet.duration_s must be a number > 0"),
+    (("+fleet.nn=3",), "fleet: unknown key(s) nn; valid: n,"),
+    (("fleet.rounds=maybe",), "fleet.rounds must be true or false"),
+    (("edges.n=3",), "fleet.* replaces the edges group"),
+    (("mode=wall",), "the fleet simulator runs in virtual time"),
+])
+def test_fleet_mistakes_are_one_line_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        make_plan(_compose(*TOY, *overrides))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_fleet_run_writes_the_run_folder_with_its_verifier_column(tmp_path):
+    cfg = _compose(*TOY, "system=sled", "fleet.n=12", "fleet.verifiers=2", "fleet.duration_s=20")
+    totals = execute(cfg, tmp_path)
+    manifest, requests, rounds = load_run(tmp_path, from_journals=False)  # the parquet files, current
+    assert manifest["complete"] and manifest["fleet"]["n"] == 12 and len(manifest["fleet"]["edges"]) == 12
+    assert manifest["fleet"]["totals"]["requests"] == totals.requests == len(requests) > 12
+    assert "modelled" in manifest["fleet"]["figures"]
+    assert set(requests["verifier"]) == {0, 1} and (requests["n_edges"] == 12).all()
+    assert requests["request_id"].is_unique and requests["slo_met"].notna().all()
+    assert requests["arrival"].max() < 20 and requests["energy_cloud_j"].notna().all()
+    edge_verifier = {e["name"]: e["verifier"] for e in manifest["fleet"]["edges"]}
+    assert all(edge_verifier[e] == v for e, v in zip(requests["edge"], requests["verifier"]))
+    assert len(rounds) == requests["rounds"].sum()
+    batches = load_batches(tmp_path)
+    assert set(batches["verifier"]) == {0, 1} and len(batches) == sum(totals.batches)
+
+
+def test_rounds_false_writes_no_round_rows(tmp_path):
+    execute(_compose(*TOY, "system=sled", "fleet.n=4", "fleet.duration_s=10", "fleet.rounds=false"), tmp_path)
+    _, requests, rounds = load_run(tmp_path)
+    assert len(requests) and len(rounds) == 0 and (requests["rounds"] > 0).all()
+
+
+def test_a_killed_fleet_run_keeps_the_requests_that_finished(tmp_path):
+    """Records are on disk as each request ends: a run killed mid-way leaves whole rows."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", *TOY, "system=sled", "fleet.n=50",
+                             "fleet.duration_s=100000", f"hydra.run.dir={out}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            journal = out / "requests.jsonl"
+            if journal.exists() and journal.read_bytes().count(b"\n") >= 20:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the fleet wrote no 20 requests in time")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    manifest, requests, rounds = load_run(out)
+    assert not manifest.get("complete") and len(requests) >= 20
+    assert requests["n_tokens"].gt(0).all() and set(rounds["request_id"]) <= set(requests["request_id"])
+    lines = (out / "requests.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["request_id"] for line in lines)
+
+
+def _peak(duration: float) -> tuple[int, int]:
+    plan = _plan(20, arrival={"kind": "closed"}, duration=duration, slo=(2.0, 0.2))  # collects every 256 requests
+    draft, target = _pair()
+    _fleet("sled", _plan(4, arrival={"kind": "closed"}, duration=2.0), _templates(), draft, target)  # warm caches
+    tracemalloc.start()
+    try:
+        _, _, totals = _fleet_streaming("sled", plan, _templates(), draft, target)
+        return tracemalloc.get_traced_memory()[1], totals.tokens
+    finally:
+        tracemalloc.stop()
+
+
+def _fleet_streaming(system, plan, templates, draft, target):
+    spec = get_system(system)
+    totals = run_fleet(spec, spec.make_config({}), draft, target, plan, templates,
+                       FleetOptions(cloud_cost=CLOUD.cost, energy=VirtualEnergy.from_profiles(DEVICE, CLOUD),
+                                    on_request=lambda r, item: None, on_batch=lambda b, v: None))
+    return None, None, totals
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_simulated_tokens():
+    """A 4x longer virtual run simulates about 4x the tokens in the same peak memory."""
+    short, short_tokens = _peak(30.0)
+    long, long_tokens = _peak(120.0)
+    assert long_tokens > 3.5 * short_tokens
+    assert long < 1.15 * short, (short, long)
+
+
+def test_the_fleet_capacity_preset_sweeps_the_three_systems_up_to_a_thousand_edges():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="config", overrides=["experiment=fleet_capacity"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params["system"] == "centralized,sled,wisp" and params["fleet.n"].split(",")[-1] == "1000"
+    assert "joblib" in cfg.hydra.launcher._target_ and cfg.fleet.duration_s > 0
+    plan = make_plan(cfg).fleet
+    assert plan.n == conf_option("fleet", "default")["n"] and not plan.rounds
