@@ -254,7 +254,17 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[CellRun]:
                               *engines[m.pair or pair.name])
             except ValueError as exc:
                 raise ConfigError(f"grid.datasets.{d.name}.methods.{m.name}: {exc}") from None
-    mdraft, mtarget = engines[pair.name]
+    # A pair whose statistics depend on the workload (a fitted pair's categories, chosen by
+    # ${workload.name}) is resolved again for each dataset whose workload it names differently.
+    by_dataset: dict[str, tuple] = {}
+    for d in spec.datasets:
+        resolved = OmegaConf.to_container(OmegaConf.merge(cfg, {"workload": {"name": d.workload}}).pair, resolve=True)
+        own = pair_from_mapping(resolved, origin="pair (config)")
+        if own == pair:
+            by_dataset[d.name] = engines[pair.name]
+        else:
+            by_dataset[d.name] = tuple(MemoEngine(e) for e in open_engines(own, paths))
+            print(f"  dataset {d.name}: pair {own.name} resolved for workload {d.workload}", file=sys.stderr)
     tune = spec.tune or {}
     held_out = int(tune.get("prompts", 1)) if tune.get("systems") else 0
     turns_by_dataset = {}  # dataset -> (prompts to evaluate on, prompts held out for tuning)
@@ -288,19 +298,21 @@ def run_grid(cfg: DictConfig, run_dir: str | Path) -> list[CellRun]:
             params = dict(method.params)
             if method.system in (tune.get("systems") or []):
                 bar.set_postfix_str(f"tuning {method.name} in {scenario.name} on {dataset.name}")
-                best = tune_thresholds(method.system, params, mdraft, mtarget, [t.request for t in tuning_turns],
+                best = tune_thresholds(method.system, params, *by_dataset[dataset.name],
+                                       [t.request for t in tuning_turns],
                                        options,
                                        method=tune.get("method", "bo"), trials=int(tune.get("trials", 16)),
                                        tokens=int(tune.get("tokens", 20)), seed=int(tune.get("seed", 0)))
                 params.update(r1=best.r1, r2=best.r2)
             bar.set_postfix_str(f"{method.name} in {scenario.name} on {dataset.name}")
             if dataset.name not in budgets:
-                budgets[dataset.name] = _token_budget(turns, spec.accepted_tokens, mtarget)
+                budgets[dataset.name] = _token_budget(turns, spec.accepted_tokens, by_dataset[dataset.name][1])
             # One continuous run per cell: the edge device serves the prompts one after the
             # other, keeping its state (PipeSD's estimates and window history, EdgeLLM's R1),
             # as in the paper's runs of 1000 accepted tokens.
             requests = [replace(t.request, max_new_tokens=n) for t, n in budgets[dataset.name]]
-            recs = run_system(method.system, *engines[method.pair or pair.name], requests, params, options)
+            recs = run_system(method.system, *(engines[method.pair] if method.pair else by_dataset[dataset.name]),
+                              requests, params, options)
             for (turn, _), rec in zip(budgets[dataset.name], recs):
                 writer.append(rec, {"system": method.system, "pair": method.pair or pair.name, "network": link.name,
                                     "workload": dataset.workload, **turn.context(), "clock": "virtual", "seed": 0,

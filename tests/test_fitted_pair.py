@@ -226,3 +226,21 @@ def test_a_calibration_reports_a_residual_for_every_published_figure():
         engine = FittedEngine("draft", **{**options, "category": cat})
         assert engine.info.extra["category"] == cat
     assert options["wire_vocab_size"] == 75000 and "Table A.2" in mapping["fit"]["wire_vocab_size"]
+
+
+@pytest.mark.slow
+def test_pipesd_table1_on_the_calibrated_pair_gives_each_dataset_its_own_category(tmp_path):
+    """The grid resolves a fitted pair again for each dataset's workload: GSM8K's stand-in gets
+    the category calibrated for it, HumanEval the default one."""
+    from harness.results import load_run
+
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "run", "experiment=pipesd_table1", "pair=paper_pipesd",
+                           "grid.tune.trials=2", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dataset math: pair paper_pipesd resolved for workload mtbench_math" in done.stderr
+    _, requests, rounds = load_run(tmp_path / "run")
+    assert set(requests["dataset"]) == {"humaneval", "math"}
+    vanilla = rounds[rounds["method"] == "vanilla"]
+    accept = {d: g["accepted"].sum() / g["verified"].sum() for d, g in vanilla.groupby("dataset")}
+    assert accept["math"] < accept["humaneval"] - 0.03, accept
