@@ -124,6 +124,12 @@ overhead: $(STAMP)
 soak: $(STAMP)
 	$(PY) benchmarks/soak.py
 
+# The fleet simulator's speed: simulated tokens per wall second, wall seconds and peak RSS for
+# N = 10, 100, 1,000 devices over 60 s of virtual time, and a profile (benchmarks/fleet_speed.py --help).
+.PHONY: fleet-speed
+fleet-speed: $(STAMP)
+	$(PY) benchmarks/fleet_speed.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
 
