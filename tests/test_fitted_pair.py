@@ -244,3 +244,56 @@ def test_pipesd_table1_on_the_calibrated_pair_gives_each_dataset_its_own_categor
     vanilla = rounds[rounds["method"] == "vanilla"]
     accept = {d: g["accepted"].sum() / g["verified"].sum() for d, g in vanilla.groupby("dataset")}
     assert accept["math"] < accept["humaneval"] - 0.03, accept
+
+
+# Rows of the engine as generated before its speed work (git bb24c8f): the sha256 of every row
+# below, in order, and a few explicit values (argmax, max, min, second largest of some rows).
+GOLDEN_ROWS = "fe82a706c605cea6fe039824f2596f06722ad8909fb9af3668bd21abbb7ccba4"
+GOLDEN_PICKS = [
+    [23, -0.39405548572540283, -27.63102149963379, -1.8149768114089966],
+    [23, -0.22365646064281464, -27.63102149963379, -3.399148464202881],
+    [61, -0.2883095145225525, -27.63102149963379, -1.3844144344329834],
+    [61, -0.2028692364692688, -27.63102149963379, -3.486673593521118],
+    [2, -0.4989328384399414, -27.63102149963379, -2.0330116748809814],
+    [48, -0.34642061591148376, -27.63102149963379, -3.020076036453247],
+    [46, -0.19402873516082764, -27.63102149963379, -1.735195279121399],
+    [46, -0.28955766558647156, -27.63102149963379, -3.17244815826416],
+    [27, -0.18099792301654816, -27.63102149963379, -1.7984040975570679],
+    [27, -0.13202409446239471, -27.63102149963379, -5.778936386108398],
+    [33, -0.07814968377351761, -27.63102149963379, -2.587949752807617],
+    [33, -0.016499049961566925, -27.63102149963379, -7.801569938659668],
+    [101, -0.08543594926595688, -27.63102149963379, -2.5024020671844482],
+    [101, -0.03167656436562538, -27.63102149963379, -7.156854152679443],
+    [210, -0.1080922856926918, -27.63102149963379, -2.2783291339874268],
+    [210, -0.21951867640018463, -27.63102149963379, -5.3129496574401855],
+]
+
+
+def test_rows_are_bit_for_bit_those_of_the_engine_before_its_speed_work():
+    """200 contexts on two categories (one with stops), both roles, one at a time and through
+    sessions (a prefill, a block scored at once, a rollback and a rescore)."""
+    import hashlib
+
+    cats = {"default": category(agree=(0.3, 0.7, 0.85, 0.95), eos_rate=0.02),
+            "sharp": category(agree=(0.9,), target_tail=40, eos_rate=0.0)}
+    h, picks = hashlib.sha256(), []
+    rng = np.random.default_rng(20)
+    for cat, vocab in (("default", 64), ("sharp", 256)):
+        d = FittedEngine("draft", categories=cats, category=cat, vocab_size=vocab, seed=3)
+        t = FittedEngine("target", categories=cats, category=cat, vocab_size=vocab, seed=3)
+        for i in range(100):
+            ctx = [int(x) for x in rng.integers(0, vocab, size=int(rng.integers(1, 40)))]
+            for eng in (d, t):
+                row = eng.logits_for(ctx)
+                h.update(row.tobytes())
+                if i % 25 == 0:
+                    picks.append([int(np.argmax(row)), float(row.max()), float(row.min()), float(np.sort(row)[-2])])
+            for eng in (d, t):
+                s = eng.new_session()
+                h.update(np.asarray(s.prefill(ctx)).tobytes())
+                block = [int(x) for x in rng.integers(0, vocab, size=5)]
+                h.update(np.asarray(s.score(block)).tobytes())
+                s.rollback(len(ctx) + 2)
+                h.update(np.asarray(s.score(block[:3])).tobytes())
+    assert picks == GOLDEN_PICKS
+    assert h.hexdigest() == GOLDEN_ROWS

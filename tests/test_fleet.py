@@ -238,3 +238,60 @@ def test_the_fleet_capacity_preset_sweeps_the_three_systems_up_to_a_thousand_edg
     assert "joblib" in cfg.hydra.launcher._target_ and cfg.fleet.duration_s > 0
     plan = make_plan(cfg).fleet
     assert plan.n == conf_option("fleet", "default")["n"] and not plan.rounds
+
+
+# ---- what the simulator decides must not change when it gets faster ---------------------------
+# Digests of a fixed fleet's records (every request's tokens and times, every round's timeline,
+# bytes, energy and draft features, every verifier pass), generated before the simulator's speed
+# work (git bb24c8f): a change to the speed of the code must leave them as they are.
+GOLDEN_FLEETS = {
+    # one SLED verifier saturated by 60 devices (its queue grows), and WISP with its trained
+    # controller on two verifiers
+    "sled": (("system=sled", "fleet.n=60", "fleet.verifiers=1", "fleet.arrivals=[{kind: poisson, rate: 0.5}]"),
+             "4189b3becbc0c21ae66d20e076b60ab434c825fcdd23cc7458967d2ceace7ece",
+             {"energy_edge_j": 24043.761435748573, "energy_cloud_j": 13714.653432005764,
+              "energy_edge_idle_j": 10704.60003574847, "energy_cloud_idle_j": 1230.6034320055019,
+              "energy_wasted_j": 875.0268000000079}),
+    "wisp": (("system=wisp", "fleet.n=60", "fleet.verifiers=2", "fleet.arrivals=[{kind: poisson, rate: 0.4}]"),
+             "7ea69aaaa8cbdf2898b693045725e1aa1092c7ab9ce07e24aa1a261697e18dc9",
+             {"energy_edge_j": 14317.498858096185, "energy_cloud_j": 14942.017933304307,
+              "energy_edge_idle_j": 3159.356058096212, "energy_cloud_idle_j": 1742.617933304372,
+              "energy_wasted_j": 281.2463999999989}),
+}
+_REQUEST_KEYS = ("request_id", "output_ids", "start", "end", "token_times", "bytes_up", "bytes_down", "rounds",
+                 "drafted", "accepted", "verifier", "edge", "arrival")
+_ROUND_KEYS = ("request_id", "round", "energy_draft_j", "energy_wasted_j", "energy_verify_j", "energy_wait_j",
+               "start", "end", "drafted", "uploaded", "verified", "accepted", "emitted", "wasted", "bytes_up",
+               "bytes_down", "t_draft", "t_uplink", "t_queue", "t_verify", "t_downlink", "batch_size", "committed",
+               "edge_digest", "extra", "draft_conf", "draft_entropy")
+_BATCH_KEYS = ("verifier", "index", "kind", "start", "end", "sessions", "rounds", "new_tokens", "context_tokens",
+               "arrived", "actual_s", "predicted_s", "extra")
+
+
+def fleet_digest(folder, overrides) -> tuple[str, dict]:
+    """A fleet run on the paper_pipesd pair (10 s of arrivals, 32 tokens a request): the sha256 of
+    its records in the order written, and its requests' energy summed per field."""
+    import hashlib
+
+    cfg = _compose("pair=paper_pipesd", "fleet=default", "fleet.duration_s=10", "max_new_tokens=32",
+                   "workload.chat_template=false", *overrides)
+    execute(cfg, folder)
+    h, energy = hashlib.sha256(), {}
+    for name, keys in (("requests.jsonl", _REQUEST_KEYS), ("rounds.jsonl", _ROUND_KEYS),
+                       ("batches.jsonl", _BATCH_KEYS)):
+        for line in (folder / name).read_text().splitlines():
+            row = json.loads(line)
+            h.update(json.dumps([row[k] for k in keys]).encode())
+            if name == "requests.jsonl":
+                for k in GOLDEN_FLEETS["sled"][2]:
+                    energy[k] = energy.get(k, 0.0) + (row[k] or 0.0)
+    return h.hexdigest(), energy
+
+
+@pytest.mark.parametrize("system", sorted(GOLDEN_FLEETS))
+def test_a_fixed_fleet_decides_exactly_as_before(system, tmp_path):
+    """Same batches, same tokens, same virtual times, same bytes and features, bit for bit."""
+    overrides, digest, energy = GOLDEN_FLEETS[system]
+    got, got_energy = fleet_digest(tmp_path / "run", overrides)
+    assert got == digest
+    assert got_energy == pytest.approx(energy, rel=1e-9)
