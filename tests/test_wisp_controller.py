@@ -20,7 +20,7 @@ from harness.cli import main as cli_main
 from harness.results import RunWriter, build_manifest
 from harness.train_controller import collect, far_threshold, rates, round_labels, split, train
 from systems.records import RequestRecord, RoundRecord
-from systems.wisp.controller import FEATURES, RejectionPredictor, draft_features
+from systems.wisp.controller import FEATURES, RejectionPredictor, draft_features, draft_features_many
 
 TARGET = 0.1
 DRAFTED = 5  # tokens drafted per round
@@ -109,6 +109,61 @@ def test_features_of_a_hand_made_row():
     assert draft_features([2 * ln2, ln2, 0.0, -np.inf, 0.0]) == pytest.approx(exact, rel=1e-14)
     assert draft_features([3.0]) == (1.0, 0.0, 1.0, 0.0)
     assert all(isinstance(v, float) for v in exact)
+
+
+def _features_before_the_speed_work(logits):
+    """draft_features as it was written before it was vectorised (git bb24c8f), verbatim: the
+    trained controllers in systems/wisp/trained/ were fitted to these definitions."""
+    from systems.sampling import softmax
+
+    z = np.asarray(logits, dtype=np.float64)
+    finite = z[np.isfinite(z)]
+    p = softmax(z)
+    nz = p[p > 0]
+    entropy = float(-(nz * np.log(nz)).sum())
+    if p.size == 1:
+        top1, top2 = float(p[0]), 0.0
+    else:
+        top2, top1 = (float(v) for v in np.partition(p, p.size - 2)[-2:])
+    return top1, max(entropy, 0.0), top1 - top2, float(finite.std())
+
+
+def _rows_of_every_kind():
+    """Rows of the fitted pair's and the toy's drafts, random ones of many widths and scales,
+    masked tokens (-inf), probabilities that underflow to 0, one- and two-token rows."""
+    from systems.engines import create_engine
+    from systems.engines.fitted import FittedEngine
+    from tests.test_fitted_pair import category
+
+    rng = np.random.default_rng(7)
+    fitted = FittedEngine("draft", categories={"default": category()}, vocab_size=256, seed=1)
+    toy = create_engine("toy", role="draft", vocab_size=64, seed=0, agreement=0.8)
+    blocks = [np.stack([fitted.logits_for([int(x) for x in rng.integers(1, 256, size=int(rng.integers(1, 30)))])
+                        for _ in range(k)]) for k in (1, 2, 4, 5, 8) for _ in range(20)]
+    s = toy.new_session()
+    blocks += [s.prefill([int(x) for x in rng.integers(1, 64, size=9)])[None, :]]
+    blocks += [np.asarray(s.score([int(x) for x in rng.integers(1, 64, size=k)])) for k in (1, 3, 6)]
+    blocks += [rng.normal(0, scale, size=(k, v)).astype(np.float32) for scale in (0.3, 4.0, 40.0)
+               for v in (2, 3, 64, 1000) for k in (1, 4)]
+    masked = rng.normal(0, 2, size=(3, 50))
+    masked[:, ::3] = -np.inf
+    blocks += [masked, np.array([[0.0, -800.0, 1.0], [2.0, 2.0, -1.0]]), np.array([[1.5]]), np.array([[3.0, 3.0]])]
+    return blocks
+
+
+def test_the_vectorised_features_are_those_of_the_definitions_before():
+    """draft_features (one row) and draft_features_many (a round's rows at once) give every row
+    the features the original per-row code gives it, to 1e-9 (bit for bit on this suite's
+    machine: the same arithmetic in the same order)."""
+    n = 0
+    for block in _rows_of_every_kind():
+        want = [_features_before_the_speed_work(r) for r in block]
+        for got in ([draft_features(r) for r in block], draft_features_many(block)):
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert np.allclose(g, w, rtol=0.0, atol=1e-9), (g, w)
+                n += 1
+    assert n > 400
 
 
 def test_features_refuse_bad_rows():

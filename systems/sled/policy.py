@@ -83,8 +83,22 @@ class SledCloud(VerifyingCloud):
 
     config: SledConfig
 
+    def _enqueue(self, job: Job) -> None:
+        # The queue is in arrival order as long as each job arrives no earlier than the last
+        # one queued (a pass takes its front, a closed session's jobs are filtered out: both
+        # keep the order); then its oldest job is its first, found without a scan.
+        if self.jobs and job.t_arrived < self.jobs[-1].t_arrived:
+            self._unordered = True
+        super()._enqueue(job)
+
+    def _oldest(self) -> float:
+        """When the oldest waiting job arrived (O(1) while the queue is in arrival order)."""
+        if getattr(self, "_unordered", False):
+            return min(j.t_arrived for j in self.jobs)
+        return self.jobs[0].t_arrived
+
     async def next_batch(self) -> list[Job]:
-        oldest = min(j.t_arrived for j in self.jobs)
+        oldest = self._oldest()
         while len(self.jobs) < self.config.max_batch:
             left = oldest + self.config.batch_window_s - self.ctx.clock.now()
             if left <= 0:
@@ -94,5 +108,8 @@ class SledCloud(VerifyingCloud):
                 await asyncio.wait_for(self._wake.wait(), left)
             except asyncio.TimeoutError:
                 break
-        batch, self.jobs = self.jobs[: self.config.max_batch], self.jobs[self.config.max_batch:]
+        batch = self.jobs[: self.config.max_batch]
+        del self.jobs[: self.config.max_batch]
+        if not self.jobs:
+            self._unordered = False
         return batch
