@@ -59,12 +59,19 @@ def _mix(x: int) -> int:
     return x ^ (x >> 31)
 
 
+_GOLDEN, _M1, _M2, _UNIT = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 1.0 / (1 << 53)
+
+
 def _uniforms(key: int, n: int) -> list[float]:
-    """``n`` independent uniforms in [0, 1) from one integer key."""
+    """``n`` independent uniforms in [0, 1) from one integer key (:func:`_mix` applied in
+    turn, inlined: this runs for every row)."""
     out, x = [], key
     for _ in range(n):
-        x = _mix(x)
-        out.append((x >> 11) * (1.0 / (1 << 53)))
+        x = (x + _GOLDEN) & _MASK
+        x = ((x ^ (x >> 30)) * _M1) & _MASK
+        x = ((x ^ (x >> 27)) * _M2) & _MASK
+        x ^= x >> 31
+        out.append((x >> 11) * _UNIT)
     return out
 
 
@@ -204,22 +211,34 @@ class FittedEngine(Engine):
 
     def _row(self, length: int, tokens: Sequence[int], agrees: bool) -> np.ndarray:
         """The log-probabilities after ``tokens[:length]``; ``agrees`` is the draft's chain state there."""
+        row = np.full(self.info.vocab_size, _LOG_FLOOR, dtype=np.float32)
+        self._fill(row, length, tokens, agrees)
+        return row
+
+    def _fill(self, row: np.ndarray, length: int, tokens: Sequence[int], agrees: bool) -> None:
+        """Write :meth:`_row` into ``row``, which holds ``_LOG_FLOOR`` everywhere."""
         m, vocab = self.model, self.info.vocab_size
         u_top, u_eos, u_conf, u_other, u_tconf = _uniforms(self._key(length, tokens), 5)
         top = self._target_top(u_top, u_eos)
         if self.role == "target":
-            return self._logits(top, quantile(m.target_conf, u_tconf), None, m.target_tail)
+            return self._put(row, *self._shape(top, quantile(m.target_conf, u_tconf), None, m.target_tail))
         if agrees:
             conf, entropy = quantile(m.conf_agree, u_conf), quantile(m.entropy_agree, 1.0 - u_conf)
             mine = top
         else:
             conf, entropy = quantile(m.conf_disagree, u_conf), quantile(m.entropy_disagree, 1.0 - u_conf)
             mine = (top + 1 + int(u_other * (vocab - 1))) % vocab  # any token but the target's top
-        return self._logits(mine, conf, entropy, None)
+        self._put(row, *self._shape(mine, conf, entropy, None))
 
     def _logits(self, top: int, conf: float, entropy: float | None, tail: int | None) -> np.ndarray:
         """Log-probabilities with ``conf`` on ``top`` and the rest evenly over ``tail`` tokens
         (or as many as give ``entropy``), the tail taken in id order after ``top``."""
+        row = np.full(self.info.vocab_size, _LOG_FLOOR, dtype=np.float32)
+        self._put(row, *self._shape(top, conf, entropy, tail))
+        return row
+
+    def _shape(self, top: int, conf: float, entropy: float | None, tail: int | None) -> tuple[int, float, int, float]:
+        """:meth:`_logits`'s row as ``(top, log conf, tail, log share)``."""
         vocab = self.info.vocab_size
         conf = min(max(conf, 1.0 / vocab + 1e-6), 1.0 - 1e-6)
         rest = 1.0 - conf
@@ -229,22 +248,28 @@ class FittedEngine(Engine):
             tail = int(round(math.exp(min(math.log(vocab), max(0.0, (entropy - h_top) / rest)))))
         # every tail token must stay below the top so the top is the argmax
         tail = min(vocab - 1, max(1, tail, math.ceil(rest / (conf * 0.999))))
-        share = rest / tail
-        row = np.full(vocab, _LOG_FLOOR, dtype=np.float32)  # ids outside the tail: (almost) never
-        ids = (top + 1 + np.arange(tail)) % vocab
-        row[ids] = math.log(share)
-        row[top] = math.log(conf)
+        return top, math.log(conf), tail, math.log(rest / tail)
+
+    def _put(self, row: np.ndarray, top: int, log_conf: float, tail: int, log_share: float) -> None:
+        """The tail's ``tail`` ids after ``top`` (wrapping round the vocabulary) at ``log_share``,
+        ``top`` at ``log_conf``: two slices, not an index array."""
+        vocab = self.info.vocab_size
+        end = top + 1 + tail
+        row[top + 1:min(end, vocab)] = log_share
+        if end > vocab:
+            row[:end - vocab] = log_share
+        row[top] = log_conf
         self.rows_computed += 1
-        return row
 
     def _advance(self, seq: _Sequence, upto: int) -> None:
         """Extend the chain of run lengths to cover the rows after ``tokens[:upto]``."""
-        tokens = seq.tokens
-        while len(seq.runs) <= upto:
-            i = len(seq.runs)
-            prev = seq.runs[i - 1] if i else 0
+        tokens, runs, agree = seq.tokens, seq.runs, self.model.agree
+        last = len(agree) - 1
+        while len(runs) <= upto:
+            i = len(runs)
+            prev = runs[i - 1] if i else 0
             u = _uniforms(self._key(i, tokens) ^ 0x5EED, 1)[0]
-            seq.runs.append(prev + 1 if u < self.model.p_agree(prev) else 0)
+            runs.append(prev + 1 if u < agree[min(prev, last)] else 0)
 
     def logits_for(self, context: Sequence[int]) -> np.ndarray:
         """The exact log-probabilities this engine gives after ``context`` (for tests)."""
@@ -300,9 +325,11 @@ class FittedEngine(Engine):
             end = len(seq.tokens)
             if self.role == "draft":
                 self._advance(seq, end)
-            rows = [self._row(i, seq.tokens, self.role == "draft" and seq.runs[i] > 0)
-                    for i in range(end - n_logits + 1, end + 1)]
-            out.append(np.stack(rows))
+            block = np.full((n_logits, self.info.vocab_size), _LOG_FLOOR, dtype=np.float32)
+            draft, runs, seq_tokens = self.role == "draft", seq.runs, seq.tokens
+            for r, i in enumerate(range(end - n_logits + 1, end + 1)):
+                self._fill(block[r], i, seq_tokens, draft and runs[i] > 0)
+            out.append(block)
         return out
 
     def _truncate(self, seq: _Sequence, n_keep: int) -> None:
