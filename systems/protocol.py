@@ -521,14 +521,62 @@ def _conforms(value, annotation: str) -> bool:
     return False
 
 
+# The exact types every value of a wire type is (a list of them passes without a check per item).
+_PLAIN_TYPES = {"int": {int}, "float": {int, float}, "bool": {bool}, "str": {str}, "None": {type(None)}}
+
+
+def _checker(annotation: str):
+    """:func:`_conforms` for one annotation, worked out once: a function of the value, or None
+    where every value conforms (an alternative whose type is not checked)."""
+    alts = []
+    for alt in (a.strip() for a in annotation.split("|")):
+        if alt.startswith("list[") and alt.endswith("]"):
+            alts.append(_list_checker(alt[5:-1]))
+        elif alt in _WIRE_TYPES:
+            alts.append(_WIRE_TYPES[alt])
+        else:
+            return None
+    if len(alts) == 1:
+        return alts[0]
+    return lambda v: any(check(v) for check in alts)
+
+
+def _list_checker(item: str):
+    check = _checker(item)
+    plain = _PLAIN_TYPES.get(item.strip())
+    if check is None:
+        return lambda v: isinstance(v, (list, tuple))
+
+    def conforms(v) -> bool:
+        if not isinstance(v, (list, tuple)):
+            return False
+        # a list of plain ints (or floats...) is the common case: its items' types at C speed
+        return (plain is not None and set(map(type, v)) <= plain) or all(check(x) for x in v)
+    return conforms
+
+
+_FIELD_CHECKS: dict[type, tuple] = {}
+
+
+def _field_checks(cls: type) -> tuple:
+    """``(name, annotation, checker)`` for each field of a message class whose type is checked."""
+    checks = _FIELD_CHECKS.get(cls)
+    if checks is None:
+        checks = tuple((f.name, f.type, check) for f in fields(cls)
+                       if isinstance(f.type, str) and (check := _checker(f.type)) is not None)
+        _FIELD_CHECKS[cls] = checks
+    return checks
+
+
 def check_fields(msg) -> None:
     """Raise :class:`SessionError` naming the first field of ``msg`` that does not hold a value
     of its declared type (the wire carries any value in any field: a client may send a string
-    for a position, or None for a token list)."""
-    for f in fields(msg):
-        value = getattr(msg, f.name)
-        if isinstance(f.type, str) and not _conforms(value, f.type):
-            raise SessionError(f"{type(msg).__name__}.{f.name} must be {f.type}, got {type(value).__name__}")
+    for a position, or None for a token list). The verdict is :func:`_conforms`'s, with each
+    message class's checks worked out once."""
+    for name, annotation, check in _field_checks(type(msg)):
+        value = getattr(msg, name)
+        if not check(value):
+            raise SessionError(f"{type(msg).__name__}.{name} must be {annotation}, got {type(value).__name__}")
 
 
 def check_ids(tokens, vocab: int, what: str) -> None:

@@ -295,3 +295,21 @@ def test_a_fixed_fleet_decides_exactly_as_before(system, tmp_path):
     got, got_energy = fleet_digest(tmp_path / "run", overrides)
     assert got == digest
     assert got_energy == pytest.approx(energy, rel=1e-9)
+
+
+def test_the_compiled_field_checks_give_the_verdicts_of_the_annotation_walk():
+    """check_fields works each message class's checks out once; every annotation the messages
+    use (and a few odd ones) accepts and refuses exactly the values _conforms does."""
+    from systems import messages
+    from systems.protocol import _checker, _conforms
+
+    annotations = {f.type for c in vars(messages).values() if dataclasses.is_dataclass(c) and isinstance(c, type)
+                   for f in dataclasses.fields(c) if isinstance(f.type, str)}
+    assert {"list[int]", "int", "float | None", "np.ndarray | None"} <= annotations
+    annotations |= {"list[int | None]", "list[list[int]]", "Foo", "list[Foo]", "int | list[str]"}
+    values = [0, -3, True, 1.5, float("nan"), "x", None, [], (), [1, 2], [1, True], [1.0, 2], (1, 2.5), [None],
+              [[1], [2]], [[1], 2], ["a"], np.zeros(3), np.int64(3), [np.int64(1)], {1: 2}, b"x", [1, "a"]]
+    for annotation in annotations:
+        check = _checker(annotation)
+        for v in values:
+            assert (check is None or bool(check(v))) == _conforms(v, annotation), (annotation, v)
