@@ -313,3 +313,27 @@ def test_the_compiled_field_checks_give_the_verdicts_of_the_annotation_walk():
         check = _checker(annotation)
         for v in values:
             assert (check is None or bool(check(v))) == _conforms(v, annotation), (annotation, v)
+
+
+def test_the_rounds_idle_sweep_sums_exactly_what_the_scan_of_every_interval_sums():
+    """A request's rounds' idle edge time, window by window, from a forward sweep over the busy
+    intervals (linear) equals the full scan per window (quadratic) bit for bit, in and out of
+    time order."""
+    from harness.compute import Busy
+    from harness.energy.virtual import _BusySweep, _overlap_busy
+
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        t, ivs = float(rng.uniform(0, 2)), []
+        for _ in range(int(rng.integers(0, 40))):
+            t += float(rng.exponential(0.05))
+            d = float(rng.choice([0.0, rng.exponential(0.03)]))
+            ivs.append(Busy(t, t + d, "draft"))
+            t += d
+        if trial % 5 == 0:
+            rng.shuffle(ivs)
+        bounds = np.sort(rng.uniform(0, t + 0.5, size=int(rng.integers(1, 20))))
+        sweep, prev = _BusySweep(ivs), 0.0
+        for b in bounds.tolist():
+            assert sweep.overlap(prev, max(prev, b)) == _overlap_busy(ivs, prev, max(prev, b))
+            prev = max(prev, b)

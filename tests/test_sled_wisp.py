@@ -188,3 +188,34 @@ def test_slo_deadlines_reach_the_cloud_with_each_verification():
     arrival = {f"e0-{r.request_id}": r.arrival for r in requests}
     for session, deadline in seen:
         assert deadline >= arrival[session] + 0.5 - 1e-9  # first token due at arrival + TTFT SLO, later ones after
+
+
+def test_wisp_keeps_nothing_per_closed_session(monkeypatch):
+    """The server's per-session acceptance goes when the session closes: a long fleet run
+    leaves at most the sessions still open, not one entry per request served."""
+    from harness.energy.virtual import VirtualEnergy
+    from harness.fleet import FleetOptions, run_fleet
+    from harness.fleet_plan import FleetEdge, FleetPlan
+    from systems.api import get_system
+    from systems.wisp.policy import WispCloud
+
+    servers = []
+    serve = WispCloud.serve
+
+    async def watched(self, ctx):
+        servers.append(self)
+        await serve(self, ctx)
+
+    monkeypatch.setattr(WispCloud, "serve", watched)
+    n = 3
+    link = LinkProfile("wan", rtt_s=0.04, up_bps=1e7, down_bps=1e7, seed=1)
+    plan = FleetPlan(tuple(FleetEdge(f"e{i}", DEVICES[0], "", "wan", link, {"kind": "closed"}, (2.0, 0.2), 0)
+                           for i in range(n)), 1, "round_robin", 1e9, 8, 0, True, {})
+    spec = get_system("wisp")
+    draft, target = _pair()
+    totals = run_fleet(spec, spec.make_config({}), draft, target, plan, _requests(4, max_new=12),
+                       FleetOptions(cloud_cost=CLOUD.cost, energy=VirtualEnergy.from_profiles(DEVICES[0], CLOUD)))
+    assert totals.requests == n * 8
+    (server,) = servers
+    assert len(server._accepted) <= n, sorted(server._accepted)
+    assert server._overall[1] > 0

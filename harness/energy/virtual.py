@@ -27,6 +27,7 @@ Attribution (:func:`attribute_run`), exact given the modelled devices' busy inte
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -125,6 +126,36 @@ def _overlap_busy(intervals: Sequence[Any], a: float, b: float) -> float:
     return sum(max(0.0, min(i.end, b) - max(i.start, a)) for i in intervals)
 
 
+class _BusySweep:
+    """:func:`_overlap_busy` for windows that move forward in time (each starts where the last
+    ended, or later), in time linear in the intervals over all windows rather than in their
+    product: the busy intervals a window can overlap are a contiguous run of the list when it
+    is in time order (each starting and ending no earlier than the one before, as one device's
+    ops are), and the sum of their overlaps is the full sum less terms that are exactly 0 (the
+    same float). Intervals out of that order are summed as :func:`_overlap_busy` does."""
+
+    def __init__(self, intervals: Sequence[Any]):
+        self.intervals = intervals
+        self.ordered = all(x.start <= y.start and x.end <= y.end for x, y in zip(intervals, intervals[1:]))
+        self.k = 0
+        self.a = -math.inf
+
+    def overlap(self, a: float, b: float) -> float:
+        if not self.ordered or a < self.a:
+            return _overlap_busy(self.intervals, a, b)
+        self.a = a
+        ivs, k = self.intervals, self.k
+        while k < len(ivs) and ivs[k].end <= a:  # over before this window: 0 now and for every later one
+            k += 1
+        self.k = k
+        terms = []
+        while k < len(ivs) and ivs[k].start < b:  # after these, every interval starts at or after b: 0
+            iv = ivs[k]
+            terms.append(max(0.0, min(iv.end, b) - max(iv.start, a)))
+            k += 1
+        return sum(terms)
+
+
 def _cloud_shares(spans: Sequence[tuple[float, float]], busy: Sequence[Any], index_of: Mapping[str, int]):
     """Per request: (cloud busy seconds, cloud idle seconds) attributed to it (see the module doc)."""
     n = len(spans)
@@ -176,12 +207,13 @@ def _round_figures(rec: Any, edge: DevicePower | None, cloud: DevicePower | None
     """Fill each round's energy fields; returns the request's wasted joules (edge drafting)."""
     wasted_total = 0.0
     prev = rec.start
+    busy = _BusySweep(edge_busy)
     for r in sorted(rec.rounds, key=lambda r: (r.end, r.round)):
         if edge is not None:
             r.energy_draft_j = r.t_draft * edge.active_w
             r.energy_wasted_j = r.energy_draft_j * r.wasted / r.drafted if r.drafted else 0.0
             a, b = prev, max(prev, r.end)
-            r.energy_wait_j = max(0.0, (b - a) - _overlap_busy(edge_busy, a, b)) * edge.idle_w
+            r.energy_wait_j = max(0.0, (b - a) - busy.overlap(a, b)) * edge.idle_w
             wasted_total += r.energy_wasted_j
         if cloud is not None:
             r.energy_verify_j = None if r.t_verify is None else r.t_verify * cloud.active_w / max(1, r.batch_size)

@@ -132,10 +132,15 @@ class WispCloud(VerifyingCloud):
     def after_batch(self, record: BatchRecord, outcomes) -> None:
         self.estimator.observe(list(zip(record.new_tokens, record.context_tokens)), record.actual_s)
         for name, n, out in zip(record.sessions, record.new_tokens, outcomes):
-            a, v = self._accepted.get(name, (0, 0))
-            self._accepted[name] = (a + out.n_accepted, v + n)
+            if name in self.sessions:  # one closed during the pass is not scheduled again
+                a, v = self._accepted.get(name, (0, 0))
+                self._accepted[name] = (a + out.n_accepted, v + n)
             self._overall[0] += out.n_accepted
             self._overall[1] += n
+
+    def drop(self, session: str) -> None:
+        super().drop(session)
+        self._accepted.pop(session, None)  # nothing is kept per finished request
 
     def _acceptance(self, session: str) -> float:
         a, v = self._accepted.get(session, (0, 0))
