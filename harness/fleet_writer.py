@@ -13,6 +13,7 @@ virtual time, so a rerun into an unfinished folder starts it again (:func:`resta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -36,6 +37,7 @@ from harness.results import (
 )
 from systems.records import BatchRecord, RequestRecord
 
+_BATCH_FIELDS = tuple(f.name for f in dataclasses.fields(BatchRecord))
 _JOURNAL_BYTES = b"specwan.journal_bytes"  # as harness.results records it in the parquet metadata
 CHUNK_ROWS = 20_000
 
@@ -98,7 +100,8 @@ class FleetWriter(RunWriter):
         """Append one of a verifier's passes to ``batches.jsonl`` (flushed, synced with the rest)."""
         if getattr(self, "_batches_f", None) is None:
             self._batches_f = open(self.run_dir / BATCHES_JOURNAL, "a", encoding="utf-8")
-        self._batches_f.write(_dumps({**(context or {}), **record.as_row()}) + "\n")
+        # the record's fields as they are (BatchRecord.as_row deep-copies them, for nothing here)
+        self._batches_f.write(_dumps({**(context or {}), **{f: getattr(record, f) for f in _BATCH_FIELDS}}) + "\n")
         self._batches_f.flush()
 
     def sync(self) -> None:

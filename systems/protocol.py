@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import operator
 from abc import abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
@@ -407,6 +408,7 @@ class SpeculativeEdge:
             resampled = True
         accepted = [d.token for d in self.drafter.pending[: v.n_accepted]]
         judged = self.drafter.pending[: v.n_verified]
+        _draft_stats(judged)
         stats = ([round(d.confidence, 6) for d in judged], [round(d.entropy, 5) for d in judged])
         # A correction the edge resampled is unknown to the cloud, which has dropped what was
         # drafted beyond it; so must the edge. The correction goes up as a fixed token.
@@ -494,6 +496,26 @@ class SpeculativeEdge:
         if len(w.upload_sizes) > 1:  # the window went up in several batches: their sizes and timing
             extra.update(upload_sizes=w.upload_sizes, t_first_upload=w.t_first_sent, t_last_draft=w.t_last_draft)
         return extra
+
+
+def _draft_stats(judged: Sequence[DraftToken]) -> None:
+    """Work out the confidence and entropy of a verdict's judged draft tokens in one go (a
+    block of rows, not a dozen numpy calls a token): the arithmetic of
+    :func:`systems.sampling.confidence` and :func:`systems.sampling.entropy`, row-wise, so each
+    token gets the figures its own row gives it. Tokens that have them already are left."""
+    todo = [d for d in judged if d._confidence is None and d._entropy is None]
+    if len(todo) < 2:
+        return
+    z = np.asarray(np.stack([d.logits for d in todo]), dtype=np.float64)
+    if z.ndim != 2 or not np.isfinite(z).all():
+        return  # masked tokens: each row on its own, as the properties do it
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    total = e.sum(axis=1)
+    conf = (1.0 / total).tolist()
+    ent = (np.log(total) - (e * z).sum(axis=1) / total).tolist()
+    for d, c, h in zip(todo, conf, ent):
+        d._confidence, d._entropy = c, h
 
 
 def is_int(value) -> bool:
@@ -833,6 +855,9 @@ class Job:
     deadline: float | None = None  # when the session's next token is due (its SLO), cloud clock
 
 
+_JOB_SESSION = operator.attrgetter("session")
+
+
 class VerifyingCloud(GuardedCloud):
     """Generic verification server: buffers uploads, verifies windows in arrival order.
 
@@ -926,7 +951,8 @@ class VerifyingCloud(GuardedCloud):
                 self._closing.append(sess)  # its verifier is in the running pass: released after it
             else:
                 sess.verifier.close()
-        self.jobs = [j for j in self.jobs if j.session != session]
+        if session in map(_JOB_SESSION, self.jobs):  # a closing session rarely has work queued: look first, at C speed
+            self.jobs = [j for j in self.jobs if j.session != session]
 
     def _enqueue(self, job: Job) -> None:
         self.jobs.append(job)

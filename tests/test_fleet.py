@@ -337,3 +337,23 @@ def test_the_rounds_idle_sweep_sums_exactly_what_the_scan_of_every_interval_sums
         for b in bounds.tolist():
             assert sweep.overlap(prev, max(prev, b)) == _overlap_busy(ivs, prev, max(prev, b))
             prev = max(prev, b)
+
+
+def test_a_verdicts_draft_statistics_in_one_block_are_those_of_each_row():
+    """The judged tokens' confidence and entropy (rounds' draft_conf / draft_entropy, what
+    fit-pair reads) worked out for the block equal systems.sampling's per-row figures."""
+    from systems.api import DraftToken
+    from systems.protocol import _draft_stats
+    from systems.sampling import confidence, entropy
+    from tests.test_wisp_controller import _rows_of_every_kind
+
+    n = 0
+    for block in _rows_of_every_kind():
+        tokens = [DraftToken(0, 1.0, None, row) for row in block]
+        _draft_stats(tokens)
+        for d, row in zip(tokens, block):
+            with np.errstate(invalid="ignore"):  # a masked row's entropy is NaN either way
+                got, want = (d.confidence, d.entropy), (confidence(row), entropy(row))
+            assert np.allclose(got, want, rtol=0.0, atol=1e-12, equal_nan=True)
+            n += 1
+    assert n > 400
