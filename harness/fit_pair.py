@@ -137,11 +137,12 @@ def _stationary(p: np.ndarray) -> np.ndarray:
 
 
 def fit_chain(requests: Sequence[_Request], states: int = CHAIN_STATES, iterations: int = 60,
-              tol: float = 1e-6) -> tuple[list[float], list[float]]:
+              tol: float = 1e-6, prior: float = 5.0) -> tuple[list[float], list[float]]:
     """P(agree | run length r) for r = 0..states-1 (the last: r >= states-1) by EM
     (forward-backward) over the unobserved bonus positions; and the expected visits of each
     state (its evidence). Each request starts in the chain's stationary mix: the chain runs
-    over the prompt too."""
+    over the prompt too. ``prior``: pseudo-observations at the overall agreement rate added
+    to each state (a state seen a few dozen times with no disagreement is not certain)."""
     p = np.full(states, 0.7)
     nxt = np.minimum(np.arange(states) + 1, states - 1)
     visits = np.zeros(states)
@@ -174,7 +175,9 @@ def fit_chain(requests: Sequence[_Request], states: int = CHAIN_STATES, iteratio
                 if o is None or not o:
                     b += (1 - p) * beta[0]
                 beta = b / b.max()
-        new = np.where(visits > 0, agree_n / np.maximum(visits, 1e-12), p)
+        # a few pseudo-observations at the overall rate keep a rarely visited state from 0 or 1
+        overall = agree_n.sum() / max(visits.sum(), 1e-12)
+        new = (agree_n + prior * overall) / (visits + prior)
         done = np.max(np.abs(new - p)) < tol
         p = new
         if done:
