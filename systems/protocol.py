@@ -506,7 +506,7 @@ def _draft_stats(judged: Sequence[DraftToken]) -> None:
     todo = [d for d in judged if d._confidence is None and d._entropy is None]
     if len(todo) < 2:
         return
-    z = np.asarray(np.stack([d.logits for d in todo]), dtype=np.float64)
+    z = np.array([d.logits for d in todo], dtype=np.float64)
     if z.ndim != 2 or not np.isfinite(z).all():
         return  # masked tokens: each row on its own, as the properties do it
     z -= z.max(axis=1, keepdims=True)

@@ -33,6 +33,6 @@ async def draft_round(edge: SpeculativeEdge, limit: int, log_features: bool,
             break
     if log_features:
         if rows:
-            features = draft_features_many(np.stack(rows))
+            features = draft_features_many(np.array(rows, dtype=np.float64))
         edge.note("draft_features", [[round(x, 6) for x in f] for f in features])
     return stopped
