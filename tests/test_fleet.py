@@ -243,7 +243,9 @@ def test_the_fleet_capacity_preset_sweeps_the_three_systems_up_to_a_thousand_edg
 # ---- what the simulator decides must not change when it gets faster ---------------------------
 # Digests of a fixed fleet's records (every request's tokens and times, every round's timeline,
 # bytes, energy and draft features, every verifier pass), generated before the simulator's speed
-# work (git bb24c8f): a change to the speed of the code must leave them as they are.
+# work (git bb24c8f): a change to the speed of the code must leave them as they are. They rest on
+# conf/pair/paper_pipesd.yaml, the fleet defaults, the device and network profiles and the prompts:
+# a deliberate change to what is simulated regenerates them (run fleet_digest on the new code).
 GOLDEN_FLEETS = {
     # one SLED verifier saturated by 60 devices (its queue grows), and WISP with its trained
     # controller on two verifiers
