@@ -319,18 +319,32 @@ def paper_ratios(table: pd.DataFrame, caps: pd.DataFrame, clock: str, *, wisp: s
 # ---- the cloud's batches ------------------------------------------------------------------------
 
 
-def load_batches(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
+#: the passes per run the report's scheduler analyses read (a fleet's thousands of edges record
+#: hundreds of megabytes of passes; the first ones show the scheduler as well)
+MAX_PASSES_PER_RUN = 20_000
+
+
+def load_batches(paths: str | os.PathLike | Iterable[str | os.PathLike],
+                 max_per_run: int | None = None) -> pd.DataFrame:
     """The recorded batches (``batches.jsonl``) of every run found at ``paths`` (run folders or
     sweeps, as :func:`analysis.load.load_runs` finds them), one after another, each row with
-    its ``run`` label; empty (with the record's columns and ``run``) when none recorded any."""
-    frames = []
+    its ``run`` label; empty (with the record's columns and ``run``) when none recorded any.
+    ``max_per_run``: only each run's first passes; ``frame.attrs["capped"]`` then lists the
+    runs cut short as ``{label: (kept, total)}``."""
+    frames, capped = [], {}
     for run_dir, label in labelled_runs(paths).items():
-        frame = _load_run_batches(run_dir)
+        frame = _load_run_batches(run_dir, max_rows=max_per_run)
+        total = frame.attrs.get("passes_total")
+        if total is not None and total > len(frame):
+            capped[label] = (len(frame), total)
         if len(frame):
             frames.append(frame.assign(run=label))
     if not frames:
-        return pd.DataFrame(columns=[*(f.name for f in dataclasses.fields(BatchRecord)), "run"])
-    return pd.concat(frames, ignore_index=True, sort=False)
+        out = pd.DataFrame(columns=[*(f.name for f in dataclasses.fields(BatchRecord)), "run"])
+    else:
+        out = pd.concat(frames, ignore_index=True, sort=False)
+    out.attrs["capped"] = capped
+    return out
 
 
 def _extra(value: object) -> dict:

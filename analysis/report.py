@@ -235,6 +235,10 @@ def scheduler_section(batches: pd.DataFrame, time_kind: str) -> Section | None:
     if batches.empty:
         return None
     section = Section("Many edges: the cloud's batches")
+    if capped := batches.attrs.get("capped"):
+        runs = ", ".join(f"{label} ({kept:,} of {total:,})" for label, (kept, total) in sorted(capped.items()))
+        section.paragraphs.append(f"Each run's first {C.MAX_PASSES_PER_RUN:,} passes only, where it recorded more: "
+                                  f"{runs}.")
     error = C.estimator_error(batches)
     if len(error):
         section.paragraphs.append(
@@ -307,7 +311,7 @@ def edges_sections(paths: Sequence[str | os.PathLike], requests: pd.DataFrame, r
         sections.append(Section("Many edges: per edge device", [
             "Each device profile's requests in each run; goodput and throughput over the whole run's makespan, so "
             f"the devices' add up to the run's. Times {time_kind}."], edges_table(per_device)))
-    scheduler = scheduler_section(C.load_batches(paths), time_kind)
+    scheduler = scheduler_section(C.load_batches(paths, max_per_run=C.MAX_PASSES_PER_RUN), time_kind)
     if scheduler is not None:
         sections.append(scheduler)
     return sections

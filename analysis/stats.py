@@ -30,6 +30,8 @@ DEFAULT_PAIR_KEYS: tuple[str, ...] = ("prompt_id", "request_id", "seed")
 # Columns named when rows cannot be paired because a condition varies within the frame.
 _CONDITION_HINTS = ("run", "pair", "network", "workload", "clock", "config_hash", "scenario", "dataset",
                     "method", "category", "attempt")
+#: above this many observations the BCa interval is replaced by the percentile interval
+BCA_MAX_N = 2000
 _BATCH_ELEMENTS = 2_000_000  # bounds the bootstrap's memory: resamples (and jackknife rows) x sample size
 _DEGENERATE_RTOL = 1e-12  # a bootstrap distribution narrower than this (relative) has no spread
 
@@ -115,6 +117,11 @@ def bootstrap_interval(
         return estimate, math.nan, math.nan, method, f"no interval from {n} observation{'s' if n != 1 else ''}"
     if not math.isfinite(estimate):
         return estimate, math.nan, math.nan, method, "the statistic is not finite on the data"
+    bca_note = None
+    if method.lower() == "bca" and n > BCA_MAX_N:
+        # BCa's jackknife evaluates the statistic n times on n - 1 observations: quadratic in
+        # n, gigabytes at a fleet's thousands of requests; the percentile interval is not
+        method, bca_note = "percentile", f"percentile interval (BCa's jackknife is quadratic; n = {n} > {BCA_MAX_N})"
     kwargs = dict(paired=paired, vectorized=True, confidence_level=confidence_level,
                   batch=max(1, _BATCH_ELEMENTS // n))
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
@@ -130,7 +137,7 @@ def bootstrap_interval(
             low, high = (float(v) for v in res.confidence_interval)
             note = "BCa undefined on these data: percentile interval of the same resamples"
             return estimate, low, high, "percentile", note
-    return estimate, low, high, method, None
+    return estimate, low, high, method, bca_note
 
 
 def _verdict(low: float, high: float) -> Verdict:

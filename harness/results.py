@@ -1048,17 +1048,31 @@ def load_run(run_dir: str | os.PathLike, from_journals: bool | None = None):
     return manifest, _to_pandas(tables[0]), _to_pandas(tables[1])
 
 
-def load_batches(run_dir: str | os.PathLike):
+def load_batches(run_dir: str | os.PathLike, max_rows: int | None = None):
     """The cloud's recorded forward passes of a run folder (``batches.jsonl``), one row per
     pass, as a pandas DataFrame (columns of :class:`systems.records.BatchRecord` and the
     context written with them); empty when the run recorded none. A partially written last
-    line is ignored with a :class:`JournalWarning`."""
+    line is ignored with a :class:`JournalWarning`. ``max_rows``: only the first passes (a
+    fleet of a thousand edges records hundreds of megabytes of them);
+    ``frame.attrs["passes_total"]`` then says how many there were."""
     import pandas as pd
 
     path = Path(run_dir) / BATCHES_JOURNAL
-    rows = read_journal(path) if path.exists() else []
     columns = [f.name for f in dataclasses.fields(BatchRecord)]
-    return pd.DataFrame(rows, columns=None if rows else columns)
+    if max_rows is None or not path.exists():
+        rows = read_journal(path) if path.exists() else []
+        return pd.DataFrame(rows, columns=None if rows else columns)
+    rows, total = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # a partially written last line
+            total += 1
+            if len(rows) < max_rows:
+                rows.append(json.loads(line))
+    frame = pd.DataFrame(rows, columns=None if rows else columns)
+    frame.attrs["passes_total"] = total
+    return frame
 
 
 def _current_parquet(run_dir: Path, journals, require: bool):

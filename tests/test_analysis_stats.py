@@ -424,3 +424,14 @@ def test_two_runs_with_one_name_are_refused(tmp_path):
 def test_flatten_config():
     flat = flatten_config({"a": {"b": 1, "c": {"d": "x"}}, "e": [1, 2], "f": {}, "g": None})
     assert flat == {"config.a.b": 1, "config.a.c.d": "x", "config.e": "[1, 2]", "config.f": "{}", "config.g": None}
+
+
+def test_a_large_sample_gets_the_percentile_interval_with_a_note():
+    from analysis.stats import BCA_MAX_N, bootstrap_interval
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(10.0, 1.0, BCA_MAX_N + 1)
+    est, low, high, method, note = bootstrap_interval([data], np.mean, n_resamples=200)
+    assert method == "percentile" and "quadratic" in note and low < est < high
+    small = bootstrap_interval([data[:50]], np.mean, n_resamples=200)
+    assert small[3] == "BCa" and small[4] is None

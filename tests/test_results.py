@@ -330,3 +330,15 @@ def test_key_fields_change_refused(tmp_path, manifest):
     RunWriter(tmp_path / "run", manifest).close()
     with pytest.raises(RunConfigMismatch, match="results.key_fields"):
         RunWriter(tmp_path / "run", manifest, key_fields=("network",))
+
+
+def test_load_batches_can_read_only_the_first_passes(tmp_path):
+    import json as _json
+
+    from harness.results import load_batches
+
+    rows = [{"index": i, "kind": "verify", "sessions": [f"s{i}"]} for i in range(5)]
+    (tmp_path / "batches.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows) + '{"index": 5, "ki')
+    capped = load_batches(tmp_path, max_rows=2)
+    assert list(capped["index"]) == [0, 1] and capped.attrs["passes_total"] == 5  # the partial line is not a pass
+    assert list(load_batches(tmp_path, max_rows=10)["index"]) == [0, 1, 2, 3, 4]
