@@ -60,6 +60,15 @@ class LabelledTokens:
         return self.request if split_by == "request" else self.round
 
 
+def _portable(run_dir: Path) -> str:
+    """A run folder as the model file records it: relative to the working directory when
+    inside it, else its name alone (a model file is shipped; no machine's paths in it)."""
+    try:
+        return str(run_dir.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return run_dir.name
+
+
 def round_labels(n_features: int, verified: int, accepted: int, extra: dict | None = None) -> list[bool]:
     """The labels (True: rejected) of a round's first judged tokens, in drafting order.
 
@@ -95,7 +104,7 @@ def collect(run_dirs: Sequence[str | Path]) -> LabelledTokens:
             manifest, _, table = load_run(run_dir)
         except (ResultsError, OSError, ValueError) as e:
             raise ValueError(f"{run_dir}: cannot be read as a run folder ({' '.join(str(e).split())})") from None
-        sources.append(str(run_dir))
+        sources.append(_portable(run_dir))
         key_fields = [f for f in (manifest.get("results") or {}).get("key_fields") or () if f in table.columns]
         found = False
         for row in table.to_dict("records"):

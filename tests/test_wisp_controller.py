@@ -198,7 +198,7 @@ def test_collect_labels_a_hand_made_round(tmp_path):
     data = collect([run])
     assert data.features.tolist() == feats[:3]
     assert data.rejected.tolist() == [False, False, True]
-    assert data.pair == "toy" and data.sources == [str(run)]
+    assert data.pair == "toy" and data.sources == ["run"]  # outside the working directory: the folder's name, no machine path
     assert data.request.tolist() == [0, 0, 0]
 
 
