@@ -196,10 +196,10 @@ def quantile_knots(samples: Sequence[float], low: float = 0.0, high: float | Non
 
 def _fit_category(requests: Sequence[_Request], like: Mapping[str, Any], states: int) -> dict:
     agree, visits = fit_chain(requests, states)
-    conf_a = [c for r in requests for c, a in zip(r.conf, [x for x in r.agree if x is not None]) if a]
-    conf_d = [c for r in requests for c, a in zip(r.conf, [x for x in r.agree if x is not None]) if not a]
-    ent_a = [e for r in requests for e, a in zip(r.entropy, [x for x in r.agree if x is not None]) if a]
-    ent_d = [e for r in requests for e, a in zip(r.entropy, [x for x in r.agree if x is not None]) if not a]
+    # (agreed, confidence, entropy) at each observed position; the draft statistics exist only there
+    seen = [(a, c, e) for r in requests for a, c, e in zip((x for x in r.agree if x is not None), r.conf, r.entropy)]
+    conf_a, ent_a = [c for a, c, _ in seen if a], [e for a, _, e in seen if a]
+    conf_d, ent_d = [c for a, c, _ in seen if not a], [e for a, _, e in seen if not a]
     if not conf_d:
         raise FitError("the draft never disagreed with the target in these runs: nothing to fit a rejection from")
     return {
