@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 
@@ -248,16 +249,18 @@ def scheduler_section(batches: pd.DataFrame, time_kind: str) -> Section | None:
             "system": error["system"] if "system" in error.columns else "", "batches": error["count"],
             "median error": [_pct(v) for v in error["median"]], "p90 error": [_pct(v) for v in error["p90"]],
             "fitted excluded": error["fitted_excluded"]})
-    pairs = C.non_fcfs_pairs(batches)
+    order = C.non_fcfs_summary(batches)
     refused = C.refused_admissions(batches)
     for system in sorted(set(batches["system"].dropna())) if "system" in batches.columns else []:
-        mine = pairs[pairs["system"] == system] if "system" in pairs.columns else pairs
+        mine = order[order["system"] == system] if "system" in order.columns else order
+        mine = mine[mine["pairs"] > 0]
         n_batches = int((batches["system"] == system).sum())
         if mine.empty:
             words = "every batch took work in arrival order (first come, first served)"
         else:
-            words = (f"{mine['batch'].nunique()} batch(es) took work ahead of earlier-arrived work still waiting "
-                     f"({len(mine)} pair(s); e.g. {_pair_words(next(mine.itertuples()))}): not first come, "
+            example = SimpleNamespace(**mine["example"].iloc[0])
+            words = (f"{int(mine['batches'].sum())} batch(es) took work ahead of earlier-arrived work still waiting "
+                     f"({int(mine['pairs'].sum())} pair(s); e.g. {_pair_words(example)}): not first come, "
                      "first served")
         theirs = refused[refused["system"] == system] if "system" in refused.columns else refused
         if len(theirs):

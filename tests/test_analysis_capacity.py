@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from analysis import capacity as C
 from analysis import figures as F
@@ -227,6 +229,29 @@ def test_work_taken_ahead_of_earlier_waiting_work_is_not_fcfs():
     # runs are told apart: the same batch indices in another run are not mixed in
     two = pd.concat([out_of_order.assign(run="a").iloc[[0]], out_of_order.assign(run="b").iloc[[1]]])
     assert C.non_fcfs_pairs(two).empty
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 5), st.integers(0, 3), st.integers(0, 12)),
+                min_size=1, max_size=40),
+       st.lists(st.integers(0, 12), min_size=8, max_size=8))
+def test_the_order_summary_counts_what_the_pairs_list(members, starts):
+    """The summary's counts (a Fenwick tree over arrivals) against the pairs listed one by one,
+    on random batches: sessions sharing rounds and arrival times, work in several batches,
+    batches starting before some of their members arrived."""
+    by_batch: dict[int, list] = {}
+    for b, s, r, a in members:
+        by_batch.setdefault(b, []).append((f"e{s}", r, a / 4))
+    rows = pd.DataFrame([batch(b, starts[b] / 4, m).as_row() for b, m in sorted(by_batch.items())])
+    two_runs = pd.concat([rows.assign(run="a"), rows.iloc[::2].assign(run="b")]).assign(system="wisp")
+    pairs, summary = C.non_fcfs_pairs(two_runs), C.non_fcfs_summary(two_runs)
+    for run, got in summary.set_index("run").iterrows():
+        listed = pairs[pairs["run"] == run]
+        assert (got["pairs"], got["batches"]) == (len(listed), listed["batch"].nunique())
+        if len(listed):
+            assert got["example"] == listed.drop(columns=["run", "system"]).iloc[0].to_dict()
+        else:
+            assert got["example"] is None
 
 
 def test_refused_admissions_are_listed_per_batch():
