@@ -522,6 +522,6 @@ def refused_admissions(batches: pd.DataFrame) -> pd.DataFrame:
 __all__ = [
     "ALL_DEVICES", "CENTRALIZED", "DEFAULT_THRESHOLD", "PAPER_RATIOS", "PAPER_SOURCE", "SLED", "WISP",
     "capacities", "capacity_label", "capacity_table", "clock_kind", "estimator_error", "estimator_errors",
-    "has_many_edges", "load_batches", "metrics_table", "non_fcfs_pairs", "non_fcfs_summary", "paper_ratios", "refused_admissions",
-    "request_slo_met", "run_metrics", "sweep_table",
+    "has_many_edges", "load_batches", "metrics_table", "non_fcfs_pairs", "non_fcfs_summary", "paper_ratios",
+    "refused_admissions", "request_slo_met", "run_metrics", "sweep_table",
 ]
