@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pair", default="qwen25coder")
     ap.add_argument("--system", default="sled")
     ap.add_argument("--ns", type=int, nargs="+", default=[1, 2, 3, 4])
-    ap.add_argument("--requests-per-edge", type=int, default=2)
+    ap.add_argument("--requests-per-edge", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--fit-prompts", type=int, default=12)
     ap.add_argument("--out", default="results/fitted-validation")
