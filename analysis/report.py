@@ -27,7 +27,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 
@@ -225,9 +224,9 @@ def ratios_table(ratios: pd.DataFrame) -> pd.DataFrame:
         "paper": [f"{fmt(v)}x [P]" if pd.notna(v) else "n/a" for v in ratios["paper"]]})
 
 
-def _pair_words(row) -> str:
-    return (f"batch {row.batch} took {row.later} (arrived {fmt(row.later_arrived)} s) while {row.waiting} "
-            f"(arrived {fmt(row.waiting_arrived)} s) waited until batch {row.waiting_batch}")
+def _pair_words(pair: dict) -> str:
+    return (f"batch {pair['batch']} took {pair['later']} (arrived {fmt(pair['later_arrived'])} s) while "
+            f"{pair['waiting']} (arrived {fmt(pair['waiting_arrived'])} s) waited until batch {pair['waiting_batch']}")
 
 
 def scheduler_section(batches: pd.DataFrame, time_kind: str) -> Section | None:
@@ -258,10 +257,9 @@ def scheduler_section(batches: pd.DataFrame, time_kind: str) -> Section | None:
         if mine.empty:
             words = "every batch took work in arrival order (first come, first served)"
         else:
-            example = SimpleNamespace(**mine["example"].iloc[0])
             words = (f"{int(mine['batches'].sum())} batch(es) took work ahead of earlier-arrived work still waiting "
-                     f"({int(mine['pairs'].sum())} pair(s); e.g. {_pair_words(example)}): not first come, "
-                     "first served")
+                     f"({int(mine['pairs'].sum())} pair(s); e.g. {_pair_words(mine['example'].iloc[0])}): "
+                     "not first come, first served")
         theirs = refused[refused["system"] == system] if "system" in refused.columns else refused
         if len(theirs):
             words += (f"; the estimator refused {len(theirs)} admission(s) in {theirs['batch'].nunique()} batch(es) "

@@ -220,7 +220,7 @@ class _MemoryWatch:
 
 
 @pytest.mark.slow
-def test_memory_does_not_grow_with_simulated_tokens():
+def test_memory_does_not_grow_with_simulated_tokens(report):
     """Memory is set by the fleet's size, not by how long it runs. Four edges serve about
     2,400 requests, read every 128: the memory held after collection in the last third of the
     run is the first third's (a leak of 20 bytes a request would show), and the peak, garbage
@@ -243,7 +243,7 @@ def test_memory_does_not_grow_with_simulated_tokens():
     assert third >= 6 and totals.tokens > 2300 * 20, (len(watch.held), totals.tokens)
     held_first, held_last = np.median(watch.held[:third]), np.median(watch.held[-third:])
     peak_first, peak_last = max(watch.peaks[:third]), max(watch.peaks[-third:])
-    print(f"fleet memory over {totals.requests} requests, {totals.tokens} tokens (tracemalloc, measured): "
+    report(f"fleet memory over {totals.requests} requests, {totals.tokens} tokens (tracemalloc, measured): "
           f"held {held_first:.0f} -> {held_last:.0f} B, peak {peak_first} -> {peak_last} B")
     assert held_last < held_first + 32 * 1024, (held_first, held_last)
     assert peak_last < 1.1 * peak_first, (peak_first, peak_last)
