@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from harness.link import LinkProfile
@@ -259,6 +260,11 @@ def test_links_are_torn_down_on_signals_and_stale_sets_cleaned(sig):
             proc.wait()
     if sig == signal.SIGKILL:  # no chance to clean up: the next start removes the dead owner's set
         assert workdir.name.startswith("specwan-link-")
+        # its emulator gets SIGTERM on the holder's death and writes its counters into the folder as it
+        # exits; the folder can go only once that writer is gone
+        emulators = [p for p in psutil.process_iter(["cmdline"]) if str(workdir) in " ".join(p.info["cmdline"] or [])]
+        _, alive = psutil.wait_procs(emulators, timeout=15)
+        assert not alive, f"the killed holder's emulator outlived it: {alive}"
         shutil.rmtree(workdir)  # the killed holder's own folder, which only it could have removed
         assert all(n in ns.list_ours() for n in names)
         live = [n for n in ns.list_ours() if ns.owner(n) == os.getpid()]
