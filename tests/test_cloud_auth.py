@@ -118,7 +118,9 @@ def test_a_given_token_is_used_and_not_written_out(tmp_path):
     (["--tls-cert", "cert.pem"], "TLS needs both --tls-cert and --tls-key"),
 ])
 def test_an_unsafe_or_broken_start_is_one_line(tmp_path, args, message):
-    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    # MUTANT_UNDER_TEST too: mutmut's trampolines read their settings from the working folder,
+    # which is not the tree here, so under `make mutate` the server would run unmutated anyway
+    env = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, "MUTANT_UNDER_TEST")}
     env["PYTHONPATH"] = str(REPO_ROOT)
     proc = subprocess.run([sys.executable, "-m", "harness.cloud_server", "--pair", "toy", "--system", "vanilla",
                            "--grpc-port", "0", "--http-port", "0", *args], cwd=tmp_path, env=env,
