@@ -225,25 +225,37 @@ def test_a_calibration_reports_a_residual_for_every_published_figure():
     for cat in ("default", "mtbench_math"):
         engine = FittedEngine("draft", **{**options, "category": cat})
         assert engine.info.extra["category"] == cat
-    assert options["wire_vocab_size"] == 75000 and "Table A.2" in mapping["fit"]["wire_vocab_size"]
+    assert options["wire_vocab_size"] == 102500 and "Table A.2" in mapping["fit"]["wire_vocab_size"]
 
 
 @pytest.mark.slow
-def test_pipesd_table1_on_the_calibrated_pair_gives_each_dataset_its_own_category(tmp_path):
-    """The grid resolves a fitted pair again for each dataset's workload: GSM8K's stand-in gets
-    the category calibrated for it, HumanEval the default one."""
+def test_pipesd_table1_in_the_papers_regime_keeps_its_published_ordering(tmp_path):
+    """The preset as shipped, on the calibrated pair (modelled): vanilla is the slowest method
+    and PipeSD the fastest in all 8 cells, and PipeSD's speedup over vanilla is within 15% of
+    the paper's in at least 6 (the calibration searched none of PipeSD's figures). The grid
+    resolves the pair again for each dataset: GSM8K's stand-in gets the category calibrated
+    for it (a less confident draft), HumanEval the default one."""
+    from analysis.grid import grid_rows
     from harness.results import load_run
 
     done = subprocess.run([sys.executable, "-m", "harness.cli", "run", "experiment=pipesd_table1", "pair=paper_pipesd",
-                           "grid.tune.trials=2", f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, timeout=900)
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dataset math: pair paper_pipesd resolved for workload mtbench_math" in done.stderr
     _, requests, rounds = load_run(tmp_path / "run")
     assert set(requests["dataset"]) == {"humaneval", "math"}
-    vanilla = rounds[rounds["method"] == "vanilla"]
-    accept = {d: g["accepted"].sum() / g["verified"].sum() for d, g in vanilla.groupby("dataset")}
-    assert accept["math"] < accept["humaneval"] - 0.03, accept
+    doubtful = {d: float(np.mean(np.concatenate([np.asarray(c) for c in g["draft_conf"]]) <= 0.99))
+                for d, g in rounds[rounds["method"] == "vanilla"].groupby("dataset")}
+    assert doubtful["math"] > doubtful["humaneval"] + 0.1, doubtful
+    cells: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in grid_rows(tmp_path / "run"):
+        cells.setdefault((row["scenario"], row["dataset"]), {})[row["method"]] = row
+    assert len(cells) == 8
+    for key, methods in cells.items():
+        tpt = {m: r["tpt_ms"] for m, r in methods.items()}
+        assert max(tpt, key=tpt.get) == "vanilla" and min(tpt, key=tpt.get) == "pipesd", (key, tpt)
+    ratios = {key: m["pipesd"]["speedup_ratio"] for key, m in cells.items()}
+    assert sum(abs(r - 1.0) <= 0.15 for r in ratios.values()) >= 6, ratios
 
 
 # Rows of the engine as generated before its speed work (git bb24c8f): the sha256 of every row

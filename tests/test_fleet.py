@@ -261,23 +261,25 @@ def test_the_fleet_capacity_preset_sweeps_the_three_systems_up_to_a_thousand_edg
 
 # ---- what the simulator decides must not change when it gets faster ---------------------------
 # Digests of a fixed fleet's records (every request's tokens and times, every round's timeline,
-# bytes, energy and draft features, every verifier pass), generated before the simulator's speed
-# work (git bb24c8f): a change to the speed of the code must leave them as they are. They rest on
-# conf/pair/paper_pipesd.yaml, the fleet defaults, the device and network profiles and the prompts:
-# a deliberate change to what is simulated regenerates them (run fleet_digest on the new code).
+# bytes, energy and draft features, every verifier pass): first generated before the simulator's
+# speed work (git bb24c8f), which left them as they were, and generated again when paper_pipesd was
+# recalibrated, by code that still gave the old digests on the old pair. A change to the speed of
+# the code must leave them as they are. They rest on conf/pair/paper_pipesd.yaml, its WISP
+# controller, the fleet defaults, the device and network profiles and the prompts: a deliberate
+# change to what is simulated regenerates them (run fleet_digest on the new code).
 GOLDEN_FLEETS = {
     # one SLED verifier saturated by 60 devices (its queue grows), and WISP with its trained
     # controller on two verifiers
     "sled": (("system=sled", "fleet.n=60", "fleet.verifiers=1", "fleet.arrivals=[{kind: poisson, rate: 0.5}]"),
-             "4189b3becbc0c21ae66d20e076b60ab434c825fcdd23cc7458967d2ceace7ece",
-             {"energy_edge_j": 24043.761435748573, "energy_cloud_j": 13714.653432005764,
-              "energy_edge_idle_j": 10704.60003574847, "energy_cloud_idle_j": 1230.6034320055019,
-              "energy_wasted_j": 875.0268000000079}),
+             "8dfc3223c86564ae07d76bce02c05466fb756652ec54a24297d4301773c49720",
+             {"energy_edge_j": 24101.60278791711, "energy_cloud_j": 13654.590625785395,
+              "energy_edge_idle_j": 10762.44138791702, "energy_cloud_idle_j": 1228.140625785145,
+              "energy_wasted_j": 875.0268000000077}),
     "wisp": (("system=wisp", "fleet.n=60", "fleet.verifiers=2", "fleet.arrivals=[{kind: poisson, rate: 0.4}]"),
-             "7ea69aaaa8cbdf2898b693045725e1aa1092c7ab9ce07e24aa1a261697e18dc9",
-             {"energy_edge_j": 14317.498858096185, "energy_cloud_j": 14942.017933304307,
-              "energy_edge_idle_j": 3159.356058096212, "energy_cloud_idle_j": 1742.617933304372,
-              "energy_wasted_j": 281.2463999999989}),
+             "9b9241c4fed915cd351f331a0a26445a230c81107d906f591424aa7981722985",
+             {"energy_edge_j": 14425.760828583692, "energy_cloud_j": 15249.223066494169,
+              "energy_edge_idle_j": 3246.9504285837165, "energy_cloud_idle_j": 1825.4230664942177,
+              "energy_wasted_j": 379.11599999999925}),
 }
 _REQUEST_KEYS = ("request_id", "output_ids", "start", "end", "token_times", "bytes_up", "bytes_down", "rounds",
                  "drafted", "accepted", "verifier", "edge", "arrival")
