@@ -139,7 +139,11 @@ distclean: clean
 # Mutation testing, a tool like a benchmark (not part of `make test`): mutmut mutates systems/
 # and the virtual-time core of harness/ (link, clock, compute) and runs the fast tests against
 # each mutant, then prints the score and the survivors per module. Results are kept under
-# mutants/ and reused; MUTANTS='systems.records*' (mutmut's name globs) limits a run.
+# mutants/ and reused; MUTANTS='systems.records*' (mutmut's name globs) limits a run. mutmut
+# refreshes the Python files it mutates but not the other files under those folders (a trained
+# controller, a schema), so they are copied over first: a stale one fails its tests there.
 .PHONY: mutate
 mutate: $(STAMP)
+	@if [ -d mutants ]; then for d in systems harness; do (cd $$d && find . -type f ! -name '*.py' \
+		! -name '*.pyc' -exec cp --parents {} ../mutants/$$d/ \;); done; fi
 	$(VENV)/bin/mutmut run $(MUTANTS); status=$$?; $(PY) benchmarks/mutation_score.py; exit $$status
