@@ -27,7 +27,7 @@ import sys
 import time
 
 from netem.profile import NetworkProfile
-from netem.shaper import Shaper, raise_priority, reload_profile
+from netem.shaper import Shaper, raise_priority, reload_profile, wait_until
 from netem.tunwire import EARLY_S, _write_json
 
 CHUNK = 65536
@@ -115,7 +115,7 @@ def serve(listener: socket.socket, target: tuple[str, int], profile: NetworkProf
                 readers.append(p.src)
             if p.outbuf:
                 writers.append(p.dst)
-        timeout = None if not heap else max(0.0, heap[0][0] - now)
+        timeout = wait_until(heap[0][0] if heap else None, now)
         if timeout is None and any(p.shaper.backlog(now) >= profile.queue_s for p in pipes):
             timeout = 0.001  # a throttled reader resumes once the backlog drains
         r, w, _ = select.select(readers, writers, [], timeout)

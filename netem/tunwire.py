@@ -29,7 +29,7 @@ import time
 
 from netem.ns import entered
 from netem.profile import NetworkProfile
-from netem.shaper import Shaper, raise_priority, reload_profile
+from netem.shaper import Shaper, raise_priority, reload_profile, wait_until
 
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
@@ -85,7 +85,7 @@ def serve(edge_fd: int, cloud_fd: int, profile: NetworkProfile, origin: float, s
         if flags.get("reload"):
             flags["reload"] = False
             reload_profile(reload_path, (up, down))
-        timeout = None if not heap else max(0.0, heap[0][0] - time.monotonic())
+        timeout = wait_until(heap[0][0] if heap else None, time.monotonic())
         ready, _, _ = select.select([edge_fd, cloud_fd, wake_r], [], [], timeout)
         now = time.monotonic()
         for fd in ready:
