@@ -244,3 +244,18 @@ def test_softmax_and_confidence_work_in_double_precision_on_float32_logits():
     assert abs(p.sum() - 1.0) < 1e-12
     assert np.max(np.abs(p - exact) / exact) < 1e-12
     assert abs(confidence(logits) - exact.max()) / exact.max() < 1e-12
+
+
+def test_softmax_normalises_each_row_over_the_last_axis_at_any_scale():
+    """The contract is a softmax over the last axis, row by row, that stays finite at logits
+    far from zero (1000 would overflow exp). Checked against scipy's implementation on rows of
+    very different scales, so a maximum or a sum taken over the wrong axis shows."""
+    from scipy.special import softmax as reference
+
+    from systems.sampling import softmax
+
+    rows = np.array([[1000.0, 999.0, 990.0], [0.0, -1.0, -2.0], [-800.0, -805.0, -801.0]])
+    assert np.allclose(softmax(rows), reference(rows, axis=-1), rtol=1e-12, atol=0)
+    assert np.allclose(softmax(rows[:2, :2]), reference(rows[:2, :2], axis=-1), rtol=1e-12, atol=0)
+    for row in rows:
+        assert np.allclose(softmax(row), reference(row), rtol=1e-12, atol=0)
