@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -43,6 +44,17 @@ def remove_stale(prefix: str) -> list[Path]:
         except (OSError, ValueError):
             continue
         if pid != os.getpid() and _identity(pid) != f"{pid} {started}":
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
             removed.append(path)
     return removed
+
+
+def _remove(path: Path, tries: int = 5, pause_s: float = 0.1) -> None:
+    """Delete ``path``, again if a file lands in it meanwhile: a dead owner's emulator, told of
+    the death by a signal, writes its counters there as it exits, and a folder emptied around
+    that write would stay behind without its owner file, never recognised as stale again."""
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(pause_s)
