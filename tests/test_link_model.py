@@ -9,7 +9,7 @@ import pytest
 
 from harness.clock import run
 from harness.link import CloudEnd, LinkProfile
-from systems.messages import Upload
+from systems.messages import CloseSession, Failure, Upload
 
 
 def _deliveries(profile: LinkProfile, sizes: list[int], gap: float = 0.0) -> list[float]:
@@ -158,3 +158,26 @@ def test_a_network_profile_carries_every_field_into_the_virtual_link():
                       "overhead_bytes", "header_bytes", "mss", "trace", "seed"}
     for name in shared:
         assert getattr(link, name) == getattr(net, name), name
+
+
+def test_replies_after_a_sessions_close_are_dropped_and_counted_one_by_one():
+    """The cloud routes a reply down its session's link until it receives that session's
+    CloseSession; after that each reply is dropped unsent (0 bytes) and counted once, the
+    count a fleet run reports as ``dropped_replies``."""
+
+    async def go():
+        cloud = CloudEnd()
+        link = cloud.new_link(LinkProfile("lan", rtt_s=0.002))
+        edge = link.edge_end("s")
+        cloud.route("s", link)
+        sent_while_open = await cloud.send(Failure("s", reason="before the close"))
+        assert sent_while_open > 0 and cloud.dropped == 0
+        assert (await edge.recv()).msg.reason == "before the close"
+        await edge.send(CloseSession("s"))
+        assert isinstance((await cloud.recv()).msg, CloseSession)
+        sizes = [await cloud.send(Failure("s", reason=f"late {i}")) for i in range(3)]
+        return sizes, cloud.dropped
+
+    sizes, dropped = run(go(), virtual=True)
+    assert sizes == [0, 0, 0]
+    assert dropped == 3
