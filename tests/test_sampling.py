@@ -259,3 +259,19 @@ def test_softmax_normalises_each_row_over_the_last_axis_at_any_scale():
     assert np.allclose(softmax(rows[:2, :2]), reference(rows[:2, :2], axis=-1), rtol=1e-12, atol=0)
     for row in rows:
         assert np.allclose(softmax(row), reference(row), rtol=1e-12, atol=0)
+
+
+def test_entropy_is_the_softmaxs_entropy_in_nats_at_any_scale():
+    """Checked against scipy's entropy of scipy's softmax, at logits near zero and far from it
+    (exp(1000) overflows unless the largest logit is taken out first), and at the two ends:
+    one certain token (0 nats) and a uniform row (log V)."""
+    from scipy.special import softmax as reference
+    from scipy.stats import entropy as reference_entropy
+
+    from systems.sampling import entropy
+
+    for row in ([0.3, -1.2, 2.0, 0.0], [1000.0, 999.0, 990.0, 998.5], [-700.0, -701.0, -703.0, -700.5]):
+        row = np.array(row)
+        assert entropy(row) == pytest.approx(reference_entropy(reference(row)), rel=1e-12)
+    assert entropy(np.array([0.0, -1e4, -1e4])) == pytest.approx(0.0, abs=1e-12)
+    assert entropy(np.full(16, 7.0)) == pytest.approx(np.log(16), rel=1e-12)
