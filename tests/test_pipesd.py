@@ -551,3 +551,14 @@ def test_online_retuning_window_and_gate_at_their_boundaries():
     assert tuning.observe(1.0, 4, current) == current and tuning.reference == 0.25
     assert tuning.observe(1.5, 4, current) == current and tuning.rounds == 0 and tuning.tuner is None
     assert tuning.observe(1.5 + 2 ** -10, 4, current) != current and tuning.rounds == 1  # just beyond: re-tunes
+
+
+@pytest.mark.parametrize("method", ["bo", "random"])
+def test_online_tuning_warms_its_own_samplers_start_up_when_built(method):
+    """Building the online tuner starts paying the BO sampler's one-time start-up in the
+    background (a pick would otherwise stall ~2.4 s on 2 cores); a method without one (random
+    search) has nothing to warm."""
+    from systems.pipesd.policy import PipeSDConfig, _OnlineTuning
+
+    tuning = _OnlineTuning(PipeSDConfig(tuner="online", tuner_method=method, tuner_trials=2))
+    assert tuning.warming.result(timeout=120) is (method == "bo")

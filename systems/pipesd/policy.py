@@ -118,7 +118,7 @@ class _OnlineTuning:
         self.reference: float | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipesd-tuner")
         self._next: Future | None = None  # the next candidate, being picked in the background
-        self._worker.submit(warm_up, cfg.tuner_method)
+        self.warming: Future = self._worker.submit(warm_up, cfg.tuner_method)  # True once the sampler is warm
 
     def start(self) -> tuple[float, float]:
         """Begin a tuning round; returns its first candidate (a random point: no fit)."""

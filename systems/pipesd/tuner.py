@@ -89,15 +89,17 @@ class ThresholdTuner:
 
 
 @cache
-def warm_up(method: str) -> None:
+def warm_up(method: str) -> bool:
     """Pay the GP sampler's one-time start-up (importing its tensor library, the first fit)
-    on a throwaway study, once per process, so that a live tuner's first ask does not."""
+    on a throwaway study, so that a live tuner's first ask does not; True if ``method`` has
+    such a start-up (``bo``) and it was paid."""
     if method != "bo":
-        return
+        return False
     tuner = ThresholdTuner("bo", 2, 0)
     while not tuner.done:
         r1, r2 = tuner.ask()
         tuner.tell(r1 + r2)
+    return True
 
 
 def tune(objective: Callable[[float, float], float], method: str = "bo", trials: int = 16,
