@@ -91,8 +91,8 @@ class ThresholdTuner:
 @cache
 def warm_up(method: str) -> bool:
     """Pay the GP sampler's one-time start-up (importing its tensor library, the first fit)
-    on a throwaway study, so that a live tuner's first ask does not; True if ``method`` has
-    such a start-up (``bo``) and it was paid."""
+    on a throwaway study, once per process (cached), so that a live tuner's first ask does not;
+    True if ``method`` has such a start-up (``bo``) and it was paid."""
     if method != "bo":
         return False
     tuner = ThresholdTuner("bo", 2, 0)
