@@ -98,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mutants", type=Path, default=Path("mutants"), help="mutmut's working folder")
     ap.add_argument("--equivalents", type=Path, default=EQUIVALENTS, help="the ledger of equivalent edits")
     ap.add_argument("--unchecked", metavar="GLOB", help="print only the names of the mutants matching GLOB not "
-                    "run yet, one per line (to resume: make mutate MUTANTS=\"$(... --unchecked 'systems.protocol.*')\")")
+                    "run yet, on one line (to resume: make mutate MUTANTS=\"$(... --unchecked 'systems.protocol.*')\")")
     args = ap.parse_args(argv)
     results = load(args.mutants)
     if not results:
         print(f"no mutation results under {args.mutants}/: run `make mutate` first", file=sys.stderr)
         return 1
     if args.unchecked:
-        print("\n".join(unchecked(results, args.unchecked)))
+        print(" ".join(unchecked(results, args.unchecked)))  # one line: make's variables hold no newline
         return 0
     equivalents = load_equivalents(args.equivalents)
     unexplained: dict[str, list[tuple[str, str, str]]] = {}

@@ -58,3 +58,20 @@ def test_unchecked_lists_only_the_mutants_not_run_yet_that_the_glob_names():
                                                         "systems.protocol.x_f__mutmut_2"]
     assert unchecked(results) == ["harness.link.x_h__mutmut_1", "systems.protocol.x_f__mutmut_1",
                                   "systems.protocol.x_f__mutmut_2"]
+
+
+def test_the_unchecked_names_come_on_one_line_for_make(tmp_path, capsys):
+    """``make mutate MUTANTS="$(... --unchecked GLOB)"``: a newline in a make variable ends the
+    recipe's command line, so the names must come space-separated."""
+    import json
+
+    from benchmarks.mutation_score import main
+
+    meta = tmp_path / "systems" / "protocol.py.meta"
+    meta.parent.mkdir()
+    meta.write_text(json.dumps({"exit_code_by_key": {"systems.protocol.x_f__mutmut_1": None,
+                                                     "systems.protocol.x_f__mutmut_2": None,
+                                                     "systems.protocol.x_g__mutmut_1": 1}}))
+    assert main(["--mutants", str(tmp_path), "--unchecked", "systems.protocol.*"]) == 0
+    out = capsys.readouterr().out
+    assert out == "systems.protocol.x_f__mutmut_1 systems.protocol.x_f__mutmut_2\n"
