@@ -562,3 +562,23 @@ def test_online_tuning_warms_its_own_samplers_start_up_when_built(method):
 
     tuning = _OnlineTuning(PipeSDConfig(tuner="online", tuner_method=method, tuner_trials=2))
     assert tuning.warming.result(timeout=120) is (method == "bo")
+
+
+def test_the_edges_monitor_keeps_the_configured_history():
+    """``history`` reaches the edge's own monitor: its γ is the mean of the last ``history``
+    generation times, not of every time since the edge started."""
+    edge = PipeSDEdge(PipeSDConfig(history=2))
+    for seconds in (1.0, 0.030, 0.050):
+        edge.monitor.add_generation(seconds)
+    assert edge.monitor.estimate().gamma == pytest.approx(0.040)
+
+
+def test_without_probes_the_first_window_follows_the_plan_of_the_initial_constants(monkeypatch):
+    """``probe_sizes=0`` sends no probe, so nothing is measured before the first window: it
+    goes up under the DP's plan for the configured α₀, β₀, γ₀ and N̂ (the paper's constants
+    give (1, 1, 4, 14), as in ``test_plan_golden``)."""
+    reqs = [GenerationRequest("r0", [1, 2, 3], 40, SamplingParams(), seed=0)]
+    recs, (policy,), sent = _observed_run(monkeypatch, {"r1": R1, "r2": R2, "probe_sizes": 0}, reqs, LINK)
+    assert policy.fed == [rows for verify, rows in sent if not verify and rows > 0], "a probe went up"
+    first = next(r for r in recs[0].rounds if not r.extra.get("discarded"))
+    assert first.extra["plan"] == [1, 1, 4, 14]
