@@ -7,6 +7,7 @@ import json
 import math
 import threading
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -582,3 +583,69 @@ def test_without_probes_the_first_window_follows_the_plan_of_the_initial_constan
     assert policy.fed == [rows for verify, rows in sent if not verify and rows > 0], "a probe went up"
     first = next(r for r in recs[0].rounds if not r.extra.get("discarded"))
     assert first.extra["plan"] == [1, 1, 4, 14]
+
+
+@pytest.mark.parametrize("uplink_q", ["full", "rule"])
+def test_probes_carry_what_the_uplink_carries_and_claim_no_round(monkeypatch, uplink_q):
+    """One probe of each size 1..probe_sizes before the first request, acknowledged one by one.
+    Its payload is what a draft token of that size costs on this uplink: full rows of the
+    vocabulary in ``q_dtype`` under ``uplink_q=full``, ids alone under ``rule``. A probe is
+    no round (round and start -1), so its ack can never be taken for a round's."""
+    from harness.link import EdgeEnd
+
+    probes = []
+    real_send = EdgeEnd.send
+
+    async def send(self, msg):
+        if getattr(msg, "probe", False):
+            probes.append(msg)
+        return await real_send(self, msg)
+
+    monkeypatch.setattr(EdgeEnd, "send", send)
+    reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 20, SamplingParams(), seed=i) for i in range(2)]
+    _, (policy,), _ = _observed_run(monkeypatch, {"r1": R1, "r2": R2, "uplink_q": uplink_q, "probe_sizes": 3},
+                                    reqs, LINK)
+    assert [len(p.tokens) for p in probes] == [1, 2, 3] and policy.fed[:3] == [1, 2, 3]
+    for p in probes:
+        assert (p.round, p.start, set(p.tokens)) == (-1, -1, {0})
+        if uplink_q == "full":
+            assert p.q_rows.shape == (len(p.tokens), VOCAB) and p.q_rows.dtype == np.float16
+        else:
+            assert p.q_rows is None
+
+
+def test_a_warm_up_with_nothing_to_probe_leaves_the_plan_alone():
+    """Re-plans happen at a window's batch boundaries, where the window's record notes them;
+    a warm-up that has no probe to send changes nothing, even when the estimate has moved."""
+    import asyncio
+
+    from harness.clock import LoopClock
+    from harness.link import CloudEnd
+    from systems.api import Drafter, EdgeContext
+
+    edge = PipeSDEdge(PipeSDConfig(probe_sizes=0))
+    plan = edge.plan
+    for _ in range(10):
+        edge.monitor.add_generation(1.0)  # γ 0.036 -> 1.0: far past the re-plan gate
+
+    async def warm():
+        link = CloudEnd().new_link(LINK)
+        drafter = Drafter(TARGET, SamplingParams(), np.random.default_rng(0))
+        await edge.warm_up(EdgeContext("s", LoopClock(), None, link.edge_end("s"), None, drafter,
+                                       np.random.default_rng(0)))
+
+    asyncio.run(warm())
+    assert edge.plan is plan and edge.monitor.estimate().gamma == 1.0
+
+
+def test_a_device_without_a_link_sends_no_probe():
+    """No link, nothing to measure: the warm-up returns and the initial α and β stand."""
+    import asyncio
+
+    from harness.clock import LoopClock
+    from systems.api import Drafter, EdgeContext
+
+    edge = PipeSDEdge(PipeSDConfig())
+    drafter = Drafter(TARGET, SamplingParams(), np.random.default_rng(0))
+    asyncio.run(edge.warm_up(EdgeContext("s", LoopClock(), None, None, None, drafter, np.random.default_rng(0))))
+    assert edge.monitor.missing_probe_sizes() == list(range(1, 9))
