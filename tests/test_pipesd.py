@@ -649,3 +649,25 @@ def test_a_device_without_a_link_sends_no_probe():
     drafter = Drafter(TARGET, SamplingParams(), np.random.default_rng(0))
     asyncio.run(edge.warm_up(EdgeContext("s", LoopClock(), None, None, None, drafter, np.random.default_rng(0))))
     assert edge.monitor.missing_probe_sizes() == list(range(1, 9))
+
+
+@pytest.mark.parametrize("lead_row", [False, True])
+def test_the_first_proactive_token_goes_up_as_an_id_unless_lead_row(monkeypatch, lead_row):
+    """PipeSD's own code (``lead_row=False``, the default) sends the first token drafted past
+    a pending window as an id, the edge's guess of that verdict's token; ``lead_row=True``
+    sends its row like any draft's. A slow round trip keeps verdicts pending, so proactive
+    drafting happens in both runs."""
+    implied = []
+    real_send = SpeculativeEdge.send
+
+    async def send(self, msg):
+        implied.append(msg.lead_implied)
+        return await real_send(self, msg)
+
+    monkeypatch.setattr(SpeculativeEdge, "send", send)
+    slow = LinkProfile("far", rtt_s=0.5, up_bps=2e6, down_bps=2e7, overhead_bytes=66)
+    reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 60, SamplingParams(), seed=i) for i in range(2)]
+    recs, _, _ = _observed_run(monkeypatch, {"r1": 0.5, "r2": 0.3, "lead_row": lead_row}, reqs, slow)
+    proactive = [r for rec in recs for r in rec.rounds if "proactive" in r.extra]
+    assert proactive, "no verdict found proactive tokens beyond its window"
+    assert any(implied) is not lead_row
