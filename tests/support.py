@@ -124,3 +124,12 @@ def toy_vocab_fingerprint() -> str:
 
     target = load_pair("toy").target
     return create_engine(target.engine, role="target", **target.options).info.vocab_fingerprint
+
+
+def shared_scope(fixture_name: str, config) -> str:
+    """The scope of a fixture that runs system code once for all of a module's tests:
+    "module", except while mutmut records which tests reach which function (``make mutate``).
+    There each test runs the fixture's code itself: mutmut credits a function's calls to the
+    test that was running, so a module-scoped run would be credited to the first test alone,
+    and every later test that reads it would be left out of the mutants' runs."""
+    return "function" if os.environ.get("MUTANT_UNDER_TEST") == "stats" else "module"

@@ -23,7 +23,7 @@ from systems.pipesd.plan import makespan, plan_batches
 from systems.pipesd.tuner import GRID, ThresholdTuner, tune
 from systems.protocol import SpeculativeEdge
 from systems.sampling import SamplingParams
-from tests.support import greedy_decode
+from tests.support import greedy_decode, shared_scope
 
 
 # ---- the DP ------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ R1, R2 = 0.05, 0.1
 TARGET = create_engine("toy", role="target", vocab_size=VOCAB, seed=1, sharpness=6.0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=shared_scope)
 def pipesd_run(tmp_path_factory):
     kw = dict(vocab_size=VOCAB, seed=1, sharpness=6.0)
     draft = create_engine("toy", role="draft", agreement=0.9, **kw)
@@ -388,7 +388,8 @@ def test_online_tuning_picks_candidates_off_the_event_loop(monkeypatch):
 
 def _observed_run(monkeypatch, params, reqs, link):
     """Run PipeSD with its real policies, keeping hold of each edge policy (to read its
-    monitor) and of every upload the edges sent."""
+    monitor) and of every upload the edges sent. Greedy requests are checked against the
+    target's own decode."""
     policies, sent = [], []
 
     class ObservedEdge(PipeSDEdge):
@@ -412,18 +413,35 @@ def _observed_run(monkeypatch, params, reqs, link):
     recs = run_system(spec, draft, TARGET, reqs, params,
                       RunOptions(link=link, edge_cost=lambda op: 0.036, cloud_cost=lambda op: 0.015))
     for req, rec in zip(reqs, recs):
-        assert rec.output_tokens == greedy_decode(TARGET, req.prompt, req.max_new_tokens)[0]
+        if req.sampling.temperature == 0:
+            assert rec.output_tokens == greedy_decode(TARGET, req.prompt, req.max_new_tokens)[0]
     return recs, policies, sent
 
 
-def test_only_probes_and_non_verifying_uploads_feed_the_link_estimate(monkeypatch):
-    """α and β come from the probes and the batches sent ahead of a verification (App. D);
-    an upload that asks for verification is timed by the verdict's wait, not fed."""
-    reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 60, SamplingParams(), seed=i) for i in range(2)]
-    _, (policy,), sent = _observed_run(monkeypatch, {"r1": R1, "r2": R2, "history": 10_000}, reqs, LINK)
-    ahead = [rows for verify, rows in sent if not verify and rows > 0]
-    assert any(verify for verify, _ in sent) and len(ahead) >= 5
+@pytest.mark.parametrize("verification,temperature", [("full", 0.0), ("sparse", 1.0)])
+def test_only_probes_and_non_verifying_uploads_feed_the_link_estimate(monkeypatch, verification, temperature):
+    """α and β come from the probes and the batches sent ahead of a verification (App. D),
+    each sized by the draft tokens whose data it carried; an upload that asks for verification
+    is timed by the verdict's wait, not fed. Under the sparse split at T > 0 the edge
+    resamples a rejected token itself and sends it, decided, ahead of the next drafts: it is
+    not a draft and does not count."""
+    fixed = []
+    real_send = SpeculativeEdge.send
+
+    async def send(self, msg):
+        fixed.append(msg.n_fixed and not msg.verify)
+        return await real_send(self, msg)
+
+    monkeypatch.setattr(SpeculativeEdge, "send", send)
+    reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 60, SamplingParams(temperature=temperature), seed=i)
+            for i in range(2)]
+    params = {"r1": R1, "r2": R2, "history": 10_000, "verification": verification}
+    _, (policy,), sent = _observed_run(monkeypatch, params, reqs, LINK)
+    ahead = [rows for verify, rows in sent if not verify]
+    assert any(verify for verify, _ in sent) and len(ahead) >= 5 and min(ahead) >= 1
     assert policy.fed == list(range(1, 9)) + ahead
+    if verification == "sparse":
+        assert any(fixed), "no batch carried a resampled token ahead of its drafts"
 
 
 @pytest.mark.parametrize("max_windows", [1, 2, 3])

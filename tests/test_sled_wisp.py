@@ -15,7 +15,7 @@ from harness.train_controller import train
 from systems.api import GenerationRequest
 from systems.engines import create_engine
 from systems.wisp.estimator import BatchTimeEstimator
-from tests.support import greedy_decode
+from tests.support import greedy_decode, shared_scope
 
 CLOUD = RoleProfile("cloud", "declared", "test", step_s=0.02, prefill_s_per_token=0.0005, verify_s_per_token=0.004,
                     batch_s_per_session=0.015, step_s_per_ctx_token=1e-5)
@@ -49,7 +49,7 @@ def _run(system, requests, config=None, n_edges=4):
     return records, batches, target
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=shared_scope)
 def controller(tmp_path_factory):
     """A controller trained on SLED's logged rounds of the toy pair (the pipeline a user runs)."""
     from harness.results import RunWriter

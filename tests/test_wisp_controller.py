@@ -21,6 +21,7 @@ from harness.results import RunWriter, build_manifest
 from harness.train_controller import collect, far_threshold, rates, round_labels, split, train
 from systems.records import RequestRecord, RoundRecord
 from systems.wisp.controller import FEATURES, RejectionPredictor, draft_features, draft_features_many
+from tests.support import shared_scope
 
 TARGET = 0.1
 DRAFTED = 5  # tokens drafted per round
@@ -80,13 +81,13 @@ def manifest() -> dict:
     return _manifest("wisp")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=shared_scope)
 def runs(tmp_path_factory, manifest):
     base = tmp_path_factory.mktemp("wisp_runs")
     return [_synthetic_run(base / f"run{k}", seed=k, n_requests=150, manifest=manifest) for k in range(2)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=shared_scope)
 def model(runs) -> RejectionPredictor:
     return train(runs, target_false_alarm=TARGET, hidden=(16, 16), epochs=150, seed=0)
 

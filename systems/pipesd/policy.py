@@ -237,11 +237,10 @@ class PipeSDEdge(EdgePolicy):
         return edge.output
 
     def _on_acked(self, msg: Upload, seconds: float) -> None:
-        """A non-verifying batch's upload time feeds the α/β estimate, sized by the tokens
-        whose distributions it carried."""
-        rows = len(msg.tokens) - msg.n_fixed - msg.lead_implied
-        if not msg.verify and rows > 0:
-            self.monitor.add_upload(rows, seconds)
+        """A non-verifying batch's upload time feeds the α/β estimate, sized by the draft
+        tokens whose data it carried (at least the plan's next size, so never none)."""
+        if not msg.verify:
+            self.monitor.add_upload(len(msg.tokens) - msg.n_fixed - msg.lead_implied, seconds)
 
     async def _draft_one(self, edge: SpeculativeEdge, sender: SerialUploader, window: "_WindowState",
                          room: int) -> None:
