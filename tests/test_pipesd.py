@@ -689,3 +689,14 @@ def test_the_first_proactive_token_goes_up_as_an_id_unless_lead_row(monkeypatch,
     proactive = [r for rec in recs for r in rec.rounds if "proactive" in r.extra]
     assert proactive, "no verdict found proactive tokens beyond its window"
     assert any(implied) is not lead_row
+
+
+def test_with_thresholds_that_never_fire_each_window_closes_at_the_token_limit(monkeypatch):
+    """r1 = r2 = 0 never fire (a drafted token's confidence is positive), so the edge drafts
+    up to the request's token limit and the trigger closes the window there ("limit"): the
+    verification goes with that last draft, every window's record says so."""
+    reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 24, SamplingParams(), seed=i) for i in range(2)]
+    recs, _, _ = _observed_run(monkeypatch, {"r1": 0.0, "r2": 0.0}, reqs, LINK)
+    windows = [r for rec in recs for r in rec.rounds if r.verified and not r.extra.get("discarded")]
+    assert windows and all(r.extra.get("trigger", {}).get("reason") in ("limit", "stop") for r in windows), \
+        [r.extra.get("trigger") for r in windows]
