@@ -265,6 +265,8 @@ def test_windows_go_up_in_planned_batches(pipesd_run):
             assert size == plan[k % len(plan)], f"window {r['round']}: sent {sizes} under the plan {plan}"
         assert 0 <= sizes[-1] <= plan[(len(sizes) - 1) % len(plan)], f"window {r['round']}: {sizes} vs {plan}"
         assert sum(sizes) + lead == r["uploaded"]
+        # the policy's own note: each batch's size as sent and the plan's size at that point
+        assert x["batches"] == [[size, plan[k % len(plan)]] for k, size in enumerate(sizes)], r["round"]
     assert multi >= 5, f"only {multi} windows went up in several batches"
     assert outgrown >= 1, "no window outgrew its plan: the cyclic use went untested"
 
@@ -276,29 +278,39 @@ def test_uploads_overlap_drafting(pipesd_run):
     assert len(overlapped) >= 5
 
 
-def test_trigger_points(pipesd_run):
-    """Every window closed at the first point where C <= R1 or P <= R2 (or a stop / the limit)."""
+def _check_triggers(rounds: list[dict], r1: float, r2: float, lead_row: bool = False) -> int:
+    """Every window closed at the first point where C <= r1 or P <= r2 (or a stop / the
+    limit), counting only the drafts the cloud verifies (with ``lead_row`` also a first token
+    that a pending verdict settled); returns how many closed on a threshold. ``rounds``:
+    (round, verified, extra) dicts."""
     checked = 0
-    for r in pipesd_run.to_dict("records"):
+    for r in rounds:
         trig = r["extra"].get("trigger")
         if not trig:
             continue
         conf = trig["confidences"]
-        assert (trig["r1"], trig["r2"]) == (R1, R2)
+        assert (trig["r1"], trig["r2"]) == (r1, r2)
         if conf:
             assert trig["product"] == pytest.approx(math.prod(conf))
+            assert trig["p"] == conf[-1]  # the token that closed it is the window's last
             if trig["reason"] == "r2":
-                assert trig["p"] == conf[-1] <= R2
+                assert trig["p"] <= r2
         for k in range(1, len(conf)):  # no earlier point met either threshold
-            assert math.prod(conf[:k]) > R1 and conf[k - 1] > R2, f"window {r['round']} should have closed at {k}"
-        fired = bool(conf) and (math.prod(conf) <= R1 or conf[-1] <= R2)  # none: a lead token at the limit
+            assert math.prod(conf[:k]) > r1 and conf[k - 1] > r2, f"window {r['round']} should have closed at {k}"
+        fired = bool(conf) and (math.prod(conf) <= r1 or conf[-1] <= r2)  # none: a lead token at the limit
         assert fired == (trig["reason"] in ("r1", "r2")), trig
         if not r["extra"].get("discarded") and "restarted_from" not in r["extra"]:
             # The trigger counts exactly the drafts the cloud verifies: not a first token sent
             # as an id only (the previous verdict settled it).
-            assert len(conf) == r["verified"], (r["round"], len(conf), r["verified"])
+            settled = len(conf) - r["verified"]
+            assert settled in ((0, 1) if lead_row else (0,)), (r["round"], len(conf), r["verified"])
         checked += fired
-    assert checked >= 10
+    return checked
+
+
+def test_trigger_points(pipesd_run):
+    """Every window closed at the first point where C <= R1 or P <= R2 (or a stop / the limit)."""
+    assert _check_triggers(pipesd_run.to_dict("records"), R1, R2) >= 10
 
 
 def test_proactive_tokens_kept_only_under_the_rule(pipesd_run):
@@ -414,7 +426,7 @@ def _observed_run(monkeypatch, params, reqs, link):
                       RunOptions(link=link, edge_cost=lambda op: 0.036, cloud_cost=lambda op: 0.015))
     for req, rec in zip(reqs, recs):
         if req.sampling.temperature == 0:
-            assert rec.output_tokens == greedy_decode(TARGET, req.prompt, req.max_new_tokens)[0]
+            assert rec.output_tokens == greedy_decode(TARGET, req.prompt, req.max_new_tokens, req.stop_ids)[0]
     return recs, policies, sent
 
 
@@ -689,6 +701,18 @@ def test_the_first_proactive_token_goes_up_as_an_id_unless_lead_row(monkeypatch,
     proactive = [r for rec in recs for r in rec.rounds if "proactive" in r.extra]
     assert proactive, "no verdict found proactive tokens beyond its window"
     assert any(implied) is not lead_row
+    # each batch the policy notes is the upload the protocol booked, a lead sent as an id aside
+    checked = 0
+    for r in (r for rec in recs for r in rec.rounds):
+        x = r.extra
+        if "batches" in x and not x.get("discarded") and "restarted_from" not in x and not x.get("replans"):
+            sizes = list(x.get("upload_sizes", [r.uploaded]))  # recorded where there were several
+            sizes[0] -= int(x.get("lead_implied", False))
+            assert [size for size, _ in x["batches"]] == sizes, (r.round, x["batches"], sizes)
+            checked += bool(x.get("lead_implied"))
+    assert checked or lead_row, "no window with a lead token was checked"
+    rounds = [{"round": r.round, "verified": r.verified, "extra": r.extra} for rec in recs for r in rec.rounds]
+    assert _check_triggers(rounds, 0.5, 0.3, lead_row) >= 5
 
 
 def test_with_thresholds_that_never_fire_each_window_closes_at_the_token_limit(monkeypatch):
@@ -700,3 +724,17 @@ def test_with_thresholds_that_never_fire_each_window_closes_at_the_token_limit(m
     windows = [r for rec in recs for r in rec.rounds if r.verified and not r.extra.get("discarded")]
     assert windows and all(r.extra.get("trigger", {}).get("reason") in ("limit", "stop") for r in windows), \
         [r.extra.get("trigger") for r in windows]
+
+
+def test_a_drafted_stop_token_closes_the_window_at_once(monkeypatch):
+    """With thresholds that never fire, a window is closed where the draft proposes a stop token
+    ("stop"; the target may reject it, as here once) or at the token limit; the last one, whose
+    stop the target accepts, ends the output there."""
+    prompt = [1, 2, 3]
+    full, _ = greedy_decode(TARGET, prompt, 30)
+    k = next(i for i in range(6, 30) if full[i] not in full[:i])  # the output's first such token
+    reqs = [GenerationRequest("r0", prompt, 30, SamplingParams(), seed=0, stop_ids=(full[k],))]
+    recs, _, _ = _observed_run(monkeypatch, {"r1": 0.0, "r2": 0.0}, reqs, LINK)
+    assert recs[0].output_tokens == full[: k + 1]
+    reasons = [r.extra["trigger"]["reason"] for r in recs[0].rounds if "trigger" in r.extra]
+    assert reasons[-1] == "stop" and set(reasons) <= {"limit", "stop"}, reasons
