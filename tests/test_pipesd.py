@@ -336,6 +336,9 @@ def test_proactive_tokens_kept_only_under_the_rule(pipesd_run):
             rule = r["accepted"] == r["verified"] and pro["first"] == verdict_token
             assert (k + 1 in rounds) == rule, f"{rid} window {k}: rule says kept={rule}"
             assert pro["kept"] == rule  # and the note says what happened
+            assert pro["verdict_token"] == verdict_token and pro["tokens"] >= 1
+            if rule:  # the kept tokens open the next window
+                assert pro["tokens"] <= rounds[k + 1]["drafted"]
             kept += rule
             dropped += not rule
     assert kept > 0 and dropped > 0, f"promoted {kept}, discarded {dropped}: both paths must run"
@@ -738,3 +741,12 @@ def test_a_drafted_stop_token_closes_the_window_at_once(monkeypatch):
     assert recs[0].output_tokens == full[: k + 1]
     reasons = [r.extra["trigger"]["reason"] for r in recs[0].rounds if "trigger" in r.extra]
     assert reasons[-1] == "stop" and set(reasons) <= {"limit", "stop"}, reasons
+
+
+def test_each_verdict_notes_the_estimate_and_the_plan_made_from_it(pipesd_run):
+    """The cost model a verdict found in force, and the plan: the DP's for that α, β, γ and N̂."""
+    noted = [r["extra"]["estimate"] for r in _live(pipesd_run) if "estimate" in r["extra"]]
+    assert len(noted) >= 10
+    for e in noted:
+        assert tuple(e["plan"]) == plan_batches(e["n_hat"], e["gamma"], e["alpha"], e["beta"]).sizes, e
+    assert len({(e["alpha"], e["beta"]) for e in noted}) > 1, "the link estimate never moved"
