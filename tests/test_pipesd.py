@@ -299,9 +299,10 @@ def _check_triggers(rounds: list[dict], r1: float, r2: float, lead_row: bool = F
             assert math.prod(conf[:k]) > r1 and conf[k - 1] > r2, f"window {r['round']} should have closed at {k}"
         fired = bool(conf) and (math.prod(conf) <= r1 or conf[-1] <= r2)  # none: a lead token at the limit
         assert fired == (trig["reason"] in ("r1", "r2")), trig
-        if not r["extra"].get("discarded") and "restarted_from" not in r["extra"]:
+        if not r["extra"].get("discarded"):
             # The trigger counts exactly the drafts the cloud verifies: not a first token sent
-            # as an id only (the previous verdict settled it).
+            # as an id only (the previous verdict settled it), nor, in a window restarted after
+            # a discard, the discarded drafts.
             settled = len(conf) - r["verified"]
             assert settled in ((0, 1) if lead_row else (0,)), (r["round"], len(conf), r["verified"])
         checked += fired
@@ -750,3 +751,13 @@ def test_each_verdict_notes_the_estimate_and_the_plan_made_from_it(pipesd_run):
     for e in noted:
         assert tuple(e["plan"]) == plan_batches(e["n_hat"], e["gamma"], e["alpha"], e["beta"]).sizes, e
     assert len({(e["alpha"], e["beta"]) for e in noted}) > 1, "the link estimate never moved"
+
+
+def test_with_one_window_in_flight_no_verdict_finds_proactive_tokens(monkeypatch):
+    """``max_windows=1``: the edge waits for each verdict before drafting on, so no verdict,
+    rejecting or not, finds tokens drafted beyond its window."""
+    reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 60, SamplingParams(), seed=i) for i in range(2)]
+    recs, _, _ = _observed_run(monkeypatch, {"r1": R1, "r2": R2, "max_windows": 1}, reqs, LINK)
+    verdicts = [r for rec in recs for r in rec.rounds if r.verified]
+    assert any(r.accepted < r.verified for r in verdicts), "no verdict rejected a draft"
+    assert not [r.round for r in verdicts if "proactive" in r.extra]
