@@ -761,3 +761,31 @@ def test_with_one_window_in_flight_no_verdict_finds_proactive_tokens(monkeypatch
     verdicts = [r for rec in recs for r in rec.rounds if r.verified]
     assert any(r.accepted < r.verified for r in verdicts), "no verdict rejected a draft"
     assert not [r.round for r in verdicts if "proactive" in r.extra]
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"r1": -0.001}, "pipesd: r1 must be in [0, 1], got -0.001"),
+    ({"r1": 1.001}, "pipesd: r1 must be in [0, 1], got 1.001"),
+    ({"r2": -0.5}, "pipesd: r2 must be in [0, 1], got -0.5"),
+    ({"r2": 1.5}, "pipesd: r2 must be in [0, 1], got 1.5"),
+    *[({key: 0}, f"pipesd: {key} must be >= 1, got 0")
+      for key in ("n_hat", "history", "max_windows", "tuner_trials", "tuner_tokens", "retune_window")],
+    ({"probe_sizes": -1}, "pipesd: probe_sizes must be >= 0, got -1"),
+    ({"uplink_q": "rows"}, "pipesd: uplink_q must be one of rule, full, got 'rows'"),
+    ({"verification": "dense"}, "pipesd: verification must be one of full, sparse, got 'dense'"),
+    ({"tuner": "offline"}, "pipesd: tuner must be one of none, online, got 'offline'"),
+    ({"tuner_method": "sgd"}, "pipesd: tuner_method must be one of bo, grid, random, got 'sgd'"),
+])
+def test_config_refuses_each_bad_value_by_name(override, message):
+    with pytest.raises(ValueError) as err:
+        PipeSDConfig(**override)
+    assert str(err.value) == message
+
+
+def test_config_accepts_the_bounds_and_refuses_an_unknown_dtype():
+    for override in ({"r1": 0.0, "r2": 0.0}, {"r1": 1.0, "r2": 1.0}, {"probe_sizes": 0},
+                     {key: 1 for key in ("n_hat", "history", "max_windows", "tuner_trials", "tuner_tokens",
+                                         "retune_window")}):
+        PipeSDConfig(**override)
+    with pytest.raises(TypeError):
+        PipeSDConfig(q_dtype="float17")
