@@ -370,6 +370,12 @@ def test_plan_follows_a_bandwidth_step_over_20_percent_only(tmp_path, factor, re
     print(f"\nuplink x{factor} at {step_at:.0f} s: re-plans for the link after the step: "
           f"{[(round(e['t'], 1), e['why'], e['plan']) for e in link_replans_after]}")
     assert bool(link_replans_after) == replans
+    # Every plan a verdict found in force is on record: the first window's (made after the
+    # probes) or one a noted re-plan made, restarted windows included.
+    extras = list(rounds["extra"].map(json.loads))
+    made = {tuple(e["plan"]) for e in events} | {tuple(extras[0]["plan"])}
+    found = {tuple(x["estimate"]["plan"]) for x in extras if "estimate" in x}
+    assert len(found) > 1 and found <= made, found - made
 
 
 def test_online_tuning_picks_candidates_off_the_event_loop(monkeypatch):

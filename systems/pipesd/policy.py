@@ -292,6 +292,8 @@ class PipeSDEdge(EdgePolicy):
         emitted = edge.apply(v, env)
         if edge.window != window_before:  # the speculation was discarded: a fresh window
             window.reset()
+            if self._replans:  # a restarted window's record starts afresh: keep its re-plans on it
+                edge.note("replans", self._replans)
         now = edge.ctx.clock.now()
         if self.tuning is not None:
             self.thresholds = self.tuning.observe(now - last, len(emitted), self.thresholds)
