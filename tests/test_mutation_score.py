@@ -75,3 +75,14 @@ def test_the_unchecked_names_come_on_one_line_for_make(tmp_path, capsys):
     assert main(["--mutants", str(tmp_path), "--unchecked", "systems.protocol.*"]) == 0
     out = capsys.readouterr().out
     assert out == "systems.protocol.x_f__mutmut_1 systems.protocol.x_f__mutmut_2\n"
+
+
+def test_shared_fixtures_run_per_test_only_while_mutmut_records_coverage(monkeypatch):
+    from tests.support import shared_scope
+
+    monkeypatch.delenv("MUTANT_UNDER_TEST", raising=False)
+    assert shared_scope("pipesd_run", None) == "module"
+    monkeypatch.setenv("MUTANT_UNDER_TEST", "systems.protocol.x_f__mutmut_1")  # a mutant's run
+    assert shared_scope("pipesd_run", None) == "module"
+    monkeypatch.setenv("MUTANT_UNDER_TEST", "stats")
+    assert shared_scope("pipesd_run", None) == "function"
