@@ -795,3 +795,25 @@ def test_config_accepts_the_bounds_and_refuses_an_unknown_dtype():
         PipeSDConfig(**override)
     with pytest.raises(TypeError):
         PipeSDConfig(q_dtype="float17")
+
+
+def test_online_tuning_is_told_each_verdicts_time_and_emitted_tokens(monkeypatch):
+    """The live re-tuning scores thresholds by time per emitted token: it is told, verdict by
+    verdict, the virtual time since the previous one and exactly the tokens that verdict
+    emitted, so over a request the tokens add up to its output."""
+    from systems.pipesd.policy import _OnlineTuning
+
+    told = []
+    real_observe = _OnlineTuning.observe
+
+    def observe(self, seconds, tokens, current):
+        told.append((seconds, tokens))
+        return real_observe(self, seconds, tokens, current)
+
+    monkeypatch.setattr(_OnlineTuning, "observe", observe)
+    reqs = [GenerationRequest("r0", [1, 2, 3], 40, SamplingParams(), seed=0)]
+    params = {"tuner": "online", "tuner_method": "random", "tuner_trials": 2, "tuner_tokens": 4}
+    recs, _, _ = _observed_run(monkeypatch, params, reqs, LINK)
+    assert sum(tokens for _, tokens in told) == len(recs[0].output_tokens)
+    assert all(seconds > 0 for seconds, _ in told)
+    assert sum(seconds for seconds, _ in told) <= recs[0].e2e
