@@ -817,3 +817,12 @@ def test_online_tuning_is_told_each_verdicts_time_and_emitted_tokens(monkeypatch
     assert sum(tokens for _, tokens in told) == len(recs[0].output_tokens)
     assert all(seconds > 0 for seconds, _ in told)
     assert sum(seconds for seconds, _ in told) <= recs[0].e2e
+
+
+def test_each_verdict_round_records_its_downlink(pipesd_run):
+    """A verdict came down the link: its round holds the bytes it took and its one-way time
+    (at least half the round trip)."""
+    verdicts = [r for r in _live(pipesd_run) if r["verified"]]
+    assert len(verdicts) >= 10
+    for r in verdicts:
+        assert r["bytes_down"] > 0 and r["t_downlink"] >= LINK.rtt_s / 2, (r["round"], r["bytes_down"], r["t_downlink"])
