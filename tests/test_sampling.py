@@ -275,3 +275,16 @@ def test_entropy_is_the_softmaxs_entropy_in_nats_at_any_scale():
         assert entropy(row) == pytest.approx(reference_entropy(reference(row)), rel=1e-12)
     assert entropy(np.array([0.0, -1e4, -1e4])) == pytest.approx(0.0, abs=1e-12)
     assert entropy(np.full(16, 7.0)) == pytest.approx(np.log(16), rel=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"temperature": -0.1}, "temperature must be >= 0, got -0.1"),
+    ({"top_k": -1}, "top_k must be >= 0 (0 = off), got -1"),
+    ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
+    ({"top_p": 1.0001}, "top_p must be in (0, 1], got 1.0001"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+])
+def test_sampling_params_refuse_each_bad_value_by_name(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**kwargs)
+    assert str(err.value) == message
