@@ -826,3 +826,12 @@ def test_each_verdict_round_records_its_downlink(pipesd_run):
     assert len(verdicts) >= 10
     for r in verdicts:
         assert r["bytes_down"] > 0 and r["t_downlink"] >= LINK.rtt_s / 2, (r["round"], r["bytes_down"], r["t_downlink"])
+
+
+def test_with_only_the_token_threshold_live_windows_close_on_r2(monkeypatch):
+    """r1 = 0 never fires, so a window closes where a draft's confidence is <= r2 ("r2"), or
+    at a stop or the limit."""
+    reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 40, SamplingParams(), seed=i) for i in range(2)]
+    recs, _, _ = _observed_run(monkeypatch, {"r1": 0.0, "r2": 0.9}, reqs, LINK)
+    reasons = [r.extra["trigger"]["reason"] for rec in recs for r in rec.rounds if "trigger" in r.extra]
+    assert "r2" in reasons and set(reasons) <= {"r2", "limit", "stop"}, reasons
