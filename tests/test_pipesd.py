@@ -216,6 +216,7 @@ VOCAB = 512
 # about as much per token as drafting one (36 ms), PipeSD's regime.
 LINK = LinkProfile("slow-up", rtt_s=0.02, up_bps=2e5, down_bps=2e7, overhead_bytes=66)
 R1, R2 = 0.05, 0.1
+FAR = LinkProfile("far", rtt_s=0.5, up_bps=2e6, down_bps=2e7, overhead_bytes=66)  # verdicts stay pending
 
 
 TARGET = create_engine("toy", role="target", vocab_size=VOCAB, seed=1, sharpness=6.0)
@@ -479,9 +480,8 @@ def test_windows_in_flight_never_exceed_max_windows(monkeypatch, max_windows):
         return msg
 
     monkeypatch.setattr(SpeculativeEdge, "prepare", prepare)
-    slow = LinkProfile("far", rtt_s=0.5, up_bps=2e6, down_bps=2e7, overhead_bytes=66)
     reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 60, SamplingParams(), seed=i) for i in range(2)]
-    _observed_run(monkeypatch, {"r1": 0.5, "r2": 0.3, "max_windows": max_windows}, reqs, slow)
+    _observed_run(monkeypatch, {"r1": 0.5, "r2": 0.3, "max_windows": max_windows}, reqs, FAR)
     assert max(depth) == max_windows
 
 
@@ -705,9 +705,8 @@ def test_the_first_proactive_token_goes_up_as_an_id_unless_lead_row(monkeypatch,
         return await real_send(self, msg)
 
     monkeypatch.setattr(SpeculativeEdge, "send", send)
-    slow = LinkProfile("far", rtt_s=0.5, up_bps=2e6, down_bps=2e7, overhead_bytes=66)
     reqs = [GenerationRequest(f"r{i}", [i + 1, 2, 3], 60, SamplingParams(), seed=i) for i in range(2)]
-    recs, _, _ = _observed_run(monkeypatch, {"r1": 0.5, "r2": 0.3, "lead_row": lead_row}, reqs, slow)
+    recs, _, _ = _observed_run(monkeypatch, {"r1": 0.5, "r2": 0.3, "lead_row": lead_row}, reqs, FAR)
     proactive = [r for rec in recs for r in rec.rounds if "proactive" in r.extra]
     assert proactive, "no verdict found proactive tokens beyond its window"
     assert any(implied) is not lead_row
