@@ -1,5 +1,5 @@
-"""The fleet simulator: N edge devices and k verifiers in one virtual time, on the plug-ins'
-own policy code, with nothing kept per finished request.
+"""The fleet simulator: N edge devices and k verifiers in virtual time, on the plug-ins' own
+policy code, with nothing kept per finished request.
 
 Each edge device (:class:`harness.fleet_plan.FleetEdge`) runs the system's edge policy over
 its own modelled link to its verifier, on its own modelled device, issuing requests by its
@@ -9,13 +9,19 @@ link end. The parts are the in-process runner's (:mod:`harness.inprocess`): the 
 with real message encoding, the real engines, the same edge client, so a fleet of one
 verifier gives the shared-time runner's tokens and times on the same edges and requests.
 
+Verifiers share nothing (no queue, no link, no device), so each verifier and the edges it
+serves form an island, simulated in a virtual time of its own from 0: the islands one after
+another in this process, or spread over worker processes (:mod:`harness.fleet_workers`),
+which gives the same records faster on more cores.
+
 What is not kept: a request's record, rounds and energy are handed to ``on_request`` as it
 ends and dropped; each pass of a cloud to ``on_batch``; busy stretches feed the streamed
 energy (:mod:`harness.fleet_energy`) and go; a session's link state goes when it closes.
 Requests are made as their edge takes them up, never listed ahead. A finished session
 leaves reference cycles (its tasks, queues and the policy's state point at each other),
 which Python's collector frees only now and then: the fleet collects them every
-``max(GC_EVERY, 2 N)`` requests, so its memory stays within a bound set by N, not by time.
+``max(GC_EVERY, 2 N)`` requests (N: the island's edges), so its memory stays within a bound
+set by N, not by time.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from harness.energy.virtual import VirtualEnergy
 from harness.fleet_energy import BusyFeed, CloudShares, EdgeBusy, request_energy
 from harness.fleet_loop import run_virtual
 from harness.fleet_plan import FleetEdge, FleetPlan
+from harness.fleet_workers import run_islands
 from harness.inprocess import RequestRecorder, edge_engine, serve_clients, serve_request, wire_padding
 from harness.link import CloudEnd
 from systems.api import CloudContext, GenerationRequest, Op, SystemSpec
@@ -59,7 +66,8 @@ class FleetRequest:
 @dataclass
 class FleetOptions:
     """How the fleet runs: the cloud's cost model, energy (run-level; ``edge_energy[i]`` where
-    edge i's device prices its own), callbacks, and the draft's distribution dtype."""
+    edge i's device prices its own), callbacks, the draft's distribution dtype, and the worker
+    processes that simulate the verifiers' islands."""
 
     cloud_cost: Callable[[Op], float] | None = None
     energy: VirtualEnergy | None = None
@@ -67,12 +75,14 @@ class FleetOptions:
     on_request: Callable[[RequestRecord, FleetRequest], None] | None = None
     on_batch: Callable[[BatchRecord, int], None] | None = None
     q_dtype: str = "float32"
+    workers: int = 1  # processes the verifiers' islands are spread over (1: all in this one)
 
 
 @dataclass
 class FleetTotals:
     """What a fleet run did, counted as it went: requests, output tokens, rounds, the cloud's
-    passes per verifier, the virtual time it ended at, and replies dropped for closed sessions."""
+    passes per verifier, the virtual time its last island ended at, and replies dropped for
+    closed sessions."""
 
     requests: int = 0
     tokens: int = 0
@@ -134,28 +144,26 @@ def arrival_stream(plan: FleetPlan, index: int):
     return times
 
 
-async def _fleet(spec: SystemSpec, cfg, edge_model: Engine | None, target: Engine | None, plan: FleetPlan,
-                 templates: Sequence[GenerationRequest], options: FleetOptions, totals: FleetTotals) -> None:
+async def _island(spec: SystemSpec, cfg, edge_model: Engine | None, target: Engine | None, plan: FleetPlan,
+                  templates: Sequence[GenerationRequest], options: FleetOptions, totals: FleetTotals,
+                  verifier: int) -> None:
+    """Verifier ``verifier`` and the edges it serves, in this loop's virtual time."""
     clock = LoopClock()
     padding = wire_padding(edge_model, target)
     loop = asyncio.get_running_loop()
-    ends, shares, tasks = [], [], []
-    totals.batches = [0] * plan.verifiers
-    for v in range(plan.verifiers):
-        end, share = CloudEnd(padding), CloudShares()
-        ends.append(end)
-        shares.append(share)
-        for i, e in enumerate(plan.edges):
-            if e.verifier == v and (times := arrival_stream(plan, i)) is not None:
-                share.expect(i, times)
-        if spec.cloud_cls is not None:
-            if options.cloud_cost is None:
-                compute = InstantCompute()
-            else:
-                compute = ModelledCompute(options.cloud_cost)
-                compute.intervals = BusyFeed(share.busy)
-            ctx = CloudContext(target, clock, compute, end, _BatchSink(v, totals, options.on_batch))
-            tasks.append(loop.create_task(spec.cloud_cls(cfg).serve(ctx)))
+    members = [i for i, e in enumerate(plan.edges) if e.verifier == verifier]
+    end, share, tasks = CloudEnd(padding), CloudShares(), []
+    for i in members:
+        if (times := arrival_stream(plan, i)) is not None:
+            share.expect(i, times)
+    if spec.cloud_cls is not None:
+        if options.cloud_cost is None:
+            compute = InstantCompute()
+        else:
+            compute = ModelledCompute(options.cloud_cost)
+            compute.intervals = BusyFeed(share.busy)
+        ctx = CloudContext(target, clock, compute, end, _BatchSink(verifier, totals, options.on_batch))
+        tasks.append(loop.create_task(spec.cloud_cls(cfg).serve(ctx)))
     has_cloud = spec.cloud_cls is not None and options.cloud_cost is not None
     energy = options.energy
     if energy is not None and spec.cloud_cls is not None and options.cloud_cost is None and energy.cloud is not None:
@@ -164,7 +172,6 @@ async def _fleet(spec: SystemSpec, cfg, edge_model: Engine | None, target: Engin
 
     async def client(index: int) -> None:
         e = plan.edges[index]
-        end, share = ends[e.verifier], shares[e.verifier]
         link = end.new_link(e.link)
         compute, busy = ModelledCompute(e.device.cost), EdgeBusy()  # a fleet edge always has a device profile
         compute.intervals = busy
@@ -200,24 +207,64 @@ async def _fleet(spec: SystemSpec, cfg, edge_model: Engine | None, target: Engin
             if totals.requests % collect_every == 0:
                 gc.collect()
 
-    collect_every = max(GC_EVERY, 2 * plan.n)
+    collect_every = max(GC_EVERY, 2 * len(members))
     try:
-        await serve_clients(spec, asyncio.gather(*(client(i) for i in range(plan.n))), tasks)
+        await serve_clients(spec, asyncio.gather(*(client(i) for i in members)), tasks)
     finally:
-        totals.virtual_s = clock.now()
-        totals.dropped_replies = sum(end.dropped for end in ends)
+        totals.virtual_s = max(totals.virtual_s, clock.now())
+        totals.dropped_replies += end.dropped
 
 
 def run_fleet(spec: SystemSpec, cfg, draft: Engine | None, target: Engine | None, plan: FleetPlan,
               templates: Sequence[GenerationRequest], options: FleetOptions | None = None) -> FleetTotals:
     """Simulate the fleet in virtual time; records go to ``options.on_request`` and
     ``options.on_batch`` as they happen. ``templates``: the workload's requests, which the
-    edges take in turn (:func:`edge_requests`). Returns the run's totals."""
+    edges take in turn (:func:`edge_requests`). Each verifier's island (it and its edges)
+    runs in its own virtual time from 0: one after another here, or spread over
+    ``options.workers`` processes (:mod:`harness.fleet_workers`), with the same records
+    either way. Returns the run's totals."""
     if not templates:
         raise ValueError("the fleet needs at least one request to take its prompts from")
-    totals = FleetTotals()
-    run_virtual(_fleet(spec, cfg, edge_engine(spec, draft, target), target, plan, list(templates),
-                       options or FleetOptions(), totals))
+    options = options or FleetOptions()
+    edge_model, templates = edge_engine(spec, draft, target), list(templates)
+    islands = [v for v in range(plan.verifiers) if any(e.verifier == v for e in plan.edges)]
+
+    def simulate(verifier: int, options: FleetOptions) -> FleetTotals:
+        part = FleetTotals(batches=[0] * plan.verifiers)
+        run_virtual(_island(spec, cfg, edge_model, target, plan, templates, options, part, verifier))
+        return part
+
+    if min(options.workers, len(islands)) < 2:
+        parts = [simulate(v, options) for v in islands]
+    else:
+        def in_worker(verifier: int, send) -> FleetTotals:
+            # the records go back to this process's callbacks; edges travel as their index
+            on_request = None if options.on_request is None else (
+                lambda rec, item: send(("request", rec, item.edge_index, item.template, item.request, item.session)))
+            on_batch = None if options.on_batch is None else (lambda rec, v: send(("batch", rec, v)))
+            return simulate(verifier, dataclasses.replace(options, on_request=on_request, on_batch=on_batch))
+
+        def receive(item) -> None:
+            if item[0] == "request":
+                _, rec, index, template, request, session = item
+                options.on_request(rec, FleetRequest(index, plan.edges[index], template, request, session))
+            else:
+                options.on_batch(item[1], item[2])
+
+        parts = run_islands(islands, options.workers, in_worker, receive)
+    return _sum(parts, plan.verifiers)
+
+
+def _sum(parts: Sequence[FleetTotals], verifiers: int) -> FleetTotals:
+    """The fleet's totals from its islands' (each counts its own verifier's passes)."""
+    totals = FleetTotals(batches=[0] * verifiers)
+    for part in parts:
+        totals.requests += part.requests
+        totals.tokens += part.tokens
+        totals.rounds += part.rounds
+        totals.batches = [a + b for a, b in zip(totals.batches, part.batches)]
+        totals.virtual_s = max(totals.virtual_s, part.virtual_s)
+        totals.dropped_replies += part.dropped_replies
     return totals
 
 

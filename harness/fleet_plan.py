@@ -30,7 +30,7 @@ from harness.profiles import RoleProfile, role_profile
 from netem.profile import ProfileError, parse_profile
 
 FLEET_KEYS = ("n", "verifiers", "assign", "duration_s", "requests_per_edge", "devices", "networks", "arrivals",
-              "slos", "seed", "rounds")
+              "slos", "seed", "rounds", "workers")
 ASSIGN_RULES = ("round_robin", "blocks", "random")
 ARRIVAL_KEYS = {"closed": {"think_time_s"}, "poisson": {"rate"}, "gamma": {"rate", "burstiness"}}
 SLO_KEYS = ("ttft_s", "tpot_s")
@@ -85,7 +85,8 @@ class FleetEdge:
 
 @dataclass(frozen=True)
 class FleetPlan:
-    """The fleet: its edges, verifiers, horizon and what its records keep."""
+    """The fleet: its edges, verifiers, horizon, what its records keep, and the worker
+    processes its verifiers' islands are spread over (None: as many as there are CPUs to use)."""
 
     edges: tuple[FleetEdge, ...]
     verifiers: int
@@ -95,6 +96,7 @@ class FleetPlan:
     seed: int
     rounds: bool
     declared: Mapping[str, Any]
+    workers: int | None = None
 
     @property
     def n(self) -> int:
@@ -111,6 +113,7 @@ class FleetPlan:
 
         return {"n": self.n, "verifiers": self.verifiers, "assign": self.assign, "duration_s": self.duration_s,
                 "requests_per_edge": self.requests_per_edge, "seed": self.seed, "rounds": self.rounds,
+                "workers": self.workers,
                 "figures": "modelled: virtual time; model work priced by the device profiles, the cloud's batches "
                            "by the run's cloud profile; the link by its model; the plug-ins' own policy code",
                 "declared": dict(self.declared),
@@ -266,6 +269,9 @@ def fleet_plan(data: Mapping[str, Any], *, run_device: RoleProfile, run_network:
     rounds = data.get("rounds", True)
     if not isinstance(rounds, bool):
         raise FleetError(f"fleet.rounds must be true or false (false: no per-round rows), got {rounds!r}")
+    workers = data.get("workers")
+    if workers is not None:
+        workers = _positive_int(workers, "workers", "processes to spread the verifiers over, or null for one per CPU")
 
     devices = []
     for name, w in _named_mix(data.get("devices"), "devices"):
@@ -306,7 +312,7 @@ def fleet_plan(data: Mapping[str, Any], *, run_device: RoleProfile, run_network:
                 "networks": {name: w for (name, _), w in networks} or "the run's network",
                 "arrivals": [{**a, "weight": w} for a, w in arrivals] or "closed loop",
                 "slos": [{"ttft_s": s[0], "tpot_s": s[1], "weight": w} for s, w in slos] or "the workload's slo"}
-    return FleetPlan(edges, k, assign, duration, per_edge, int(seed), rounds, declared)
+    return FleetPlan(edges, k, assign, duration, per_edge, int(seed), rounds, declared, workers)
 
 
 def describe_fleet(plan: FleetPlan) -> str:

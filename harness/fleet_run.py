@@ -30,6 +30,25 @@ from harness.edges import slo_met
 #: per-request columns of a fleet run: the multi-edge ones and the verifier that served it
 FLEET_COLUMNS = {**EDGE_COLUMNS, "verifier": "int64"}
 PROGRESS_EVERY_S = 10.0
+#: engines a forked worker may share: pure Python and numpy, no threads of their own
+FORK_SAFE_BACKENDS = ("fitted", "toy")
+
+
+def fleet_workers(fleet, engines) -> int:
+    """The processes the fleet's verifiers are spread over: ``fleet.workers``, else one per CPU
+    this process may use, at most one per verifier. A real model's engine keeps threads that a
+    forked process cannot share safely, so with one the fleet runs in this process (said once)."""
+    from harness.fleet_workers import usable_cpus
+
+    wanted = fleet.workers if fleet.workers is not None else usable_cpus()
+    workers = max(1, min(wanted, fleet.verifiers))
+    real = sorted({e.info.backend for e in engines if e is not None} - set(FORK_SAFE_BACKENDS))
+    if workers > 1 and real:
+        if fleet.workers is not None:
+            print(f"specwan: fleet.workers={fleet.workers} ignored: the {', '.join(real)} engine(s) cannot be "
+                  "shared with forked workers, so the fleet runs in this process (a fitted pair can)", file=sys.stderr)
+        return 1
+    return workers
 
 
 def fleet_row(plan: Plan, item, record) -> dict:
@@ -92,15 +111,16 @@ def execute_fleet(cfg: DictConfig, plan: Plan, run_dir: str | Path | None):
                           energy=rec.energy)
         if time.monotonic() - shown[0] > PROGRESS_EVERY_S:
             shown[0] = time.monotonic()
-            print(f"specwan: fleet at {rec.end:.1f} s of virtual time ({fleet.duration_s:g} s of arrivals)",
-                  file=sys.stderr, flush=True)
+            print(f"specwan: fleet at {rec.end:.1f} s of virtual time on verifier {item.edge.verifier} "
+                  f"({fleet.duration_s:g} s of arrivals)", file=sys.stderr, flush=True)
 
     def batch(rec, verifier: int) -> None:
         if writer is not None:
             writer.append_batch(rec, {"system": plan.system.name, "network": plan.link.name, "verifier": verifier})
 
+    workers = fleet_workers(fleet, (draft, target))
     options = FleetOptions(cloud_cost=plan.cloud.cost, energy=energy, edge_energy=edge_energy,
-                           on_request=finished, on_batch=batch)
+                           on_request=finished, on_batch=batch, workers=workers)
     wall = time.perf_counter()
     try:
         totals = run_fleet(plan.system, plan.system_config, draft, target, fleet, [t.request for t in turns], options)
@@ -109,7 +129,7 @@ def execute_fleet(cfg: DictConfig, plan: Plan, run_dir: str | Path | None):
             writer.update_manifest({"fleet": {"totals": {
                 "requests": totals.requests, "output_tokens": totals.tokens, "rounds": totals.rounds,
                 "batches_per_verifier": totals.batches, "virtual_s": totals.virtual_s,
-                "dropped_replies": totals.dropped_replies, "wall_s": round(wall, 3)}}})
+                "dropped_replies": totals.dropped_replies, "wall_s": round(wall, 3), "workers": workers}}})
             writer.mark_complete()
     finally:
         if writer is not None:
@@ -117,6 +137,7 @@ def execute_fleet(cfg: DictConfig, plan: Plan, run_dir: str | Path | None):
     where = f" -> {run_dir}" if run_dir is not None else ""
     print(f"{plan.system.name}: {describe_fleet(fleet)}; cloud {plan.cloud.name} [{plan.cloud.kind}]: "
           f"{totals.requests} requests, {totals.tokens} tokens in {totals.virtual_s:.1f} s of virtual time "
-          f"(modelled), simulated in {wall:.1f} s ({totals.tokens / max(wall, 1e-9):.0f} tokens per wall second)"
+          f"(modelled), simulated in {wall:.1f} s ({totals.tokens / max(wall, 1e-9):.0f} tokens per wall second"
+          f"{f', {workers} workers' if workers > 1 else ''})"
           f"{where}")
     return totals

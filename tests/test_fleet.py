@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -112,6 +113,76 @@ def test_verifiers_split_the_load_each_with_its_own_batches():
     assert all(idx == list(range(len(idx))) for idx in per_verifier)  # each numbers its own passes
 
 
+def _as_rows(got, batches):
+    """A fleet's records as comparable rows, in a fixed order (workers interleave them)."""
+    def row(record) -> str:
+        return json.dumps(dataclasses.asdict(record), sort_keys=True, default=str)
+
+    requests = sorted((row(r), item.edge_index, item.template, item.session) for r, item in got)
+    return requests, sorted((v, row(b)) for b, v in batches)
+
+
+@pytest.mark.parametrize("system", ["sled", "centralized"])
+def test_the_verifiers_islands_give_the_same_records_in_one_process_or_in_workers(system):
+    """Each verifier and its edges run in a virtual time of their own: spread over two worker
+    processes (one of them simulating two islands in turn) they give what one process gives,
+    row for row, energy included, and the same totals."""
+    plan = _plan(9, verifiers=3, duration=4.0)
+    one = _fleet(system, plan, _templates())
+    two = _fleet(system, plan, _templates(), workers=2)
+    assert len(one[0]) > 9 and {item.edge.verifier for _, item in two[0]} == {0, 1, 2}
+    assert all(r.energy and r.energy["edge_j"] > 0 for r, _ in two[0])
+    assert _as_rows(*one[:2]) == _as_rows(*two[:2])
+    assert one[2] == two[2] and one[2].batches[2] > 0
+
+
+class _FailsOnEdge1(get_system("sled").edge_cls):
+    """SLED's edge, except that edge e1's first request fails (in its worker) as ``how`` says."""
+
+    how, pid = "raise", os.getpid()
+
+    async def generate(self, request, ctx):
+        if "@e1." in request.request_id:
+            if self.how == "raise":
+                raise ValueError("boom on e1")
+            if os.getpid() != self.pid:  # never the test's own process
+                os.kill(os.getpid(), signal.SIGKILL)
+        return await super().generate(request, ctx)
+
+
+@pytest.mark.parametrize("how,error", [("raise", "boom on e1"), ("kill", "ended without finishing (exit code -9)")])
+def test_a_worker_that_fails_stops_the_run_with_its_error_and_the_finished_requests_kept(how, error, monkeypatch):
+    monkeypatch.setattr(_FailsOnEdge1, "how", how)
+    spec = dataclasses.replace(get_system("sled"), edge_cls=_FailsOnEdge1)
+    got = []
+    with pytest.raises((ValueError, RuntimeError), match=error.replace("(", r"\(").replace(")", r"\)")) as err:
+        run_fleet(spec, spec.make_config({}), *_pair(), _plan(4, verifiers=2, duration=200.0), _templates(),
+                  FleetOptions(cloud_cost=CLOUD.cost, on_request=lambda r, item: got.append(item), workers=2))
+    notes = "".join(getattr(err.value, "__notes__", [])) + str(err.value)
+    assert "verifier(s) [1]" in notes  # the failing worker is named
+    if how == "raise":
+        assert "generate" in notes  # with its traceback
+    assert all(item.edge.verifier == 0 for item in got)
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+def test_forked_workers_only_for_engines_without_threads_of_their_own(capsys):
+    from types import SimpleNamespace
+
+    from harness.fleet_run import fleet_workers
+
+    fitted = SimpleNamespace(info=SimpleNamespace(backend="fitted"))
+    real = SimpleNamespace(info=SimpleNamespace(backend="llamacpp"))
+    plan = _plan(8, verifiers=4)
+    assert fleet_workers(dataclasses.replace(plan, workers=3), (fitted, fitted)) == 3
+    assert fleet_workers(dataclasses.replace(plan, workers=9), (fitted, None)) == 4  # one per verifier at most
+    assert fleet_workers(_plan(8, verifiers=1), (fitted, fitted)) == 1
+    assert fleet_workers(plan, (fitted, fitted)) == min(4, len(os.sched_getaffinity(0)))
+    assert fleet_workers(plan, (real, fitted)) == 1 and capsys.readouterr().err == ""
+    assert fleet_workers(dataclasses.replace(plan, workers=2), (real, fitted)) == 1
+    assert "fleet.workers=2 ignored: the llamacpp engine(s)" in capsys.readouterr().err
+
+
 def test_mixes_are_drawn_as_declared_and_seeded():
     cfg = _compose(*TOY, "fleet.n=1000", "fleet.verifiers=4", "fleet.assign=blocks",
                    "fleet.devices=[{laptop_gpu_cloud: 3}, phone_gpu_cloud]",
@@ -143,6 +214,7 @@ def test_mixes_are_drawn_as_declared_and_seeded():
     (("fleet.duration_s=0",), "fleet.duration_s must be a number > 0"),
     (("+fleet.nn=3",), "fleet: unknown key(s) nn; valid: n,"),
     (("fleet.rounds=maybe",), "fleet.rounds must be true or false"),
+    (("fleet.workers=0",), "fleet.workers must be a positive integer (processes to spread the verifiers over"),
     (("edges.n=3",), "fleet.* replaces the edges group"),
     (("mode=wall",), "the fleet simulator runs in virtual time"),
 ])
@@ -266,19 +338,25 @@ def test_the_fleet_capacity_preset_sweeps_the_three_systems_up_to_a_thousand_edg
 # recalibrated, by code that still gave the old digests on the old pair. A change to the speed of
 # the code must leave them as they are. They rest on conf/pair/paper_pipesd.yaml, its WISP
 # controller, the fleet defaults, the device and network profiles and the prompts: a deliberate
-# change to what is simulated regenerates them (run fleet_digest on the new code).
+# change to what is simulated regenerates them (run fleet_digest on the new code). The files' rows
+# are hashed in sorted order since worker processes interleave them (the SLED run's records were
+# the same row for row, so only its digest's form changed). WISP's two verifiers then became
+# islands, each in its own virtual time: events at the same virtual time (devices alike, starting
+# together) now run in another order, as the timer heap happens to break ties; with ties broken
+# first scheduled, first run, one loop and two islands gave the same rows, so that is all that
+# changed.
 GOLDEN_FLEETS = {
     # one SLED verifier saturated by 60 devices (its queue grows), and WISP with its trained
     # controller on two verifiers
     "sled": (("system=sled", "fleet.n=60", "fleet.verifiers=1", "fleet.arrivals=[{kind: poisson, rate: 0.5}]"),
-             "8dfc3223c86564ae07d76bce02c05466fb756652ec54a24297d4301773c49720",
+             "6170f3b2d3e4772e3ea2228f45b6830a12a20c1667035d132b423929c8a44599",
              {"energy_edge_j": 24101.60278791711, "energy_cloud_j": 13654.590625785395,
               "energy_edge_idle_j": 10762.44138791702, "energy_cloud_idle_j": 1228.140625785145,
               "energy_wasted_j": 875.0268000000077}),
     "wisp": (("system=wisp", "fleet.n=60", "fleet.verifiers=2", "fleet.arrivals=[{kind: poisson, rate: 0.4}]"),
-             "9b9241c4fed915cd351f331a0a26445a230c81107d906f591424aa7981722985",
-             {"energy_edge_j": 14425.760828583692, "energy_cloud_j": 15249.223066494169,
-              "energy_edge_idle_j": 3246.9504285837165, "energy_cloud_idle_j": 1825.4230664942177,
+             "9022a26d9bfe68b87e4c4b8de53ec5156599b011da96d204a0115f31b1a383d0",
+             {"energy_edge_j": 14408.22777002126, "energy_cloud_j": 15176.170464218887,
+              "energy_edge_idle_j": 3229.417370021286, "energy_cloud_idle_j": 1823.7704642189192,
               "energy_wasted_j": 379.11599999999925}),
 }
 _REQUEST_KEYS = ("request_id", "output_ids", "start", "end", "token_times", "bytes_up", "bytes_down", "rounds",
@@ -293,7 +371,8 @@ _BATCH_KEYS = ("verifier", "index", "kind", "start", "end", "sessions", "rounds"
 
 def fleet_digest(folder, overrides) -> tuple[str, dict]:
     """A fleet run on the paper_pipesd pair (10 s of arrivals, 32 tokens a request): the sha256 of
-    its records in the order written, and its requests' energy summed per field."""
+    its records, each file's rows in sorted order (worker processes interleave them), and its
+    requests' energy summed per field."""
     import hashlib
 
     cfg = _compose("pair=paper_pipesd", "fleet=default", "fleet.duration_s=10", "max_new_tokens=32",
@@ -302,10 +381,11 @@ def fleet_digest(folder, overrides) -> tuple[str, dict]:
     h, energy = hashlib.sha256(), {}
     for name, keys in (("requests.jsonl", _REQUEST_KEYS), ("rounds.jsonl", _ROUND_KEYS),
                        ("batches.jsonl", _BATCH_KEYS)):
-        for line in (folder / name).read_text().splitlines():
-            row = json.loads(line)
-            h.update(json.dumps([row[k] for k in keys]).encode())
-            if name == "requests.jsonl":
+        rows = [json.loads(line) for line in (folder / name).read_text().splitlines()]
+        for text in sorted(json.dumps([row[k] for k in keys]) for row in rows):
+            h.update(text.encode())
+        if name == "requests.jsonl":
+            for row in rows:
                 for k in GOLDEN_FLEETS["sled"][2]:
                     energy[k] = energy.get(k, 0.0) + (row[k] or 0.0)
     return h.hexdigest(), energy
