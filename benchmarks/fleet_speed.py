@@ -10,11 +10,14 @@ protocol in systems/, the engine, asyncio, numpy, writing records). Everything i
 ``results/fleet-speed-<pair>-<system>/`` (speed.json, profile.txt).
 
     python benchmarks/fleet_speed.py [--pair paper_pipesd] [--system sled] [--n 10,100,1000]
-                                     [--duration 60] [--rate 0.05] [--profile-n 100] [--repeat 1]
+                                     [--duration 60] [--rate 0.05] [--verifiers 1] [--workers W]
+                                     [--profile-n 100] [--repeat 1]
 
 The load is the fleet default's: each device draws a laptop, phone or IoT board on a WAN, 4G
 or LAN, and issues Poisson requests at ``--rate`` per second (64 new tokens each). The
-issue's goal: 1,000 devices x 10 minutes of virtual time in <= 60 s on 2 cores.
+issue's goal: 1,000 devices x 10 minutes of virtual time in <= 60 s on 2 cores. With
+``--verifiers`` k > 1 the k islands run in the fleet's worker processes (``--workers``); peak
+RSS is then the largest process's (each worker holds its islands' state).
 """
 
 from __future__ import annotations
@@ -42,10 +45,12 @@ AREAS = (("records (harness/fleet_writer, results)", ("harness/fleet_writer", "h
          ("numpy", ("numpy/",)))
 
 
-def overrides(args, n: int) -> list[str]:
+def overrides(args, n: int, workers: int | None = None) -> list[str]:
+    workers = args.workers if workers is None else workers
     out = [f"pair={args.pair}", f"system={args.system}", "fleet=default", f"fleet.n={n}",
            f"fleet.duration_s={args.duration}", f"fleet.arrivals=[{{kind: poisson, rate: {args.rate}}}]",
-           f"max_new_tokens={args.tokens}", "workload.chat_template=false"]
+           f"max_new_tokens={args.tokens}", "workload.chat_template=false",
+           f"fleet.verifiers={min(args.verifiers, n)}", f"fleet.workers={'null' if workers is None else workers}"]
     return out + (["fleet.rounds=false"] if not args.rounds else [])
 
 
@@ -65,7 +70,7 @@ def run_child(args, n: int, folder: Path) -> dict:
     return {"n": n, "virtual_s": round(totals["virtual_s"], 1), "requests": totals["requests"],
             "output_tokens": totals["output_tokens"], "wall_s": wall, "process_s": round(total, 1),
             "tokens_per_wall_s": round(totals["output_tokens"] / wall), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "batches": sum(totals["batches_per_verifier"])}
+            "batches": sum(totals["batches_per_verifier"]), "workers": totals.get("workers", 1)}
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -86,7 +91,7 @@ def profile(args, n: int, folder: Path) -> tuple[str, dict]:
     from harness.run import CONF_DIR, execute
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(config_name="config", overrides=overrides(args, n))
+        cfg = compose(config_name="config", overrides=overrides(args, n, workers=1))  # the profile sees one process
     prof = cProfile.Profile()
     prof.enable()
     execute(cfg, folder)
@@ -111,6 +116,9 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=0.05, help="requests per second per device (Poisson)")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     p.add_argument("--rounds", action=argparse.BooleanOptionalAction, default=True, help="write per-round rows")
+    p.add_argument("--verifiers", type=int, default=1, help="verifiers (each an island; at most N)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes for the islands (default: the fleet's, one per CPU)")
     p.add_argument("--profile-n", type=int, default=100, help="the N profiled in this process (0: none)")
     p.add_argument("--repeat", type=int, default=1, help="runs per N (the Ns interleaved); the medians are reported")
     p.add_argument("--out", default=None, help="folder for the figures (default results/fleet-speed-<pair>-<system>)")
@@ -119,9 +127,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     print(f"fleet speed: {args.system} on {args.pair}, {args.duration:g} s of virtual time, Poisson {args.rate}/s "
-          f"per device, {args.tokens} tokens per request, {os.cpu_count()} CPU(s)")
+          f"per device, {args.tokens} tokens per request, {args.verifiers} verifier(s), {os.cpu_count()} CPU(s)")
     print(f"{'N':>6} {'requests':>9} {'tokens':>9} {'virtual s':>9} {'wall s':>7} {'tok/wall s':>10} "
-          f"{'peak RSS MB':>11}")
+          f"{'peak RSS MB':>11} {'workers':>7}")
     ns = [int(x) for x in args.n.split(",")]
     runs: dict[int, list[dict]] = {n: [] for n in ns}
     with tempfile.TemporaryDirectory(prefix="specwan-fleet-speed-") as tmp:
@@ -130,7 +138,8 @@ def main() -> int:
                 row = run_child(args, n, Path(tmp) / f"n{n}-{rep}")
                 runs[n].append(row)
                 print(f"{n:>6} {row['requests']:>9} {row['output_tokens']:>9} {row['virtual_s']:>9} "
-                      f"{row['wall_s']:>7.1f} {row['tokens_per_wall_s']:>10} {row['peak_rss_mb']:>11}", flush=True)
+                      f"{row['wall_s']:>7.1f} {row['tokens_per_wall_s']:>10} {row['peak_rss_mb']:>11} "
+                      f"{row['workers']:>7}", flush=True)
         text, areas = profile(args, args.profile_n, Path(tmp) / "profiled") if args.profile_n else ("", {})
     for n in ns:
         rows.append(median_row(runs[n]))
@@ -138,7 +147,7 @@ def main() -> int:
         print(f"medians of {args.repeat} runs:")
         for row in rows:
             print(f"{row['n']:>6} {row['requests']:>9} {row['output_tokens']:>9} {row['virtual_s']:>9} "
-                  f"{row['wall_s']:>7.1f} {row['tokens_per_wall_s']:>10} {row['peak_rss_mb']:>11}")
+                  f"{row['wall_s']:>7.1f} {row['tokens_per_wall_s']:>10} {row['peak_rss_mb']:>11} {row['workers']:>7}")
     big = max(rows, key=lambda r: r["n"])
     scale = 600.0 / args.duration
     print(f"goal: 1,000 devices x 10 min in <= 60 s; at N={big['n']} this rate gives "
@@ -149,6 +158,7 @@ def main() -> int:
         for name, sec in areas.items():
             print(f"  {100 * sec / total:5.1f}%  {name}")
     (out / "speed.json").write_text(json.dumps({"pair": args.pair, "system": args.system, "duration_s": args.duration,
+                                                "verifiers": args.verifiers,
                                                 "rate_per_device": args.rate, "tokens": args.tokens,
                                                 "cpus": os.cpu_count(), "rows": rows, "profile_n": args.profile_n,
                                                 "profile_areas_s": areas}, indent=2) + "\n")
