@@ -247,12 +247,16 @@ def test_rounds_false_writes_no_round_rows(tmp_path):
     assert len(requests) and len(rounds) == 0 and (requests["rounds"] > 0).all()
 
 
-def test_a_killed_fleet_run_keeps_the_requests_that_finished(tmp_path):
-    """Records are on disk as each request ends: a run killed mid-way leaves whole rows."""
+def test_a_killed_fleet_run_keeps_the_requests_that_finished_and_leaves_no_worker(tmp_path):
+    """Records are on disk as each request ends: a run killed mid-way leaves whole rows, and
+    its worker processes end with it."""
+    import psutil
+
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", *TOY, "system=sled", "fleet.n=50",
-                             "fleet.duration_s=100000", f"hydra.run.dir={out}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "fleet.verifiers=2", "fleet.workers=2", "fleet.duration_s=100000",
+                             f"hydra.run.dir={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -262,11 +266,18 @@ def test_a_killed_fleet_run_keeps_the_requests_that_finished(tmp_path):
             time.sleep(0.2)
         else:
             pytest.fail("the fleet wrote no 20 requests in time")
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, alive
     finally:
         if proc.poll() is None:
             proc.kill()
+        for w in workers:
+            if w.is_running():
+                w.kill()
     manifest, requests, rounds = load_run(out)
     assert not manifest.get("complete") and len(requests) >= 20
     assert requests["n_tokens"].gt(0).all() and set(rounds["request_id"]) <= set(requests["request_id"])
