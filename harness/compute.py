@@ -21,11 +21,10 @@ class InstantCompute:
 
 
 class Busy(NamedTuple):
-    """One stretch of model work on a modelled device: when, what, and for which sessions."""
+    """One stretch of model work on a modelled device: when, and for which sessions."""
 
     start: float
     end: float
-    kind: str
     sessions: tuple[str, ...] = ()  # empty when the policy did not say
 
     @property
@@ -36,15 +35,14 @@ class Busy(NamedTuple):
 class ModelledCompute:
     """Runs work at once, then advances the clock by its modelled cost (virtual time).
 
-    One device does one thing at a time: concurrent work queues on it. ``busy`` sums the
-    modelled seconds; ``intervals`` keeps each stretch (:class:`Busy`, on the loop's clock)
-    so energy can be attributed to requests and rounds (:mod:`harness.energy.virtual`).
+    One device does one thing at a time: concurrent work queues on it. ``intervals`` keeps
+    each stretch (:class:`Busy`, on the loop's clock) so energy can be attributed to requests
+    and rounds (:mod:`harness.energy.virtual`).
     """
 
     def __init__(self, cost: Callable[[Op], float]):
         self.cost = cost
         self._lock: asyncio.Lock | None = None
-        self.busy = 0.0
         self.intervals: list[Busy] = []
 
     async def run(self, op: Op, fn: Callable[[], T]) -> T:
@@ -53,9 +51,8 @@ class ModelledCompute:
         async with self._lock:
             result = fn()
             seconds = float(self.cost(op))
-            self.busy += seconds
             start = asyncio.get_running_loop().time()
-            self.intervals.append(Busy(start, start + seconds, op.kind, tuple(op.sessions)))
+            self.intervals.append(Busy(start, start + seconds, tuple(op.sessions)))
             await asyncio.sleep(seconds)
             return result
 

@@ -442,7 +442,7 @@ def test_the_rounds_idle_sweep_sums_exactly_what_the_scan_of_every_interval_sums
         for _ in range(int(rng.integers(0, 40))):
             t += float(rng.exponential(0.05))
             d = float(rng.choice([0.0, rng.exponential(0.03)]))
-            ivs.append(Busy(t, t + d, "draft"))
+            ivs.append(Busy(t, t + d))
             t += d
         if trial % 5 == 0:
             rng.shuffle(ivs)
