@@ -1,9 +1,8 @@
-"""Devices that run model work for a role: instantly, priced by a profile, or on a thread."""
+"""Devices that run model work for a role in one process: instantly, or priced by a profile."""
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple, TypeVar
 
 from systems.api import Op
@@ -55,16 +54,3 @@ class ModelledCompute:
             self.intervals.append(Busy(start, start + seconds, tuple(op.sessions)))
             await asyncio.sleep(seconds)
             return result
-
-
-class ThreadCompute:
-    """Runs work on one worker thread so the event loop keeps serving the link (wall time)."""
-
-    def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-
-    async def run(self, op: Op, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
