@@ -40,3 +40,15 @@ def test_a_wait_that_nothing_can_end_is_a_deadlock_named_as_such(loop):
     with pytest.raises(RuntimeError) as err:
         LOOPS[loop](main())
     assert str(err.value) == DEADLOCK
+
+
+def test_run_uses_virtual_time_or_the_wall_clock_as_asked():
+    clock = LoopClock()
+
+    async def main():
+        t0 = clock.now()
+        await clock.sleep(0.02)
+        return clock.now() - t0
+
+    assert run(main(), virtual=True) == 0.02  # the clock jumped, exactly
+    assert 0.02 <= run(main(), virtual=False) < 5.0  # the wall clock's loop waited
