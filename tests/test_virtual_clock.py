@@ -51,4 +51,4 @@ def test_run_uses_virtual_time_or_the_wall_clock_as_asked():
         return clock.now() - t0
 
     assert run(main(), virtual=True) == 0.02  # the clock jumped, exactly
-    assert 0.02 <= run(main(), virtual=False) < 5.0  # the wall clock's loop waited
+    assert run(main(), virtual=False) >= 0.02  # the wall clock's loop waited
