@@ -52,6 +52,17 @@ def test_jitter_spread():
     assert statistics.mean(d) == pytest.approx(0.05, abs=0.003)
 
 
+def test_uniform_jitter_stays_within_its_bounds():
+    """A uniform jitter of standard deviation s spreads the one-way delay over +-s*sqrt(3) and no
+    further (a normal draw of the same s would pass that bound for about 8% of messages)."""
+    p = LinkProfile("jit", rtt_s=0.1, jitter_s=0.01, seed=3, jitter_distribution="uniform")
+    d = _deliveries(p, [10] * 400, gap=0.05)
+    half = 0.01 * 3 ** 0.5
+    assert all(0.05 - half - 1e-9 <= x <= 0.05 + half + 1e-9 for x in d)
+    assert max(d) - min(d) > 1.8 * half  # it does spread over (nearly) the whole range
+    assert statistics.pstdev(d) == pytest.approx(0.01, rel=0.25)
+
+
 def test_jitter_never_reorders():
     """Messages 1 ms apart with 10 ms of jitter would overtake each other often if each kept
     its own draw; on one stream they land in the order sent, a late one holding back those
