@@ -63,6 +63,16 @@ def test_uniform_jitter_stays_within_its_bounds():
     assert statistics.pstdev(d) == pytest.approx(0.01, rel=0.25)
 
 
+def test_without_loss_a_messages_size_does_not_change_the_jitter_of_the_ones_after():
+    """The seeded jitter is drawn once per message: on a loss-free link, small and large
+    messages (1 and 14 segments) sent at the same times get the same delays."""
+    p = LinkProfile("jit", rtt_s=0.1, jitter_s=0.01, seed=5)
+    small = _deliveries(p, [10] * 50, gap=1.0)
+    large = _deliveries(p, [20_000] * 50, gap=1.0)
+    assert len(set(small)) > 40  # the jitter is there
+    assert small == large
+
+
 def test_jitter_never_reorders():
     """Messages 1 ms apart with 10 ms of jitter would overtake each other often if each kept
     its own draw; on one stream they land in the order sent, a late one holding back those
