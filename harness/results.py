@@ -88,6 +88,7 @@ DEFAULT_KEY_FIELDS: tuple[str, ...] = ("system", "pair", "network", "workload", 
 DEFAULT_IGNORED_CONFIG_KEYS: tuple[str, ...] = (
     "hydra", "run_dir", "output_dir", "results_dir", "resume", "progress", "verbose", "log_level",
     "out",  # where the run folders go: moving a sweep changes nothing it measured
+    "fleet.workers",  # how many processes simulate a fleet: its records are the same with any number
 )
 
 # Manifest entries compared (besides the config) when a run folder is reopened.

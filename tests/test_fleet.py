@@ -17,6 +17,7 @@ import tracemalloc
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from harness.energy.virtual import VirtualEnergy
 from harness.fleet import FleetOptions, run_fleet
@@ -164,6 +165,17 @@ def test_a_worker_that_fails_stops_the_run_with_its_error_and_the_finished_reque
         assert "generate" in notes  # with its traceback
     assert all(item.edge.verifier == 0 for item in got)
     assert not [p for p in multiprocessing.active_children() if p.is_alive() and p.pid not in before]
+
+
+def test_the_worker_count_leaves_the_config_hash_alone():
+    """Records carry the config's hash; the workers change nothing recorded, so not the hash."""
+    from harness.results import config_hash
+
+    def digest(*overrides):
+        return config_hash(OmegaConf.to_container(_compose(*TOY, *overrides), resolve=True))
+
+    assert digest("fleet.workers=1") == digest("fleet.workers=2") == digest()
+    assert digest("fleet.n=7") != digest()
 
 
 def test_forked_workers_only_for_engines_without_threads_of_their_own(capsys):
