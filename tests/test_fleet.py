@@ -119,7 +119,7 @@ def _as_rows(got, batches):
     def row(record) -> str:
         return json.dumps(dataclasses.asdict(record), sort_keys=True, default=str)
 
-    requests = sorted((row(r), item.edge_index, item.template, item.session) for r, item in got)
+    requests = sorted((row(r), item.edge_index, item.edge.name, item.template, item.session) for r, item in got)
     return requests, sorted((v, row(b)) for b, v in batches)
 
 
@@ -135,6 +135,10 @@ def test_the_verifiers_islands_give_the_same_records_in_one_process_or_in_worker
     assert all(r.energy and r.energy["edge_j"] > 0 for r, _ in two[0])
     assert _as_rows(*one[:2]) == _as_rows(*two[:2])
     assert one[2] == two[2] and one[2].batches[2] > 0
+    totals = two[2]  # the islands' totals, summed
+    assert totals.requests == len(two[0]) and totals.tokens == sum(r.n_tokens for r, _ in two[0])
+    assert totals.rounds == sum(len(r.rounds) for r, _ in two[0]) and sum(totals.batches) == len(two[1])
+    assert totals.virtual_s == pytest.approx(max(r.end for r, _ in two[0]))
 
 
 class _FailsOnEdge1(get_system("sled").edge_cls):
