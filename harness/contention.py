@@ -16,6 +16,8 @@ from typing import Any, Iterable
 
 import psutil
 
+from harness.sysinfo import usable_cpus
+
 DEFAULT_SAMPLE_S = 0.5
 #: a process using at least this share of one core is listed as busy
 BUSY_SHARE = 0.10
@@ -101,11 +103,7 @@ def sample(seconds: float = DEFAULT_SAMPLE_S, exclude: Iterable[int] = (),
         if pct >= BUSY_SHARE * 100:
             busy.append({"pid": p.pid, "name": name, "cpu_percent": round(pct, 1), "command": _command(p)})
     busy.sort(key=lambda b: -b["cpu_percent"])
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 1
-    return ContentionSample(round(elapsed, 3), usable, round(total / 100.0, 3), busy, dict(engine_threads or {}))
+    return ContentionSample(round(elapsed, 3), usable_cpus(), round(total / 100.0, 3), busy, dict(engine_threads or {}))
 
 
 def planned_threads(pair) -> dict[str, int | None]:

@@ -38,7 +38,7 @@ def fleet_workers(fleet, engines) -> int:
     """The processes the fleet's verifiers are spread over: ``fleet.workers``, else one per CPU
     this process may use, at most one per verifier. A real model's engine keeps threads that a
     forked process cannot share safely, so with one the fleet runs in this process (said once)."""
-    from harness.fleet_workers import usable_cpus
+    from harness.sysinfo import usable_cpus
 
     wanted = fleet.workers if fleet.workers is not None else usable_cpus()
     workers = max(1, min(wanted, fleet.verifiers))

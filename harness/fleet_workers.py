@@ -79,14 +79,6 @@ def _work(conn: Connection, islands: Sequence[int], simulate: Callable[[int, Cal
         conn.close()
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def run_islands(islands: Sequence[int], workers: int, simulate: Callable[[int, Callable[[Any], None]], Any],
                 receive: Callable[[Any], None]) -> list:
     """Simulate each island with ``simulate(island, send)`` in ``workers`` forked processes;
@@ -137,4 +129,4 @@ def run_islands(islands: Sequence[int], workers: int, simulate: Callable[[int, C
             conn.close()
 
 
-__all__ = ("run_islands", "usable_cpus")
+__all__ = ("run_islands",)

@@ -85,11 +85,15 @@ def cpu_info(cpuinfo: str | None = None) -> CpuInfo:
             model = value.strip() or None
         elif key == "flags" and not flags:
             flags = frozenset(value.split())
+    return CpuInfo(model, flags, usable_cpus())
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity; all of them where it cannot be read)."""
     try:
-        usable = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        usable = os.cpu_count() or 1
-    return CpuInfo(model, flags, usable)
+        return os.cpu_count() or 1
 
 
 def parse_cmake_options(cmake_args: str) -> dict[str, bool]:
