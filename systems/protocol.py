@@ -670,7 +670,7 @@ def check_message(msg, sessions: dict, engine) -> None:
         raise SessionError(f"unexpected message {type(msg).__name__} at the verifier")
 
 
-def check_generation(msg, sessions: dict, engine, server: str = "a cloud that decodes alone") -> None:
+def check_generation(msg, sessions: dict, engine, server: str) -> None:
     """Raise :class:`SessionError` (one line) for an edge's message a cloud that decodes each
     request alone (cloud-only, centralized) cannot serve: a :class:`Generate` for a session
     not yet open here, with a prompt of the vocabulary's ids that leaves room in the context,
@@ -780,7 +780,7 @@ class GuardedCloud(CloudPolicy):
     def begin(self, ctx: CloudContext) -> None:
         """Start serving on ``ctx``, with no session failed yet."""
         self.ctx = ctx
-        self.failed: dict[str, str] = {}  # sessions the cloud failed, with the reason
+        self.failed: set[str] = set()  # sessions the cloud failed (the reason went to their edge)
 
     @abstractmethod
     def check(self, msg) -> None:
@@ -802,7 +802,7 @@ class GuardedCloud(CloudPolicy):
             # CloseSession: then its name is free again (its Failure may never have reached an
             # edge that closed it first; a later session of that name must be served or failed).
             if isinstance(env.msg, CloseSession):
-                del self.failed[session]
+                self.failed.discard(session)
             return
         try:
             check_fields(env.msg)
@@ -813,7 +813,7 @@ class GuardedCloud(CloudPolicy):
 
     async def fail(self, session: str, reason: str) -> None:
         """Close ``session`` and its queued work, and tell its edge why (:class:`Failure`)."""
-        self.failed[session] = reason
+        self.failed.add(session)
         self.drop(session)
         try:
             await self.ctx.link.send(Failure(session, reason))
