@@ -103,6 +103,41 @@ def test_rows_are_a_function_of_the_context_alone():
     np.testing.assert_array_equal(b.logits_for([5, 6, 7, 9, 10]), rows[2])
 
 
+def test_rows_kept_by_their_key_are_the_rows_computed_afresh_and_the_keeping_is_bounded(monkeypatch):
+    """Rows served from the engine's memo of row shapes equal rows computed with an empty one,
+    and the memo never holds more than MEMO_ROWS shapes (memory flat in simulated tokens)."""
+    import systems.engines.fitted as fitted
+
+    monkeypatch.setattr(fitted, "MEMO_ROWS", 16)
+    kept, _ = pair()
+    ctx = [5, 6, 7]
+    block = list(range(10, 60))
+    for _ in range(3):  # the same rows again: served from the memo, cleared twice on the way
+        s = kept.new_session()
+        s.prefill(ctx)
+        rows = s.score(block)
+        assert len(kept._shapes) <= 16 and len(kept._agree_draws) <= 16
+        fresh, _ = pair()
+        other = fresh.new_session()
+        other.prefill(ctx[:1])
+        np.testing.assert_array_equal(rows, other.score(ctx[1:] + block)[len(ctx) - 1:])
+        s.close()
+    # one key (position and last tokens), different histories: the draft's chain state differs
+    monkeypatch.setattr(fitted, "MEMO_ROWS", 1 << 16)
+    kept, _ = pair()
+    rng = np.random.default_rng(4)
+    mixed = 0
+    for end in range(1, 21):
+        states = set()
+        for _ in range(10):
+            ctx = [int(x) for x in rng.integers(1, 64, size=6)] + [end, 4, 5]
+            fresh, _ = pair()
+            np.testing.assert_array_equal(kept.logits_for(ctx), fresh.logits_for(ctx))
+            states.add(fresh.agrees_after(ctx))
+        mixed += states == {True, False}
+    assert mixed >= 3  # keys met in both chain states
+
+
 def test_full_distribution_uploads_cost_the_declared_vocabulary():
     def bytes_up(wire):
         draft, target = pair(vocab=64, wire=wire)

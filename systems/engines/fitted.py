@@ -48,6 +48,7 @@ EOS = 0
 _MASK = (1 << 64) - 1
 _KNOT_LISTS = ("conf_agree", "conf_disagree", "entropy_agree", "entropy_disagree", "target_conf")
 _LOG_FLOOR = math.log(1e-12)
+MEMO_ROWS = 1 << 16  # row shapes kept per engine (about 200 bytes each)
 CATEGORY_KEYS = ("agree", *_KNOT_LISTS, "target_tail", "eos_rate")
 
 
@@ -195,6 +196,11 @@ class FittedEngine(Engine):
                    "kind": "modelled"},
         )
         self.rows_computed = 0
+        # Rows recur: the fleet's edges take the workload's prompts in turn, and a greedy decode
+        # of a prompt is the same every time, so each row's shape is kept by its key (the row is
+        # a function of it), up to MEMO_ROWS of them (then they are dropped and recomputed).
+        self._shapes: dict[int, tuple[int, float, int, float]] = {}
+        self._agree_draws: dict[int, float] = {}  # the chain's uniform at each row key, kept alike
 
     # ---- the model ----------------------------------------------------------------------
     def _key(self, length: int, tokens: Sequence[int]) -> int:
@@ -217,18 +223,30 @@ class FittedEngine(Engine):
 
     def _fill(self, row: np.ndarray, length: int, tokens: Sequence[int], agrees: bool) -> None:
         """Write :meth:`_row` into ``row``, which holds ``_LOG_FLOOR`` everywhere."""
+        key = self._key(length, tokens)
+        memo = (key << 1) | agrees
+        shape = self._shapes.get(memo)
+        if shape is None:
+            shape = self._row_shape(key, agrees)
+            if len(self._shapes) >= MEMO_ROWS:
+                self._shapes.clear()
+            self._shapes[memo] = shape
+        self._put(row, *shape)
+
+    def _row_shape(self, key: int, agrees: bool) -> tuple[int, float, int, float]:
+        """The row of key ``key`` as :meth:`_shape` gives it."""
         m, vocab = self.model, self.info.vocab_size
-        u_top, u_eos, u_conf, u_other, u_tconf = _uniforms(self._key(length, tokens), 5)
+        u_top, u_eos, u_conf, u_other, u_tconf = _uniforms(key, 5)
         top = self._target_top(u_top, u_eos)
         if self.role == "target":
-            return self._put(row, *self._shape(top, quantile(m.target_conf, u_tconf), None, m.target_tail))
+            return self._shape(top, quantile(m.target_conf, u_tconf), None, m.target_tail)
         if agrees:
             conf, entropy = quantile(m.conf_agree, u_conf), quantile(m.entropy_agree, 1.0 - u_conf)
             mine = top
         else:
             conf, entropy = quantile(m.conf_disagree, u_conf), quantile(m.entropy_disagree, 1.0 - u_conf)
             mine = (top + 1 + int(u_other * (vocab - 1))) % vocab  # any token but the target's top
-        self._put(row, *self._shape(mine, conf, entropy, None))
+        return self._shape(mine, conf, entropy, None)
 
     def _logits(self, top: int, conf: float, entropy: float | None, tail: int | None) -> np.ndarray:
         """Log-probabilities with ``conf`` on ``top`` and the rest evenly over ``tail`` tokens
@@ -265,10 +283,17 @@ class FittedEngine(Engine):
         """Extend the chain of run lengths to cover the rows after ``tokens[:upto]``."""
         tokens, runs, agree = seq.tokens, seq.runs, self.model.agree
         last = len(agree) - 1
+        draws = self._agree_draws
         while len(runs) <= upto:
             i = len(runs)
             prev = runs[i - 1] if i else 0
-            u = _uniforms(self._key(i, tokens) ^ 0x5EED, 1)[0]
+            key = self._key(i, tokens)
+            u = draws.get(key)
+            if u is None:
+                u = _uniforms(key ^ 0x5EED, 1)[0]
+                if len(draws) >= MEMO_ROWS:
+                    draws.clear()
+                draws[key] = u
             runs.append(prev + 1 if u < agree[min(prev, last)] else 0)
 
     def logits_for(self, context: Sequence[int]) -> np.ndarray:
