@@ -620,13 +620,11 @@ def check_prompt(prompt, engine) -> None:
 
 def check_sampling(temperature, top_k, top_p, seed) -> SamplingParams:
     """The sampling settings of an edge's first message, or :class:`SessionError` naming what is
-    wrong (numbers of the wrong type, a temperature that is not finite, a negative seed)."""
-    if not all(is_int(v) or isinstance(v, float) for v in (temperature, top_p)) or not is_int(top_k):
-        raise SessionError(f"sampling settings must be numbers (temperature {temperature!r}, top_k {top_k!r}, "
-                           f"top_p {top_p!r})")
+    wrong (a temperature that is not finite, a negative seed, settings out of range). Their
+    types were checked with the message's fields (:func:`check_fields`)."""
     if not math.isfinite(temperature):
         raise SessionError(f"temperature must be finite, got {temperature}")
-    if not is_int(seed) or seed < 0:
+    if seed < 0:
         raise SessionError(f"seed must be an integer >= 0, got {seed!r}")
     try:
         return SamplingParams(float(temperature), top_k, float(top_p))
@@ -684,7 +682,7 @@ def check_generation(msg, sessions: dict, engine, server: str) -> None:
     if msg.session in sessions:
         raise SessionError(f"session {msg.session!r} is already open")
     check_prompt(msg.prompt, engine)
-    if not is_int(msg.max_new_tokens) or msg.max_new_tokens < 1:
+    if msg.max_new_tokens < 1:  # an int: its type was checked with the fields
         raise SessionError(f"max_new_tokens must be an integer >= 1, got {msg.max_new_tokens!r}")
     check_ids(msg.stop_ids, engine.info.vocab_size, "stop ids")
     check_sampling(msg.temperature, msg.top_k, msg.top_p, msg.seed)

@@ -74,6 +74,8 @@ def _bad_generations(n_ctx: int) -> list[tuple[str, list]]:
         ("more new tokens than the context holds", [Generate("bad-l", PROMPT, n_ctx + 10)]),
         ("fields of the wrong type", [Generate("bad-m", PROMPT, "8", stop_ids=None)]),
         ("a temperature too small to sample at", [Generate("bad-n", PROMPT, 8, temperature=1e-320)]),
+        ("an infinite temperature", [Generate("bad-o", PROMPT, 8, temperature=float("inf"))]),
+        ("a negative seed", [Generate("bad-p", PROMPT, 8, temperature=1.0, seed=-1)]),
     ]
 
 
@@ -100,8 +102,65 @@ def _bad_hidden_states(n_ctx: int, width: int) -> list[tuple[str, list]]:
         ("a cloud-only request at split inference", [Generate("bad-k", PROMPT, 8)]),
         ("an upload at split inference", [Upload("bad-l", round=0, start=3, tokens=[1], verify=True)]),
         ("fields of the wrong type", [HiddenStates("bad-m", "0", states(3), temperature="hot")]),
+        ("an infinite temperature", [HiddenStates("bad-n", 0, states(3), temperature=float("inf"))]),
+        ("a negative seed", [HiddenStates("bad-o", 0, states(3), seed=-2)]),
     ]
 
+
+# what each bad message's Failure must say (a part of its reason), by the cloud's kind
+REASONS = {
+    "verifier": {
+        "upload for a session never opened": "upload for session 'bad-a', which is not open",
+        "negative start": "upload positions out of range (start -4",
+        "n_fixed past the tokens": "upload positions out of range (start 3, n_fixed 5",
+        "greedy rule at temperature 1": "the greedy rule needs temperature 0",
+        "unknown rule": "unknown acceptance rule 'nonsense'",
+        "a cloud-only request at a verifier": "unexpected message Generate at the verifier",
+        "a prompt past the context": "a prompt of 74 tokens leaves no room in the context of 64",
+        "ids outside the vocabulary": "prompt: token ids must be integers in [0, 16)",
+        "q_rows of the wrong shape": "q_rows of shape (1, 3) for 2 draft rows of 16 tokens",
+        "a session opened twice": "session 'bad-j' is already open",
+        "fields of the wrong type": "Upload.start must be int, got str",
+        "sparse_k of the wrong type": "OpenSession.sparse_k must be int, got str",
+        "a q(x) of 0 for a drafted token": "has q(x) = 0",
+        "a temperature too small to sample at": "cannot sample from a distribution with no mass",
+    },
+    "generation": {
+        "ids outside the vocabulary": "prompt: token ids must be integers in [0, 16)",
+        "a prompt past the context": "a prompt of 74 tokens leaves no room in the context of 64",
+        "max_new_tokens of 0": "max_new_tokens must be an integer >= 1, got 0",
+        "negative max_new_tokens": "max_new_tokens must be an integer >= 1, got -3",
+        "an upload at a cloud that decodes alone": "unexpected message Upload at the",
+        "a session opened twice": "session 'bad-f' is already open",
+        "an empty prompt": "an empty prompt",
+        "top_p of 0": "top_p must be in (0, 1]",
+        "a stop id outside the vocabulary": "stop ids: token ids must be integers in [0, 16)",
+        "a verifier's session at a cloud that decodes alone": "unexpected message OpenSession at the",
+        "a cloud's own message sent up": "unexpected message TokenOut at the",
+        "more new tokens than the context holds": "the context of 64 is full after 62 new tokens",
+        "fields of the wrong type": "Generate.max_new_tokens must be int, got str",
+        "a temperature too small to sample at": "cannot sample from a distribution with no mass",
+        "an infinite temperature": "temperature must be finite, got inf",
+        "a negative seed": "seed must be an integer >= 0, got -1",
+    },
+    "split": {
+        "a first message not at position 0": "hidden states for position 5, the cloud expects 0",
+        "hidden states of the wrong width": "got ndarray of shape (3, 5)",
+        "hidden states of one dimension": "got ndarray of shape (3,)",
+        "no positions": "hidden states for no positions",
+        "a prompt past the context": "hidden states reaching position 74 are past the context of 64",
+        "not-a-number hidden states": "hidden states that are not finite",
+        "hidden states the model cannot read": "holds no token ids",
+        "a position the cloud does not hold": "hidden states for position 9, the cloud expects 3",
+        "a session started twice": "hidden states for position 0, the cloud expects 3",
+        "top_p of 0": "top_p must be in (0, 1]",
+        "a cloud-only request at split inference": "unexpected message Generate at the split-inference cloud",
+        "an upload at split inference": "unexpected message Upload at the split-inference cloud",
+        "fields of the wrong type": "HiddenStates.start must be int, got str",
+        "an infinite temperature": "temperature must be finite, got inf",
+        "a negative seed": "seed must be an integer >= 0, got -2",
+    },
+}
 
 # where each cloud keeps its sessions' state (model sessions, streams), by system
 HELD = {"cloud_only": "decodes", "centralized": "streams"}
@@ -113,11 +172,15 @@ HARMLESS = [
 ]
 
 
+def _kind(system: str) -> str:
+    return {"cloud_only": "generation", "centralized": "generation", "split_inference": "split"}.get(system, "verifier")
+
+
 def _cases(system: str, target) -> list[tuple[str, list]]:
-    n_ctx = target.info.n_ctx
-    if system in ("cloud_only", "centralized"):
+    n_ctx, kind = target.info.n_ctx, _kind(system)
+    if kind == "generation":
         return _bad_generations(n_ctx)
-    if system == "split_inference":
+    if kind == "split":
         return _bad_hidden_states(n_ctx, target.layer_split().hidden_size)
     return _bad_messages(n_ctx)
 
@@ -189,13 +252,15 @@ def test_bad_messages_fail_their_session_and_everyone_else_is_served(system):
     kw = dict(vocab_size=VOCAB, seed=1, n_ctx=N_CTX)
     draft, target = create_engine("toy", role="draft", agreement=0.7, **kw), create_engine("toy", role="target", **kw)
     requests = [GenerationRequest(f"r{i}", [i + 1, 2, 5], 24, seed=i) for i in range(3)]
+    requests.append(GenerationRequest("r-one", [4, 2, 5], 1, seed=3))  # the smallest request there is
     cases = _cases(system, target)
 
     failures, quiet, records, cloud, held = _serve_with_bad_clients(system, cases, HARMLESS, requests, draft, target)
     for (what, messages), replies in zip(cases, failures):
         reply = replies[-1]
         assert isinstance(reply, Failure), f"{what}: got {replies!r}"
-        assert reply.session == messages[0].session and reply.reason and "\n" not in reply.reason, what
+        assert reply.session == messages[0].session and "\n" not in reply.reason, what
+        assert REASONS[_kind(system)][what] in reply.reason, f"{what}: the reason says {reply.reason!r}"
         assert all(isinstance(r, TokenOut) for r in replies[:-1]), f"{what}: {replies!r}"
     for (what, _), replies in zip(HARMLESS, quiet):
         assert replies == [], f"{what}: the cloud answered {replies!r}"

@@ -274,3 +274,25 @@ def test_a_streamed_token_out_of_order_is_refused(msg):
     request = GenerationRequest("r", [1, 2], 4, SamplingParams())
     with pytest.raises(ProtocolError, match="^split stream out of order: "):
         asyncio.run(receive_token(ctx, request, output, 0.0, 0, "split"))
+
+
+def test_a_serial_uploader_takes_only_uploads_that_wait_for_their_ack():
+    """The next upload waits for the last one's ack: one prepared without ``ack`` is refused
+    with a line saying how to prepare it, and nothing is queued."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from systems.protocol import SerialUploader
+
+    async def main():
+        uploader = SerialUploader(SimpleNamespace(ctx=SimpleNamespace(clock=None)))  # never runs: no await
+        try:
+            with pytest.raises(ValueError, match="^SerialUploader: prepare uploads with ack=True"):
+                uploader.put(Upload("s", round=0, start=3, tokens=[1]))
+            assert uploader.queue.empty()
+            uploader.put(Upload("s", round=0, start=3, tokens=[1], ack=True))
+            assert uploader.queue.qsize() == 1
+        finally:
+            uploader.task.cancel()
+
+    asyncio.run(main())

@@ -123,15 +123,21 @@ class Engine(ABC):
                 raise EngineError("the session is empty: prefill a prompt before scoring a block")
             cached = session._last_logits if session._n_eval == len(session.tokens) else None
             pending = session.tokens[session._n_eval :] + block
-            if not pending:
+            if not pending and cached is None:
                 raise EngineError("nothing to score: the session is empty; prefill a prompt first")
-            # row 0 comes from the cache when the context was fully evaluated before.
+            # row 0 comes from the cache when the context was fully evaluated before (an empty
+            # block after it is that row alone, with nothing to evaluate).
             n_logits = min(len(block) + (0 if cached is not None else 1), len(pending))
             plans.append((session, block, pending, n_logits, cached))
         # The sessions change only after the backend succeeded, so a failure leaves them as they were.
-        outs = self._forward([(s._state, s._n_eval, p, n) for s, _, p, n, _ in plans])
+        items = [(s._state, s._n_eval, p, n) for s, _, p, n, _ in plans if p]
+        evaluated = iter(self._forward(items) if items else ())
         results = []
-        for (session, block, pending, n_logits, cached), logits in zip(plans, outs):
+        for session, block, pending, n_logits, cached in plans:
+            if not pending:
+                results.append(cached[None, :])
+                continue
+            logits = next(evaluated)
             if logits.shape[0] != n_logits:
                 raise EngineError(f"backend returned {logits.shape[0]} logit rows, expected {n_logits}")
             session.tokens.extend(block)

@@ -92,6 +92,7 @@ def test_greedy_is_lossless(system, overrides):
                 ref = _reference(spec, draft, target)
                 reqs = [GenerationRequest(f"s{seed}-p{i}", p, 20 + 3 * i, SamplingParams(), seed=seed)
                         for i, p in enumerate(PROMPTS)]
+                reqs.append(GenerationRequest(f"s{seed}-one", PROMPTS[seed % 3], 1, SamplingParams(), seed=seed))
                 records = run_system(spec, draft, target, reqs, overrides,
                                      RunOptions(link=link, edge_cost=edge_cost, cloud_cost=cloud_cost, clients=2))
                 for req, rec in zip(reqs, records):
@@ -101,7 +102,7 @@ def test_greedy_is_lossless(system, overrides):
                         f"{rec.output_tokens} != reference {expected}")
                     _check_rounds(rec, spec)
                     checked += 1
-    assert checked == len(LINKS) * 6 * 5 * len(PROMPTS)
+    assert checked == len(LINKS) * 6 * 5 * (len(PROMPTS) + 1)
 
 
 EDGES = [EdgeSpec("fast", LinkProfile("lan", rtt_s=0.002, up_bps=1e8, down_bps=1e8), lambda op: 0.005, "fast"),

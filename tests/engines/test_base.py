@@ -46,6 +46,23 @@ def test_batched_scoring_equals_separate(toy):
     assert rb.shape == (2, 16)
 
 
+def test_an_empty_block_after_an_evaluated_context_is_its_next_row(toy):
+    """Verifying no draft tokens (a request with one token left) needs only the row after the
+    context: scoring an empty block gives it, alone or beside another session's block, and
+    evaluates nothing."""
+    a, b = toy.new_session(), toy.new_session()
+    a.prefill([1, 2, 3])
+    b.prefill([7])
+    assert np.array_equal(a.score([]), toy.logits_for([1, 2, 3])[None, :])
+    ra, rb = toy.score_batch([(a, []), (b, [8])])
+    assert np.array_equal(ra, toy.logits_for([1, 2, 3])[None, :])
+    assert np.array_equal(rb[1], toy.logits_for([7, 8]))
+    assert a.tokens == [1, 2, 3] and a.n_evaluated == 3
+    empty = toy.new_session()
+    with pytest.raises(EngineError, match="nothing to score"):
+        empty.score([])
+
+
 def test_errors(toy):
     s = toy.new_session()
     with pytest.raises(EngineError, match="prefill"):
