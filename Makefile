@@ -142,8 +142,11 @@ distclean: clean
 # mutants/ and reused; MUTANTS='systems.records*' (mutmut's name globs) limits a run. mutmut
 # refreshes the Python files it mutates but not the other files under those folders (a trained
 # controller, a schema), so they are copied over first: a stale one fails its tests there.
+# QUICK=1: a first pass on a thinner conformance grid (two seeds of six); its survivors are run
+# again without it (MUTANTS="$$(... mutation_score.py --rerun GLOB)") before they are judged.
+QUICK ?= 0
 .PHONY: mutate
 mutate: $(STAMP)
 	@if [ -d mutants ]; then for d in systems harness; do (cd $$d && find . -type f ! -name '*.py' \
 		! -name '*.pyc' -exec cp --parents {} ../mutants/$$d/ \;); done; fi
-	$(VENV)/bin/mutmut run $(MUTANTS); status=$$?; $(PY) benchmarks/mutation_score.py; exit $$status
+	SPECWAN_MUTATION_QUICK=$(QUICK) $(VENV)/bin/mutmut run $(MUTANTS); status=$$?; $(PY) benchmarks/mutation_score.py; exit $$status

@@ -87,6 +87,16 @@ def unchecked(results: dict[str, dict[str, str]], pattern: str = "*") -> list[st
                   if status == "not checked" and fnmatch.fnmatchcase(name, pattern))
 
 
+def to_rerun(results: dict[str, dict[str, str]], pattern: str, explained) -> list[str]:
+    """The mutants matching ``pattern`` that were run and not killed, and are not explained
+    (``explained(name, module)``: by the ledger), in name order: what a quick first pass
+    (``make mutate QUICK=1``) leaves to the full tests."""
+    return sorted(name for module, statuses in results.items() for name, status in statuses.items()
+                  if status not in ("killed", "no tests", "not checked", "skipped")
+                  and fnmatch.fnmatchcase(name, pattern)
+                  and not (status == "survived" and explained(name, module)))
+
+
 def _diff(mutant: str, module: str) -> str:
     from mutmut.mutation.diff_apply import get_diff_for_mutant
 
@@ -99,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--equivalents", type=Path, default=EQUIVALENTS, help="the ledger of equivalent edits")
     ap.add_argument("--unchecked", metavar="GLOB", help="print only the names of the mutants matching GLOB not "
                     "run yet, on one line (to resume: make mutate MUTANTS=\"$(... --unchecked 'systems.protocol.*')\")")
+    ap.add_argument("--rerun", metavar="GLOB", help="print only the names of the mutants matching GLOB that were "
+                    "run, not killed and not explained, on one line (after make mutate QUICK=1: run them again "
+                    "on the full tests with make mutate MUTANTS=\"$(... --rerun 'systems.protocol.*')\")")
     args = ap.parse_args(argv)
     results = load(args.mutants)
     if not results:
@@ -108,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         print(" ".join(unchecked(results, args.unchecked)))  # one line: make's variables hold no newline
         return 0
     equivalents = load_equivalents(args.equivalents)
+    if args.rerun:
+        print(" ".join(to_rerun(results, args.rerun,
+                                lambda name, module: explain(name, _diff(name, module), equivalents) is not None)))
+        return 0
     unexplained: dict[str, list[tuple[str, str, str]]] = {}
     explained = Counter()
     for module, statuses in results.items():

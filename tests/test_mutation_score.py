@@ -60,6 +60,23 @@ def test_unchecked_lists_only_the_mutants_not_run_yet_that_the_glob_names():
                                   "systems.protocol.x_f__mutmut_2"]
 
 
+def test_rerun_lists_what_a_quick_pass_did_not_kill_and_the_ledger_does_not_explain():
+    from benchmarks.mutation_score import to_rerun
+
+    results = {"systems/protocol.py": {"systems.protocol.x_f__mutmut_1": "survived",
+                                       "systems.protocol.x_f__mutmut_2": "survived",  # in the ledger
+                                       "systems.protocol.x_f__mutmut_3": "segfault",  # stopped at its CPU limit
+                                       "systems.protocol.x_f__mutmut_4": "killed",
+                                       "systems.protocol.x_f__mutmut_5": "not checked"},
+               "harness/link.py": {"harness.link.x_h__mutmut_1": "survived"}}
+    ledger = {"systems.protocol.x_f__mutmut_2"}
+    explained = lambda name, module: name in ledger  # noqa: E731
+    assert to_rerun(results, "systems.protocol.*", explained) == ["systems.protocol.x_f__mutmut_1",
+                                                                  "systems.protocol.x_f__mutmut_3"]
+    assert to_rerun(results, "*", explained) == ["harness.link.x_h__mutmut_1", "systems.protocol.x_f__mutmut_1",
+                                                 "systems.protocol.x_f__mutmut_3"]
+
+
 def test_the_unchecked_names_come_on_one_line_for_make(tmp_path, capsys):
     """``make mutate MUTANTS="$(... --unchecked GLOB)"``: a newline in a make variable ends the
     recipe's command line, so the names must come space-separated."""
