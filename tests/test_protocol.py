@@ -278,7 +278,7 @@ def test_a_streamed_token_out_of_order_is_refused(msg):
 
 def test_a_serial_uploader_takes_only_uploads_that_wait_for_their_ack():
     """The next upload waits for the last one's ack: one prepared without ``ack`` is refused
-    with a line saying how to prepare it, and nothing is queued."""
+    with a line saying how to prepare it, and nothing is queued. Stopping ends the sender."""
     import asyncio
     from types import SimpleNamespace
 
@@ -293,6 +293,7 @@ def test_a_serial_uploader_takes_only_uploads_that_wait_for_their_ack():
             uploader.put(Upload("s", round=0, start=3, tokens=[1], ack=True))
             assert uploader.queue.qsize() == 1
         finally:
-            uploader.task.cancel()
+            await uploader.stop()
+        assert uploader.task.cancelled()  # stopped means ended, not asked to end
 
     asyncio.run(main())
