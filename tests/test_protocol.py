@@ -155,6 +155,37 @@ def test_first_token_beyond_a_pending_window_goes_without_its_row(monkeypatch):
     assert up[False] < up[True]
 
 
+@pytest.mark.parametrize("uplink_q", ["rule", "full"])
+def test_the_rows_sent_are_the_distributions_the_tokens_were_drawn_from(monkeypatch, uplink_q):
+    """Under rejection sampling at T = 0.7 with top-p, each draft token's row on the wire is
+    the processed distribution after its context (computed here from the draft's own logits),
+    not the model's raw softmax; PipeSD's "full" rows are the same when sampling."""
+    import numpy as np
+
+    from systems.sampling import probabilities
+
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    draft, target = _pair(seed=3, agreement=0.6, vocab=16, sharpness=1.0)
+    checked = []
+    real_prepare = SpeculativeEdge.prepare
+
+    def spy(self, *a, **kw):
+        msg = real_prepare(self, *a, **kw)
+        if msg.q_rows is not None:
+            first = msg.start + msg.n_fixed + (1 if msg.lead_implied else 0)
+            for j, row in enumerate(msg.q_rows):
+                context = self.drafter.session.tokens[:first + j]
+                want = probabilities(draft.logits_for(context), params).astype(np.float32)
+                np.testing.assert_allclose(row, want, rtol=1e-5, atol=1e-7)
+                checked.append(first + j)
+        return msg
+
+    monkeypatch.setattr(SpeculativeEdge, "prepare", spy)
+    reqs = [GenerationRequest(f"r{i}", [i + 1, 2], 12, params, seed=i) for i in range(4)]
+    run_system("vanilla", draft, target, reqs, {"uplink_q": uplink_q})
+    assert len(checked) >= 20
+
+
 def test_messages_round_trip():
     import numpy as np
 
