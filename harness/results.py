@@ -260,7 +260,12 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+_ENCODERS = {sort: json.JSONEncoder(default=_json_default, ensure_ascii=False, sort_keys=sort) for sort in (False, True)}
+
+
 def _dumps(obj: Any, **kw) -> str:
+    if kw.keys() <= {"sort_keys"}:  # a row or a record's extra: one encoder each, not one per call
+        return _ENCODERS[kw.get("sort_keys", False)].encode(obj)
     return json.dumps(obj, default=_json_default, ensure_ascii=False, **kw)
 
 
