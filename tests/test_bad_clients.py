@@ -341,13 +341,62 @@ def test_a_session_closed_while_its_pass_runs_leaves_the_others_in_it_served():
         await asyncio.sleep(0.01)  # the close is served while the pass waits
         compute.gate.set()
         reply = (await asyncio.wait_for(ends["stays"].recv(), REPLY_TIMEOUT_S)).msg
+        late = await _next_or_none(ends["leaves"])
         assert not server.done()
         server.cancel()
-        return reply, cloud.failed
+        return reply, late, cloud_end.dropped, cloud.failed
 
-    reply, failed = run(main(), virtual=True)
+    reply, late, dropped, failed = run(main(), virtual=True)
     assert isinstance(reply, Verdict) and not reply.stale and reply.batch_size == 2, reply
+    # the closed session's verdict is not even sent (a link with no route for it would drop it)
+    assert late is None and dropped == 0, f"the closed session was sent {late!r} ({dropped} dropped)"
     assert failed == set()
+
+
+async def _next_or_none(end):
+    """The next message on an edge's end, or None if none comes within the reply timeout."""
+    try:
+        return (await asyncio.wait_for(end.recv(), REPLY_TIMEOUT_S)).msg
+    except asyncio.TimeoutError:
+        return None
+
+
+def test_a_closed_sessions_queued_work_goes_with_it_and_the_rest_stays_queued():
+    """While a pass runs, two sessions queue verifications and one of them closes: its job
+    leaves the queue at once (the queue holds the other's alone), nothing reaches it, and
+    the other's verification is served by the next pass."""
+    spec = get_system("sled")
+    target = create_engine("toy", role="target", vocab_size=VOCAB, seed=1, n_ctx=N_CTX)
+
+    async def main():
+        clock, cloud_end, compute = LoopClock(), CloudEnd(), _GatedCompute()
+        cloud = spec.cloud_cls(spec.make_config({}))
+        server = asyncio.get_running_loop().create_task(cloud.serve(CloudContext(target, clock, compute, cloud_end)))
+        ends = {}
+        for name in ("first", "stays", "leaves"):
+            link = cloud_end.new_link(LinkProfile())
+            cloud_end.route(name, link)
+            ends[name] = link.edge_end(name)
+            await ends[name].send(OpenSession(name, PROMPT))
+        await ends["first"].send(Upload("first", round=0, start=3, tokens=[4, 5], verify=True))
+        await asyncio.wait_for(compute.started.wait(), REPLY_TIMEOUT_S)  # first's pass holds the model
+        for name in ("stays", "leaves"):
+            await ends[name].send(Upload(name, round=0, start=3, tokens=[6], verify=True))
+        await asyncio.sleep(0.01)
+        queued_before = sorted(j.session for j in cloud.jobs)
+        await ends["leaves"].send(CloseSession("leaves"))
+        await asyncio.sleep(0.01)
+        queued_after = [j.session for j in cloud.jobs]
+        compute.gate.set()
+        replies = {name: await _next_or_none(ends[name]) for name in ends}
+        assert not server.done()
+        server.cancel()
+        return queued_before, queued_after, replies
+
+    queued_before, queued_after, replies = run(main(), virtual=True)
+    assert queued_before == ["leaves", "stays"] and queued_after == ["stays"]
+    assert isinstance(replies["first"], Verdict) and isinstance(replies["stays"], Verdict), replies
+    assert replies["stays"].batch_size == 1 and replies["leaves"] is None, replies
 
 
 def test_an_edge_whose_session_is_failed_raises_the_clouds_reason():
