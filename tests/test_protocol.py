@@ -328,3 +328,80 @@ def test_a_serial_uploader_takes_only_uploads_that_wait_for_their_ack():
         assert uploader.task.cancelled()  # stopped means ended, not asked to end
 
     asyncio.run(main())
+
+
+class _TidyCheckingCloud(VerifyingCloud):
+    """A cloud that checks, after each verdict it commits, that its buffer holds nothing at a
+    position the committed prefix already covers (what a verdict settled is never read again)."""
+
+    commits, stale = 0, []
+
+    def _commit(self, sess, job, base, tokens, out):
+        super()._commit(sess, job, base, tokens, out)
+        _TidyCheckingCloud.commits += 1
+        _TidyCheckingCloud.stale += [p for p in sess.buffer if p < len(sess.tokens)]
+
+
+def test_a_verdict_leaves_no_buffered_draft_at_a_position_it_settled():
+    """Speculative tokens uploaded beyond a window awaiting its verdict sit in the cloud's
+    buffer; a rejection drops every one from the corrected position on, the correction's own
+    position included, so nothing settled lingers for the session's lifetime."""
+    spec = SystemSpec("tidy-test", PipelinedConfig, PipelinedEdge, _TidyCheckingCloud, "test only")
+    _TidyCheckingCloud.commits, _TidyCheckingCloud.stale = 0, []
+    for seed in range(3):
+        draft, target = _pair(seed, 0.5)
+        reqs = [GenerationRequest(f"r{i}", [i + 1, 3], 16, SamplingParams(), seed=i) for i in range(3)]
+        for req, rec in zip(reqs, run_system(spec, draft, target, reqs, {"depth": 3, "gamma": 2},
+                                             RunOptions(link=LINK, edge_cost=lambda op: 0.02,
+                                                        cloud_cost=lambda op: 0.05))):
+            assert rec.output_tokens == greedy_decode(target, req.prompt, 16)[0]
+    assert _TidyCheckingCloud.commits > 20 and _TidyCheckingCloud.stale == []
+
+
+def test_an_upload_drafted_on_a_prefix_a_verdict_replaced_is_dropped_with_what_followed_it():
+    """An upload whose token at a committed position differs from the committed one was drafted
+    on a prefix the cloud has replaced: its window is void, the tokens buffered after that
+    position go with it, its verification is answered stale, and the session lives on."""
+    import asyncio
+
+    import numpy as np
+
+    from harness.clock import LoopClock, run
+    from harness.compute import InstantCompute
+    from harness.link import CloudEnd
+    from systems.api import CloudContext, get_system
+    from systems.messages import OpenSession
+
+    vocab, prompt = 16, [1, 2, 3]
+    target = create_engine("toy", role="target", vocab_size=vocab, seed=1)
+    correction = int(np.argmax(target.logits_for(prompt)))
+    wrong = (correction + 1) % vocab
+
+    async def main():
+        cloud_end = CloudEnd()
+        spec = get_system("vanilla")  # its cloud is the plain verifying cloud
+        cloud = spec.cloud_cls(spec.make_config({}))
+        server = asyncio.get_running_loop().create_task(
+            cloud.serve(CloudContext(target, LoopClock(), InstantCompute(), cloud_end)))
+        link = cloud_end.new_link(LinkProfile())
+        cloud_end.route("s", link)
+        end = link.edge_end("s")
+        await end.send(OpenSession("s", prompt))
+        await end.send(Upload("s", round=0, start=3, tokens=[wrong], verify=True))
+        first = (await asyncio.wait_for(end.recv(), 5.0)).msg  # rejected: the correction is committed at 3
+        await end.send(Upload("s", round=1, start=5, tokens=[4, 5]))  # buffered beyond the correction
+        await asyncio.sleep(0.01)
+        held_before = sorted(cloud.sessions["s"].buffer)
+        await end.send(Upload("s", round=1, start=3, tokens=[wrong]))  # on the replaced prefix
+        await asyncio.sleep(0.01)
+        held_after = sorted(cloud.sessions["s"].buffer)
+        await end.send(Upload("s", round=1, start=4, tokens=[6], verify=True))
+        second = (await asyncio.wait_for(end.recv(), 5.0)).msg
+        assert not server.done(), server.exception()
+        server.cancel()
+        return first, held_before, held_after, second
+
+    first, held_before, held_after, second = run(main(), virtual=True)
+    assert isinstance(first, Verdict) and (first.n_accepted, first.token) == (0, correction), first
+    assert held_before == [5, 6] and held_after == []
+    assert isinstance(second, Verdict) and second.stale and second.round == 1, second
