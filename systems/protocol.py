@@ -1017,7 +1017,11 @@ class VerifyingCloud(GuardedCloud):
             sess = self.sessions.get(job.session)
             if sess is None:
                 continue
-            block = self._block(sess, job)
+            try:
+                block = self._block(sess, job)
+            except SESSION_FAULTS as exc:  # this session's own uploads: it fails alone, the pass goes on
+                await self.fail(sess.name, f"verification failed: {type(exc).__name__}: {exc}")
+                continue
             if block is None:
                 await self._send(sess, job, Verdict(sess.name, job.round, len(sess.tokens), 0, 0, None,
                                                     stale=True, committed=len(sess.tokens), t_arrived=job.t_arrived))
@@ -1077,8 +1081,8 @@ class VerifyingCloud(GuardedCloud):
         rows = [e.q_row for e in entries]
         with_rows = sum(r is not None for r in rows)
         if 0 < with_rows < len(rows):
-            raise ProtocolError(f"window {job.round}: a token uploaded without its distribution reached "
-                                "verification (only a token a pending verdict settles may go without one)")
+            raise SessionError(f"window {job.round}: a token uploaded without its distribution reached "
+                               "verification (only a token a pending verdict settles may go without one)")
         q_rows = np.stack(rows) if with_rows else None
         return tokens, q_token, q_rows
 

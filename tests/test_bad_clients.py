@@ -51,6 +51,10 @@ def _bad_messages(n_ctx: int) -> list[tuple[str, list]]:
         ("a q(x) of 0 for a drafted token", [OpenSession("bad-m", PROMPT, temperature=1.0, rule="rejection"),
                                              Upload("bad-m", round=0, start=3, tokens=[1, 2], verify=True,
                                                     q_rows=np.zeros((2, VOCAB)))]),
+        ("a drafted token without its row", [OpenSession("bad-o", PROMPT, temperature=1.0, rule="rejection"),
+                                             Upload("bad-o", round=0, start=3, tokens=[1], lead_implied=True),
+                                             Upload("bad-o", round=0, start=4, tokens=[2], verify=True,
+                                                    q_rows=np.ones((1, VOCAB)) / VOCAB)]),
         ("a temperature too small to sample at", [OpenSession("bad-n", PROMPT, temperature=1e-320, rule="sparse"),
                                                   Upload("bad-n", round=0, start=3, tokens=[1], verify=True,
                                                          q_token=[0.5])]),
@@ -124,6 +128,7 @@ REASONS = {
         "sparse_k of the wrong type": "OpenSession.sparse_k must be int, got str",
         "a q(x) of 0 for a drafted token": "has q(x) = 0",
         "a temperature too small to sample at": "cannot sample from a distribution with no mass",
+        "a drafted token without its row": "window 0: a token uploaded without its distribution reached verification",
     },
     "generation": {
         "ids outside the vocabulary": "prompt: token ids must be integers in [0, 16)",

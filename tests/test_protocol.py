@@ -332,30 +332,67 @@ def test_a_serial_uploader_takes_only_uploads_that_wait_for_their_ack():
 
 class _TidyCheckingCloud(VerifyingCloud):
     """A cloud that checks, after each verdict it commits, that its buffer holds nothing at a
-    position the committed prefix already covers (what a verdict settled is never read again)."""
+    position the committed prefix already covers (what a verdict settled is never read again),
+    and that its list of committed tokens is its verifier's (corrections the edge resampled
+    included)."""
 
-    commits, stale = 0, []
+    commits, stale, astray, fixed = 0, [], [], 0
+
+    def _block(self, sess, job):
+        _TidyCheckingCloud.fixed += sum(e.fixed for e in sess.buffer.values())
+        return super()._block(sess, job)
 
     def _commit(self, sess, job, base, tokens, out):
         super()._commit(sess, job, base, tokens, out)
         _TidyCheckingCloud.commits += 1
         _TidyCheckingCloud.stale += [p for p in sess.buffer if p < len(sess.tokens)]
+        held = sess.verifier.session.tokens
+        if sess.tokens[:len(held)] != held[:len(sess.tokens)]:
+            _TidyCheckingCloud.astray.append((sess.tokens, list(held)))
 
 
-def test_a_verdict_leaves_no_buffered_draft_at_a_position_it_settled():
+@pytest.mark.parametrize("params,verification", [(SamplingParams(), "full"),
+                                                 (SamplingParams(temperature=1.0), "sparse")],
+                         ids=["greedy", "sparse-T1"])
+def test_a_verdict_leaves_no_buffered_draft_at_a_position_it_settled(params, verification):
     """Speculative tokens uploaded beyond a window awaiting its verdict sit in the cloud's
     buffer; a rejection drops every one from the corrected position on, the correction's own
-    position included, so nothing settled lingers for the session's lifetime."""
+    position included, so nothing settled lingers for the session's lifetime. Under the sparse
+    rule the edge's own corrections join the committed tokens as they are."""
     spec = SystemSpec("tidy-test", PipelinedConfig, PipelinedEdge, _TidyCheckingCloud, "test only")
-    _TidyCheckingCloud.commits, _TidyCheckingCloud.stale = 0, []
+    _TidyCheckingCloud.commits, _TidyCheckingCloud.stale, _TidyCheckingCloud.astray = 0, [], []
+    _TidyCheckingCloud.fixed = 0
     for seed in range(3):
         draft, target = _pair(seed, 0.5)
-        reqs = [GenerationRequest(f"r{i}", [i + 1, 3], 16, SamplingParams(), seed=i) for i in range(3)]
-        for req, rec in zip(reqs, run_system(spec, draft, target, reqs, {"depth": 3, "gamma": 2},
+        reqs = [GenerationRequest(f"r{i}", [i + 1, 3], 16, params, seed=i) for i in range(3)]
+        for req, rec in zip(reqs, run_system(spec, draft, target, reqs,
+                                             {"depth": 3, "gamma": 2, "verification": verification},
                                              RunOptions(link=LINK, edge_cost=lambda op: 0.02,
                                                         cloud_cost=lambda op: 0.05))):
-            assert rec.output_tokens == greedy_decode(target, req.prompt, 16)[0]
-    assert _TidyCheckingCloud.commits > 20 and _TidyCheckingCloud.stale == []
+            if params.greedy:
+                assert rec.output_tokens == greedy_decode(target, req.prompt, 16)[0]
+    assert _TidyCheckingCloud.commits > 20 and (_TidyCheckingCloud.fixed > 0) == (verification == "sparse")
+    assert _TidyCheckingCloud.stale == [] and _TidyCheckingCloud.astray == []
+
+
+async def _plain_cloud(target, session: str = "s"):
+    """A verifying cloud serving ``target`` in this loop, and the edge end of ``session``:
+    (cloud, its server task, the end)."""
+    import asyncio
+
+    from harness.clock import LoopClock
+    from harness.compute import InstantCompute
+    from harness.link import CloudEnd
+    from systems.api import CloudContext, get_system
+
+    cloud_end = CloudEnd()
+    spec = get_system("vanilla")  # its cloud is the plain verifying cloud
+    cloud = spec.cloud_cls(spec.make_config({}))
+    server = asyncio.get_running_loop().create_task(
+        cloud.serve(CloudContext(target, LoopClock(), InstantCompute(), cloud_end)))
+    link = cloud_end.new_link(LinkProfile())
+    cloud_end.route(session, link)
+    return cloud, server, link.edge_end(session)
 
 
 def test_an_upload_drafted_on_a_prefix_a_verdict_replaced_is_dropped_with_what_followed_it():
@@ -366,10 +403,7 @@ def test_an_upload_drafted_on_a_prefix_a_verdict_replaced_is_dropped_with_what_f
 
     import numpy as np
 
-    from harness.clock import LoopClock, run
-    from harness.compute import InstantCompute
-    from harness.link import CloudEnd
-    from systems.api import CloudContext, get_system
+    from harness.clock import run
     from systems.messages import OpenSession
 
     vocab, prompt = 16, [1, 2, 3]
@@ -378,14 +412,7 @@ def test_an_upload_drafted_on_a_prefix_a_verdict_replaced_is_dropped_with_what_f
     wrong = (correction + 1) % vocab
 
     async def main():
-        cloud_end = CloudEnd()
-        spec = get_system("vanilla")  # its cloud is the plain verifying cloud
-        cloud = spec.cloud_cls(spec.make_config({}))
-        server = asyncio.get_running_loop().create_task(
-            cloud.serve(CloudContext(target, LoopClock(), InstantCompute(), cloud_end)))
-        link = cloud_end.new_link(LinkProfile())
-        cloud_end.route("s", link)
-        end = link.edge_end("s")
+        cloud, server, end = await _plain_cloud(target)
         await end.send(OpenSession("s", prompt))
         await end.send(Upload("s", round=0, start=3, tokens=[wrong], verify=True))
         first = (await asyncio.wait_for(end.recv(), 5.0)).msg  # rejected: the correction is committed at 3
@@ -405,3 +432,35 @@ def test_an_upload_drafted_on_a_prefix_a_verdict_replaced_is_dropped_with_what_f
     assert isinstance(first, Verdict) and (first.n_accepted, first.token) == (0, correction), first
     assert held_before == [5, 6] and held_after == []
     assert isinstance(second, Verdict) and second.stale and second.round == 1, second
+
+
+@pytest.mark.parametrize("uploads", [
+    [Upload("s", round=0, start=4, tokens=[5], verify=True)],  # nothing at 3: a gap before it
+    [Upload("s", round=0, start=3, tokens=[4]), Upload("s", round=1, start=4, tokens=[5], verify=True)],
+], ids=["a-gap", "another-windows-tokens"])
+def test_a_verification_over_tokens_not_all_its_windows_is_answered_stale(uploads):
+    """A window can be verified only over its own tokens, every position from the committed
+    length to its end: a gap, or a token of another window in that range, gets a stale answer
+    (nothing judged), and the session is served on."""
+    import asyncio
+
+    from harness.clock import run
+    from systems.messages import OpenSession
+
+    target = create_engine("toy", role="target", vocab_size=16, seed=1)
+
+    async def main():
+        cloud, server, end = await _plain_cloud(target)
+        await end.send(OpenSession("s", [1, 2, 3]))
+        for msg in uploads:
+            await end.send(msg)
+        reply = (await asyncio.wait_for(end.recv(), 5.0)).msg
+        await end.send(Upload("s", round=7, start=3, tokens=[2], verify=True))  # then an honest window
+        after = (await asyncio.wait_for(end.recv(), 5.0)).msg
+        assert not server.done(), server.exception()
+        server.cancel()
+        return reply, after
+
+    reply, after = run(main(), virtual=True)
+    assert isinstance(reply, Verdict) and reply.stale and reply.round == uploads[-1].round, reply
+    assert isinstance(after, Verdict) and not after.stale and after.n_verified == 1, after
