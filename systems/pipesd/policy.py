@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from systems.api import EdgeContext, EdgePolicy, GenerationRequest
-from systems.messages import Upload
+from systems.messages import Ack, Upload
 from systems.pipesd.estimator import CostEstimate, EnvironmentMonitor, moved
 from systems.pipesd.plan import BatchPlan, plan_batches
 from systems.pipesd.tuner import METHODS, ThresholdTuner, warm_up
-from systems.protocol import UPLINK_Q, VERIFICATION, SerialUploader, SpeculativeEdge, VerifyingCloud, choose_rule
+from systems.protocol import (UPLINK_Q, VERIFICATION, ProtocolError, SerialUploader, SpeculativeEdge, VerifyingCloud,
+                              choose_rule)
 
 TUNERS = ("none", "online")
 
@@ -200,7 +201,9 @@ class PipeSDEdge(EdgePolicy):
             rows = np.zeros((n, width), dtype=self.config.q_dtype) if width else None
             t0 = ctx.clock.now()
             await ctx.link.send(Upload(ctx.session, -1, -1, [0] * n, q_rows=rows, probe=True))
-            await ctx.link.recv()
+            reply = (await ctx.link.recv()).msg
+            if not (isinstance(reply, Ack) and reply.probe and reply.round == -1 and reply.n_tokens == n):
+                raise ProtocolError(f"pipesd: a {n}-token probe was answered with {reply!r}, not its ack")
             self.monitor.add_upload(n, ctx.clock.now() - t0)
         self._replan()
 
