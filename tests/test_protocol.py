@@ -464,3 +464,26 @@ def test_a_verification_over_tokens_not_all_its_windows_is_answered_stale(upload
     reply, after = run(main(), virtual=True)
     assert isinstance(reply, Verdict) and reply.stale and reply.round == uploads[-1].round, reply
     assert isinstance(after, Verdict) and not after.stale and after.n_verified == 1, after
+
+
+@pytest.mark.parametrize("system", ["vanilla", "sled", "pipesd"])
+def test_nucleus_sampling_never_emits_a_token_outside_the_targets_nucleus(system):
+    """An exact property of lossless top-p decoding: every output token lies in the nucleus of
+    the target's distribution after its context (the cloud verifies against the target's
+    processed distribution, top-p included; a verifier that ignored top-p would accept tokens
+    outside it). Checked over many short sampled requests on a pair whose nucleus is narrow."""
+    import numpy as np
+
+    from systems.sampling import probabilities
+
+    params = SamplingParams(temperature=1.0, top_p=0.5)
+    draft, target = _pair(seed=6, agreement=0.3, vocab=8, sharpness=0.7)
+    reqs = [GenerationRequest(f"r{i}", [1 + i % 5, 2], 4, params, seed=i) for i in range(150)]
+    outside = checked = 0
+    for req, rec in zip(reqs, run_system(system, draft, target, reqs)):
+        context = list(req.prompt)
+        for tok in rec.output_tokens:
+            outside += probabilities(target.logits_for(context), params)[tok] == 0.0
+            checked += 1
+            context.append(tok)
+    assert checked > 400 and outside == 0, f"{outside} of {checked} tokens outside the target's nucleus"
