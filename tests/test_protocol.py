@@ -487,3 +487,34 @@ def test_nucleus_sampling_never_emits_a_token_outside_the_targets_nucleus(system
             checked += 1
             context.append(tok)
     assert checked > 400 and outside == 0, f"{outside} of {checked} tokens outside the target's nucleus"
+
+
+def test_a_window_drafted_on_top_of_a_rejected_one_is_answered_stale_even_when_it_arrives_after():
+    """A window uploaded with ``parent`` = a window the cloud has already rejected (the edge
+    drafted it before the verdict reached it) is void: it is answered stale, not judged, even
+    though its tokens start exactly at the committed length."""
+    import asyncio
+
+    import numpy as np
+
+    from harness.clock import run
+    from systems.messages import OpenSession
+
+    vocab, prompt = 16, [1, 2, 3]
+    target = create_engine("toy", role="target", vocab_size=vocab, seed=1)
+    correction = int(np.argmax(target.logits_for(prompt)))
+
+    async def main():
+        cloud, server, end = await _plain_cloud(target)
+        await end.send(OpenSession("s", prompt))
+        await end.send(Upload("s", round=0, start=3, tokens=[(correction + 1) % vocab], verify=True))
+        first = (await asyncio.wait_for(end.recv(), 5.0)).msg
+        await end.send(Upload("s", round=1, parent=0, start=4, tokens=[5], verify=True))
+        second = (await asyncio.wait_for(end.recv(), 5.0)).msg
+        assert not server.done(), server.exception()
+        server.cancel()
+        return first, second
+
+    first, second = run(main(), virtual=True)
+    assert isinstance(first, Verdict) and first.n_accepted == 0 and first.committed == 4, first
+    assert isinstance(second, Verdict) and second.stale and second.round == 1, second
