@@ -437,3 +437,38 @@ def test_an_edge_whose_session_is_failed_raises_the_clouds_reason():
         server.cancel()
 
     run(main(), virtual=True)
+
+
+def test_an_upload_on_a_replaced_prefix_during_its_sessions_pass_breaks_nothing():
+    """While a pass judges a session's window, that session sends an upload on a prefix the
+    cloud has replaced, which drops every token it holds from there on, the judged window's
+    included: the pass still ends, and both its members get their verdicts."""
+    spec = get_system("sled")
+    target = create_engine("toy", role="target", vocab_size=VOCAB, seed=1, n_ctx=N_CTX)
+    odd = (PROMPT[2] + 1) % VOCAB  # not the prompt's token at position 2
+
+    async def main():
+        clock, cloud_end, compute = LoopClock(), CloudEnd(), _GatedCompute()
+        cloud = spec.cloud_cls(spec.make_config({}))
+        server = asyncio.get_running_loop().create_task(cloud.serve(CloudContext(target, clock, compute, cloud_end)))
+        ends = {}
+        for name in ("odd", "honest"):
+            link = cloud_end.new_link(LinkProfile())
+            cloud_end.route(name, link)
+            ends[name] = link.edge_end(name)
+            await ends[name].send(OpenSession(name, PROMPT))
+            await ends[name].send(Upload(name, round=0, start=3, tokens=[4, 5], verify=True))
+        await asyncio.wait_for(compute.started.wait(), REPLY_TIMEOUT_S)
+        await ends["odd"].send(Upload("odd", round=5, start=2, tokens=[odd]))
+        await asyncio.sleep(0.01)
+        held = sorted(cloud.sessions["odd"].buffer)
+        compute.gate.set()
+        replies = {name: await _next_or_none(ends[name]) for name in ends}
+        assert not server.done(), server.exception()
+        server.cancel()
+        return held, replies
+
+    held, replies = run(main(), virtual=True)
+    assert held == []  # the odd upload dropped what the pass is judging
+    for name, reply in replies.items():
+        assert isinstance(reply, Verdict) and reply.batch_size == 2, (name, reply)
