@@ -309,22 +309,40 @@ def test_a_streamed_token_out_of_order_is_refused(msg):
 
 def test_a_serial_uploader_takes_only_uploads_that_wait_for_their_ack():
     """The next upload waits for the last one's ack: one prepared without ``ack`` is refused
-    with a line saying how to prepare it, and nothing is queued. Stopping ends the sender."""
+    with a line saying how to prepare it, and nothing is queued. Stopping ends the sender,
+    even one that takes several turns of the loop to wind down a send."""
     import asyncio
     from types import SimpleNamespace
 
+    from harness.clock import LoopClock
     from systems.protocol import SerialUploader
 
+    class _SlowToStop:
+        """An edge whose send never completes and, cancelled, cleans up over a few turns."""
+
+        ctx = SimpleNamespace(clock=LoopClock())
+
+        def is_void(self, msg):
+            return False
+
+        async def send(self, msg):
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                for _ in range(5):
+                    await asyncio.sleep(0)
+                raise
+
     async def main():
-        uploader = SerialUploader(SimpleNamespace(ctx=SimpleNamespace(clock=None)))  # never runs: no await
-        try:
-            with pytest.raises(ValueError, match="^SerialUploader: prepare uploads with ack=True"):
-                uploader.put(Upload("s", round=0, start=3, tokens=[1]))
-            assert uploader.queue.empty()
-            uploader.put(Upload("s", round=0, start=3, tokens=[1], ack=True))
-            assert uploader.queue.qsize() == 1
-        finally:
-            await uploader.stop()
+        uploader = SerialUploader(_SlowToStop())
+        with pytest.raises(ValueError, match="^SerialUploader: prepare uploads with ack=True"):
+            uploader.put(Upload("s", round=0, start=3, tokens=[1]))
+        assert uploader.queue.empty()
+        uploader.put(Upload("s", round=0, start=3, tokens=[1], ack=True))
+        assert uploader.queue.qsize() == 1
+        await asyncio.sleep(0)  # the sender takes it and starts sending
+        await asyncio.sleep(0)
+        await uploader.stop()
         assert uploader.task.cancelled()  # stopped means ended, not asked to end
 
     asyncio.run(main())
