@@ -323,23 +323,31 @@ class _GatedCompute(InstantCompute):
         return await super().run(op, fn)
 
 
+async def _gated_sled(target, names):
+    """A SLED cloud on gated compute serving ``target`` in this loop, with a session opened for
+    each name: (cloud, its server task, the compute, the cloud's end, each name's edge end)."""
+    spec = get_system("sled")
+    clock, cloud_end, compute = LoopClock(), CloudEnd(), _GatedCompute()
+    cloud = spec.cloud_cls(spec.make_config({}))
+    server = asyncio.get_running_loop().create_task(cloud.serve(CloudContext(target, clock, compute, cloud_end)))
+    ends = {}
+    for name in names:
+        link = cloud_end.new_link(LinkProfile())
+        cloud_end.route(name, link)
+        ends[name] = link.edge_end(name)
+        await ends[name].send(OpenSession(name, PROMPT))
+    return cloud, server, compute, cloud_end, ends
+
+
 def test_a_session_closed_while_its_pass_runs_leaves_the_others_in_it_served():
     """Two sessions in one batched pass (SLED); one edge closes its session while the pass
     runs: the other still gets its verdict (the closed one's verifier is released after the
     pass, not under it)."""
-    spec = get_system("sled")
     target = create_engine("toy", role="target", vocab_size=VOCAB, seed=1, n_ctx=N_CTX)
 
     async def main():
-        clock, cloud_end, compute = LoopClock(), CloudEnd(), _GatedCompute()
-        cloud = spec.cloud_cls(spec.make_config({}))
-        server = asyncio.get_running_loop().create_task(cloud.serve(CloudContext(target, clock, compute, cloud_end)))
-        ends = {}
+        cloud, server, compute, cloud_end, ends = await _gated_sled(target, ("stays", "leaves"))
         for name in ("stays", "leaves"):
-            link = cloud_end.new_link(LinkProfile())
-            cloud_end.route(name, link)
-            ends[name] = link.edge_end(name)
-            await ends[name].send(OpenSession(name, PROMPT))
             await ends[name].send(Upload(name, round=0, start=3, tokens=[4, 5], verify=True))
         await asyncio.wait_for(compute.started.wait(), REPLY_TIMEOUT_S)
         await ends["leaves"].send(CloseSession("leaves"))
@@ -370,19 +378,10 @@ def test_a_closed_sessions_queued_work_goes_with_it_and_the_rest_stays_queued():
     """While a pass runs, two sessions queue verifications and one of them closes: its job
     leaves the queue at once (the queue holds the other's alone), nothing reaches it, and
     the other's verification is served by the next pass."""
-    spec = get_system("sled")
     target = create_engine("toy", role="target", vocab_size=VOCAB, seed=1, n_ctx=N_CTX)
 
     async def main():
-        clock, cloud_end, compute = LoopClock(), CloudEnd(), _GatedCompute()
-        cloud = spec.cloud_cls(spec.make_config({}))
-        server = asyncio.get_running_loop().create_task(cloud.serve(CloudContext(target, clock, compute, cloud_end)))
-        ends = {}
-        for name in ("first", "stays", "leaves"):
-            link = cloud_end.new_link(LinkProfile())
-            cloud_end.route(name, link)
-            ends[name] = link.edge_end(name)
-            await ends[name].send(OpenSession(name, PROMPT))
+        cloud, server, compute, cloud_end, ends = await _gated_sled(target, ("first", "stays", "leaves"))
         await ends["first"].send(Upload("first", round=0, start=3, tokens=[4, 5], verify=True))
         await asyncio.wait_for(compute.started.wait(), REPLY_TIMEOUT_S)  # first's pass holds the model
         for name in ("stays", "leaves"):
@@ -443,20 +442,12 @@ def test_an_upload_on_a_replaced_prefix_during_its_sessions_pass_breaks_nothing(
     """While a pass judges a session's window, that session sends an upload on a prefix the
     cloud has replaced, which drops every token it holds from there on, the judged window's
     included: the pass still ends, and both its members get their verdicts."""
-    spec = get_system("sled")
     target = create_engine("toy", role="target", vocab_size=VOCAB, seed=1, n_ctx=N_CTX)
     odd = (PROMPT[2] + 1) % VOCAB  # not the prompt's token at position 2
 
     async def main():
-        clock, cloud_end, compute = LoopClock(), CloudEnd(), _GatedCompute()
-        cloud = spec.cloud_cls(spec.make_config({}))
-        server = asyncio.get_running_loop().create_task(cloud.serve(CloudContext(target, clock, compute, cloud_end)))
-        ends = {}
+        cloud, server, compute, cloud_end, ends = await _gated_sled(target, ("odd", "honest"))
         for name in ("odd", "honest"):
-            link = cloud_end.new_link(LinkProfile())
-            cloud_end.route(name, link)
-            ends[name] = link.edge_end(name)
-            await ends[name].send(OpenSession(name, PROMPT))
             await ends[name].send(Upload(name, round=0, start=3, tokens=[4, 5], verify=True))
         await asyncio.wait_for(compute.started.wait(), REPLY_TIMEOUT_S)
         await ends["odd"].send(Upload("odd", round=5, start=2, tokens=[odd]))
